@@ -1,0 +1,101 @@
+"""Every error ppbridge raises, in one small hierarchy.
+
+Request errors carry the HTTP status and the short cause that the forwarder puts in the
+``X-PPBridge-Error`` header; the mapping from error to HTTP lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+
+class PPBridgeError(Exception):
+    """Base of all ppbridge errors."""
+
+
+class ConfigError(PPBridgeError):
+    """A configuration problem; the message names the file, the key and what is wrong."""
+
+
+class KeyFileError(PPBridgeError):
+    """A key file that is missing, unreadable, too open or not the right kind of key."""
+
+
+class BusMessageError(PPBridgeError):
+    """A bus message that was dropped: malformed, forged, replayed or not for us.
+
+    ``reason`` is a short, fixed label used in logs and as a metrics label.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class RequestError(PPBridgeError):
+    """A client request that ppbridge answers itself, with ``status`` and a named ``cause``."""
+
+    status = 500
+    cause = "internal-error"
+    message = "ppbridge: internal error"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail or self.message)
+        self.detail = detail or self.message
+
+
+class BadRequest(RequestError):
+    status, cause, message = 400, "bad-request", "ppbridge: the request target is not a path or an http(s) URL"
+
+
+class NoRoute(RequestError):
+    status, cause, message = 404, "no-route", "ppbridge: no proxy is configured for this host and path"
+
+
+class ProxyUnavailable(RequestError):
+    status, cause, message = 503, "proxy-unavailable", "ppbridge: the proxy is not connected or has no key yet"
+
+
+class BusUnavailable(RequestError):
+    status, cause, message = 503, "redis-unavailable", "ppbridge: the forwarder is not connected to Redis"
+
+
+class BusLost(RequestError):
+    status, cause, message = 502, "redis-connection-lost", "ppbridge: the Redis connection was lost mid-request"
+
+
+class UpstreamUnreachable(RequestError):
+    status, cause, message = 502, "upstream-unreachable", "ppbridge: the proxy could not reach its upstream service"
+
+
+class UpstreamTimeout(RequestError):
+    status, cause, message = 504, "upstream-timeout", "ppbridge: the upstream service did not answer in time"
+
+
+class GatewayTimeout(RequestError):
+    status, cause, message = 504, "timeout", "ppbridge: no answer from the proxy within request_timeout"
+
+
+class BodyTooLarge(RequestError):
+    status, cause, message = 413, "body-too-large", "ppbridge: request body over max_body_size"
+
+
+class ProtocolFailure(RequestError):
+    status, cause, message = 502, "protocol-error", "ppbridge: the proxy's answer failed integrity checks"
+
+
+# Causes a proxy reports in a RESET frame, by wire code. Code 0 is reserved for "no error".
+RESET_CODES: dict[int, type[RequestError]] = {
+    1: UpstreamUnreachable,
+    2: UpstreamTimeout,
+    3: ProtocolFailure,
+    4: BodyTooLarge,
+    5: RequestError,
+}
+CANCEL_CODE = 6  # the sender gave up on the stream (client left, forwarder stopped waiting)
+
+
+def reset_code(error: type[RequestError]) -> int:
+    """Wire code of a request error class (5, internal error, for anything unlisted)."""
+    for code, cls in RESET_CODES.items():
+        if cls is error:
+            return code
+    return 5
