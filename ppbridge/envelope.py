@@ -1,0 +1,98 @@
+"""AES-256-GCM envelopes for every session message.
+
+A session (one negotiated key id) has two keys, one per direction, derived with HKDF from the
+RSA-wrapped secret and the ephemeral X25519 secret (so a message reflected back to its sender
+fails to open, and later theft of the RSA keys opens nothing recorded).
+
+Each sealed message is ``header || AES-GCM(ciphertext || tag)`` where the associated data is
+the 44-byte cleartext header *and the channel it is published on*, so a message moved to
+another channel fails to open. The nonce is the sender's message counter (never repeated
+under one key; keys are never persisted, so a counter never restarts under a live key). The
+receiver accepts only strictly increasing counters: Redis delivers one publisher's messages to
+one subscriber in order, so anything else is a replay. Counters are also the message count that
+the rekey policy caps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ppbridge.errors import BusMessageError
+from ppbridge.wire import HEADER_SIZE, Header, MsgType, Role, pack_header
+
+KEY_SIZE = 32
+_LABELS = {Role.FORWARDER: b"ppbridge v1 forwarder->proxy", Role.PROXY: b"ppbridge v1 proxy->forwarder"}
+MAX_COUNTER = (1 << 64) - 1
+
+
+def derive_keys(secret: bytes, shared: bytes, salt: bytes) -> dict[Role, bytes]:
+    """One AES-256 key per sending role, from the wrapped secret and the X25519 shared secret."""
+    return {
+        role: HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=salt, info=label).derive(secret + shared)
+        for role, label in _LABELS.items()
+    }
+
+
+def _nonce(role: Role, counter: int) -> bytes:
+    return bytes((role, 0, 0, 0)) + counter.to_bytes(8, "big")
+
+
+class Envelope:
+    """Seals and opens the session messages of one key id, as seen by ``role``.
+
+    Owns the per-direction counters: ``sent`` (the next counter to use) and ``last_received``.
+    """
+
+    __slots__ = ("key_id", "role", "peer_role", "fingerprint", "_seal", "_open", "sent", "last_received", "received")
+
+    def __init__(self, key_id: bytes, keys: dict[Role, bytes], role: Role) -> None:
+        self.key_id = key_id
+        self.role = role
+        self.peer_role = Role.PROXY if role is Role.FORWARDER else Role.FORWARDER
+        # Safe to show: a hash of both keys identifies the session without revealing them.
+        self.fingerprint = hashlib.sha256(b"ppbridge fingerprint" + keys[Role.FORWARDER] + keys[Role.PROXY]).hexdigest()[:16]
+        self._seal = AESGCM(keys[role])
+        self._open = AESGCM(keys[self.peer_role])
+        self.sent = 0
+        self.last_received = -1
+        self.received = 0
+
+    def seal(self, mtype: MsgType, stream_id: bytes, seq: int, channel: bytes, payload: bytes, flags: int = 0) -> bytes:
+        """Encrypt ``payload`` for publication on ``channel``."""
+        counter = self.sent
+        if counter >= MAX_COUNTER:
+            raise RuntimeError("message counter exhausted; the key must be rotated")
+        self.sent = counter + 1
+        header = pack_header(mtype, flags, self.role, self.key_id, counter, stream_id, seq)
+        return header + self._seal.encrypt(_nonce(self.role, counter), payload, header + channel)
+
+    def open(self, header: Header, data: bytes, channel: bytes) -> bytes:
+        """Authenticate and decrypt a message whose header was parsed from ``data``.
+
+        Raises BusMessageError for a message from the wrong role, a replayed or reordered
+        counter, or any failed authentication (tampering, wrong key, wrong channel).
+        """
+        if header.sender is not self.peer_role:
+            raise BusMessageError("wrong-direction", "message sealed by our own role")
+        if header.counter <= self.last_received:
+            raise BusMessageError("replay", f"counter {header.counter} after {self.last_received}")
+        view = memoryview(data)
+        try:
+            plaintext = self._open.decrypt(
+                _nonce(self.peer_role, header.counter), view[HEADER_SIZE:], view[:HEADER_SIZE].tobytes() + channel
+            )
+        except InvalidTag:
+            raise BusMessageError("bad-tag", "authentication failed") from None
+        self.last_received = header.counter
+        self.received += 1
+        return plaintext
+
+    @property
+    def messages(self) -> int:
+        """Messages protected by this key so far, both directions."""
+        return self.sent + self.received

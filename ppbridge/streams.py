@@ -1,0 +1,178 @@
+"""Framed, flow-controlled bodies, without I/O.
+
+A body travels as frames of at most ``max_chunk`` bytes with per-stream sequence numbers; the
+last frame carries the END flag (authenticated, so truncation is detectable). Flow control is
+credit based, like HTTP/2: the receiver lets the sender have at most ``window`` bytes that its
+consumer has not yet taken, and grants more (a WINDOW message) as the consumer takes data.
+So whatever the body size or the consumer's speed, each side buffers at most about one window
+per stream, and Redis never holds more than that for a stream either.
+
+:class:`Outbound` is the sending side, fed by a push producer it can pause.
+:class:`Inbound` is the receiving side, feeding a consumer that can push back.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+from ppbridge.errors import BusMessageError
+
+
+class Outbound:
+    """Sends one body as DATA frames within the credit the peer granted.
+
+    ``send(chunk, end)`` publishes one frame. ``pause``/``resume`` act on the body's source
+    (the client connection on the forwarder, the upstream response on the proxy), so at most
+    one chunk of the source waits here beyond the credit.
+    """
+
+    def __init__(
+        self,
+        credit: int,
+        max_chunk: int,
+        send: Callable[[bytes, bool], None],
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+    ) -> None:
+        self.credit = credit
+        self.max_chunk = max_chunk
+        self.sent_bytes = 0
+        self._send = send
+        self._pause = pause
+        self._resume = resume
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._finishing = False
+        self.finished = False
+        self._paused = False
+
+    @property
+    def buffered(self) -> int:
+        return self._queued
+
+    def write(self, data: bytes) -> None:
+        """More body from the source."""
+        if self._finishing:
+            raise RuntimeError("write after finish")
+        if data:
+            self._queue.append(data)
+            self._queued += len(data)
+            self._flush()
+
+    def finish(self) -> None:
+        """The source is done: send what remains, then the END frame."""
+        self._finishing = True
+        self._flush()
+
+    def grant(self, increment: int) -> None:
+        """The peer allowed ``increment`` more bytes."""
+        self.credit += increment
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._queue and self.credit > 0:
+            chunk = self._take(min(self.credit, self.max_chunk))
+            self.credit -= len(chunk)
+            self.sent_bytes += len(chunk)
+            last = self._finishing and not self._queue
+            self._send(chunk, last)
+            self.finished = last
+        if self._finishing and not self._queue and not self.finished:
+            self._send(b"", True)
+            self.finished = True
+        self._apply_backpressure()
+
+    def _take(self, n: int) -> bytes:
+        first = self._queue[0]
+        if len(first) <= n:
+            self._queue.popleft()
+            self._queued -= len(first)
+            return first
+        self._queue[0] = first[n:]
+        self._queued -= n
+        return first[:n]
+
+    def _apply_backpressure(self) -> None:
+        if self._queued and not self._paused:
+            self._paused = True
+            self._pause()
+        elif not self._queued and self._paused and not self.finished:
+            self._paused = False
+            self._resume()
+
+
+class Inbound:
+    """Receives one body: checks sequence and credit, buffers until a consumer is attached,
+    and grants more credit as the consumer takes data.
+
+    ``send_update(increment)`` publishes a WINDOW message.
+    """
+
+    def __init__(self, window: int, send_update: Callable[[int], None], first_seq: int = 1) -> None:
+        self.window = window
+        self.granted = window  # total bytes the peer may have sent so far
+        self.received = 0
+        self.consumed = 0
+        self.expected_seq = first_seq
+        self.ended = False
+        self._send_update = send_update
+        self._write: Callable[[bytes], None] | None = None
+        self._finish: Callable[[], None] | None = None
+        self._held: deque[bytes] = deque()
+        self._paused = False
+        self._unacked = 0  # written to a paused consumer; credited on resume
+
+    def check_seq(self, seq: int) -> None:
+        """Raise unless ``seq`` is the next frame of this stream (a gap means a lost frame)."""
+        if seq != self.expected_seq:
+            raise BusMessageError("stream-gap", f"frame {seq} where {self.expected_seq} was due")
+        self.expected_seq += 1
+
+    def data(self, chunk: bytes, end: bool) -> None:
+        """A frame's body bytes (already sequence-checked)."""
+        if self.ended:
+            raise BusMessageError("stream-closed", "data after END")
+        self.received += len(chunk)
+        if self.received > self.granted:
+            raise BusMessageError("flow-control", "peer sent more than its credit")
+        self.ended = end
+        if chunk:
+            if self._write is None:
+                self._held.append(chunk)
+            else:
+                self._deliver(self._write, chunk)
+        if end and self._finish is not None:
+            self._finish()
+
+    def attach(self, write: Callable[[bytes], None], finish: Callable[[], None]) -> None:
+        """Start delivering to a consumer (held frames first)."""
+        self._write, self._finish = write, finish
+        while self._held:
+            self._deliver(write, self._held.popleft())
+        if self.ended:
+            finish()
+
+    def _deliver(self, write: Callable[[bytes], None], chunk: bytes) -> None:
+        write(chunk)
+        if self._paused:
+            self._unacked += len(chunk)
+        else:
+            self._credit(len(chunk))
+
+    def pause(self) -> None:
+        """The consumer is full; stop granting credit."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """The consumer drained; credit what it took meanwhile."""
+        self._paused = False
+        taken, self._unacked = self._unacked, 0
+        self._credit(taken)
+
+    def _credit(self, n: int) -> None:
+        self.consumed += n
+        due = self.consumed + self.window - self.granted
+        if due >= self.window // 2 and not self.ended:
+            self.granted += due
+            self._send_update(due)

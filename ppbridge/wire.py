@@ -1,0 +1,451 @@
+"""Message types and their binary encoding, with strict decoding.
+
+Two families travel on the bus:
+
+* **Session messages** (requests, responses, body frames, flow control) are AEAD envelopes:
+  a fixed 44-byte cleartext :class:`Header`, bound as associated data, then AES-256-GCM
+  ciphertext (see :mod:`ppbridge.envelope`). Their payloads are encoded here.
+* **Negotiation messages** (key request, key grant, announcement) are signed, not encrypted;
+  their only secret, the key material, is RSA-OAEP-wrapped inside the grant.
+
+Decoding never trusts a length: every read is bounds-checked and every failure is a
+:class:`~ppbridge.errors.BusMessageError`. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import struct
+from dataclasses import dataclass
+from typing import TypeVar
+
+from ppbridge.errors import BusMessageError
+
+VERSION = 1
+
+
+class MsgType(enum.IntEnum):
+    """Every message type, session and negotiation."""
+
+    REQ_HEAD = 1
+    REQ_DATA = 2
+    RESP_HEAD = 3
+    RESP_DATA = 4
+    WINDOW = 5
+    RESET = 6
+    CONFIRM = 7
+    KEY_REQUEST = 16
+    KEY_GRANT = 17
+    ANNOUNCE = 18
+
+
+SESSION_TYPES = frozenset(t for t in MsgType if t < MsgType.KEY_REQUEST)
+
+
+class Role(enum.IntEnum):
+    """Who sealed a session message; each role has its own key."""
+
+    FORWARDER = 0
+    PROXY = 1
+
+
+FLAG_END = 0x01  # last frame of this stream in this direction
+
+_HEADER = struct.Struct(">BBBB8sQ16sI")
+HEADER_SIZE = _HEADER.size  # 44
+TAG_SIZE = 16
+OVERHEAD = HEADER_SIZE + TAG_SIZE
+ID_SIZE = 8
+STREAM_ID_SIZE = 16
+NONCE_SIZE = 16
+X25519_SIZE = 32
+UNKNOWN_LENGTH = (1 << 64) - 1
+
+MAX_METHOD = 32
+MAX_TARGET = 65536
+MAX_HEADERS = 500
+MAX_HEADER_NAME = 256
+MAX_HEADER_VALUE = 65536
+MAX_CHANNEL = 256
+MAX_REASON = 1024
+
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The cleartext part of a session message, authenticated as associated data."""
+
+    version: int
+    type: MsgType
+    flags: int
+    sender: Role
+    key_id: bytes
+    counter: int
+    stream_id: bytes
+    seq: int
+
+    def pack(self) -> bytes:
+        return _HEADER.pack(
+            self.version, self.type, self.flags, self.sender, self.key_id, self.counter, self.stream_id, self.seq
+        )
+
+    @property
+    def end(self) -> bool:
+        return bool(self.flags & FLAG_END)
+
+
+def peek_type(data: bytes) -> tuple[int, int]:
+    """(version, type) of any bus message, or BusMessageError when too short."""
+    if len(data) < 2:
+        raise BusMessageError("malformed", "shorter than two bytes")
+    return data[0], data[1]
+
+
+def unpack_header(data: bytes) -> Header:
+    """Parse and sanity-check the header of a session message (the AEAD check comes later)."""
+    if len(data) < OVERHEAD:
+        raise BusMessageError("malformed", "session message shorter than header and tag")
+    version, mtype, flags, sender, key_id, counter, stream_id, seq = _HEADER.unpack_from(data)
+    if version != VERSION:
+        raise BusMessageError("bad-version", f"version {version}")
+    if mtype not in SESSION_TYPES:
+        raise BusMessageError("bad-type", f"type {mtype} in a session message")
+    if sender not in (0, 1) or flags & ~FLAG_END:
+        raise BusMessageError("malformed", "bad sender or flags")
+    return Header(version, MsgType(mtype), flags, Role(sender), key_id, counter, stream_id, seq)
+
+
+def pack_header(mtype: MsgType, flags: int, sender: Role, key_id: bytes, counter: int, stream_id: bytes, seq: int) -> bytes:
+    """The 44 header bytes of a session message."""
+    return _HEADER.pack(VERSION, mtype, flags, sender, key_id, counter, stream_id, seq)
+
+
+class Writer:
+    """Accumulates length-prefixed fields."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def u8(self, v: int) -> Writer:
+        self._parts.append(struct.pack(">B", v))
+        return self
+
+    def u16(self, v: int) -> Writer:
+        self._parts.append(struct.pack(">H", v))
+        return self
+
+    def u32(self, v: int) -> Writer:
+        self._parts.append(struct.pack(">I", v))
+        return self
+
+    def u64(self, v: int) -> Writer:
+        self._parts.append(struct.pack(">Q", v))
+        return self
+
+    def raw(self, v: bytes) -> Writer:
+        self._parts.append(v)
+        return self
+
+    def blob16(self, v: bytes) -> Writer:
+        return self.u16(len(v)).raw(v)
+
+    def blob32(self, v: bytes) -> Writer:
+        return self.u32(len(v)).raw(v)
+
+    def bytes(self) -> bytes:
+        return b"".join(self._parts)
+
+
+class Reader:
+    """Bounds-checked reads; any overrun is a BusMessageError."""
+
+    def __init__(self, data: bytes | memoryview, offset: int = 0) -> None:
+        self._data = memoryview(data)
+        self._pos = offset
+
+    def _take(self, n: int) -> memoryview:
+        end = self._pos + n
+        if end > len(self._data):
+            raise BusMessageError("malformed", "truncated field")
+        view = self._data[self._pos : end]
+        self._pos = end
+        return view
+
+    def u8(self) -> int:
+        return self._take(1)[0]
+
+    def u16(self) -> int:
+        return int.from_bytes(self._take(2), "big")
+
+    def u32(self) -> int:
+        return int.from_bytes(self._take(4), "big")
+
+    def u64(self) -> int:
+        return int.from_bytes(self._take(8), "big")
+
+    def raw(self, n: int) -> bytes:
+        return bytes(self._take(n))
+
+    def blob16(self, limit: int) -> bytes:
+        n = self.u16()
+        if n > limit:
+            raise BusMessageError("malformed", "field over its limit")
+        return self.raw(n)
+
+    def blob32(self, limit: int) -> bytes:
+        n = self.u32()
+        if n > limit:
+            raise BusMessageError("malformed", "field over its limit")
+        return self.raw(n)
+
+    @property
+    def offset(self) -> int:
+        return self._pos
+
+    def rest(self) -> bytes:
+        view = self._data[self._pos :]
+        self._pos = len(self._data)
+        return bytes(view)
+
+    def done(self) -> None:
+        if self._pos != len(self._data):
+            raise BusMessageError("malformed", "trailing bytes")
+
+
+HeaderList = list[tuple[bytes, bytes]]
+
+
+def _write_headers(w: Writer, headers: HeaderList) -> None:
+    if len(headers) > MAX_HEADERS:
+        raise ValueError("too many headers")
+    w.u16(len(headers))
+    for name, value in headers:
+        w.blob16(name).blob32(value)
+
+
+def _read_headers(r: Reader) -> HeaderList:
+    count = r.u16()
+    if count > MAX_HEADERS:
+        raise BusMessageError("malformed", "too many headers")
+    headers = []
+    for _ in range(count):
+        name = r.blob16(MAX_HEADER_NAME)
+        if not _TOKEN.match(name):
+            raise BusMessageError("malformed", "bad header name")
+        value = r.blob32(MAX_HEADER_VALUE)
+        if b"\r" in value or b"\n" in value or b"\0" in value:
+            raise BusMessageError("malformed", "bad header value")
+        headers.append((name, value))
+    return headers
+
+
+def _length_out(n: int | None) -> int:
+    return UNKNOWN_LENGTH if n is None else n
+
+
+def _length_in(n: int) -> int | None:
+    return None if n == UNKNOWN_LENGTH else n
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """What the proxy needs to call its upstream. ``target`` is origin-form (``/path?query``)."""
+
+    method: bytes
+    target: bytes
+    headers: HeaderList
+    reply_channel: bytes
+    content_length: int | None
+
+    def encode(self, body: bytes = b"") -> bytes:
+        w = Writer().blob16(self.reply_channel).blob16(self.method).blob32(self.target)
+        _write_headers(w, self.headers)
+        return w.u64(_length_out(self.content_length)).raw(body).bytes()
+
+    @classmethod
+    def decode(cls, data: bytes) -> tuple[RequestHead, bytes]:
+        """The head and the inline body bytes that follow it."""
+        r = Reader(data)
+        reply = r.blob16(MAX_CHANNEL)
+        method = r.blob16(MAX_METHOD)
+        if not _TOKEN.match(method):
+            raise BusMessageError("malformed", "bad method")
+        target = r.blob32(MAX_TARGET)
+        if not target.startswith(b"/") or any(c <= 0x20 or c == 0x7F for c in target):
+            raise BusMessageError("malformed", "target is not origin-form")
+        headers = _read_headers(r)
+        length = _length_in(r.u64())
+        return cls(method, target, headers, reply, length), r.rest()
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """Status line and headers of an upstream response."""
+
+    status: int
+    reason: bytes
+    headers: HeaderList
+    content_length: int | None
+
+    def encode(self, body: bytes = b"") -> bytes:
+        w = Writer().u16(self.status).blob16(self.reason)
+        _write_headers(w, self.headers)
+        return w.u64(_length_out(self.content_length)).raw(body).bytes()
+
+    @classmethod
+    def decode(cls, data: bytes) -> tuple[ResponseHead, bytes]:
+        r = Reader(data)
+        status = r.u16()
+        if not 100 <= status <= 999:
+            raise BusMessageError("malformed", "bad status")
+        reason = r.blob16(MAX_REASON)
+        if b"\r" in reason or b"\n" in reason:
+            raise BusMessageError("malformed", "bad reason")
+        headers = _read_headers(r)
+        length = _length_in(r.u64())
+        return cls(status, reason, headers, length), r.rest()
+
+
+def encode_window(increment: int) -> bytes:
+    return struct.pack(">I", increment)
+
+
+def decode_window(data: bytes) -> int:
+    r = Reader(data)
+    n = r.u32()
+    r.done()
+    if n == 0:
+        raise BusMessageError("malformed", "zero window increment")
+    return n
+
+
+def encode_reset(code: int, message: str = "") -> bytes:
+    return Writer().u16(code).blob16(message.encode("utf-8")[:MAX_REASON]).bytes()
+
+
+def decode_reset(data: bytes) -> tuple[int, str]:
+    r = Reader(data)
+    code = r.u16()
+    message = r.blob16(MAX_REASON).decode("utf-8", "replace")
+    r.done()
+    return code, message
+
+
+# --- negotiation messages --------------------------------------------------------------------
+
+
+def _check_name(name: bytes) -> str:
+    try:
+        text = name.decode("ascii")
+    except UnicodeDecodeError:
+        raise BusMessageError("malformed", "name is not ASCII") from None
+    if not NAME_PATTERN.match(text):
+        raise BusMessageError("malformed", "bad proxy name")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRequest:
+    """Step 2, proxy to forwarders: "give me a session key", signed by the proxy."""
+
+    proxy: str
+    instance: bytes
+    reply_channel: bytes
+    nonce: bytes
+    timestamp_ms: int
+    ephemeral: bytes
+    frame_size: int
+    window: int
+    target: bytes  # a forwarder id, or eight zero bytes for every forwarder
+
+    def encode_body(self) -> bytes:
+        return (
+            Writer().u8(VERSION).u8(MsgType.KEY_REQUEST).blob16(self.proxy.encode("ascii")).raw(self.instance)
+            .blob16(self.reply_channel).raw(self.nonce).u64(self.timestamp_ms).raw(self.ephemeral)
+            .u32(self.frame_size).u32(self.window).raw(self.target).bytes()
+        )
+
+    @classmethod
+    def decode_body(cls, r: Reader) -> KeyRequest:
+        proxy = _check_name(r.blob16(64))
+        return cls(
+            proxy, r.raw(ID_SIZE), r.blob16(MAX_CHANNEL), r.raw(NONCE_SIZE), r.u64(), r.raw(X25519_SIZE),
+            r.u32(), r.u32(), r.raw(ID_SIZE),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KeyGrant:
+    """Step 2, forwarder to proxy: a wrapped secret and an ephemeral key, signed, bound to the request."""
+
+    forwarder: bytes
+    request_nonce: bytes
+    key_id: bytes
+    wrapped: bytes
+    ephemeral: bytes
+    frame_size: int
+    window: int
+    timestamp_ms: int
+
+    def encode_body(self) -> bytes:
+        return (
+            Writer().u8(VERSION).u8(MsgType.KEY_GRANT).raw(self.forwarder).raw(self.request_nonce).raw(self.key_id)
+            .blob16(self.wrapped).raw(self.ephemeral).u32(self.frame_size).u32(self.window)
+            .u64(self.timestamp_ms).bytes()
+        )
+
+    @classmethod
+    def decode_body(cls, r: Reader) -> KeyGrant:
+        return cls(
+            r.raw(ID_SIZE), r.raw(NONCE_SIZE), r.raw(ID_SIZE), r.blob16(1024), r.raw(X25519_SIZE),
+            r.u32(), r.u32(), r.u64(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """A forwarder saying it is alive; a proxy with no key for it negotiates at once."""
+
+    forwarder: bytes
+    nonce: bytes
+    timestamp_ms: int
+
+    def encode_body(self) -> bytes:
+        return Writer().u8(VERSION).u8(MsgType.ANNOUNCE).raw(self.forwarder).raw(self.nonce).u64(self.timestamp_ms).bytes()
+
+    @classmethod
+    def decode_body(cls, r: Reader) -> Announce:
+        return cls(r.raw(ID_SIZE), r.raw(NONCE_SIZE), r.u64())
+
+
+SignedT = TypeVar("SignedT", KeyRequest, KeyGrant, Announce)
+_SIGNED_TYPES: dict[type, MsgType] = {
+    KeyRequest: MsgType.KEY_REQUEST,
+    KeyGrant: MsgType.KEY_GRANT,
+    Announce: MsgType.ANNOUNCE,
+}
+MAX_SIGNATURE = 1024
+
+
+def encode_signed(body: bytes, signature: bytes) -> bytes:
+    """A negotiation message: its encoded body, then the signature over label+channel+body."""
+    return body + struct.pack(">H", len(signature)) + signature
+
+
+def decode_signed(data: bytes, kind: type[SignedT]) -> tuple[SignedT, bytes, bytes]:
+    """(message, signed body bytes, signature); raises on any structural problem."""
+    expected = _SIGNED_TYPES[kind]
+    version, mtype = peek_type(data)
+    if version != VERSION:
+        raise BusMessageError("bad-version", f"version {version}")
+    if mtype != expected:
+        raise BusMessageError("bad-type", f"type {mtype} where {expected.name} was expected")
+    r = Reader(data, 2)
+    message = kind.decode_body(r)
+    body_end = r.offset
+    signature = r.blob16(MAX_SIGNATURE)
+    r.done()
+    return message, data[:body_end], signature
