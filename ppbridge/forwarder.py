@@ -1,0 +1,235 @@
+"""The forwarder: public HTTP in, encrypted pub/sub out (step 4), keys granted (step 2).
+
+:class:`ForwarderService` owns the bus, the negotiation, the keys of every proxy instance and
+the streams in flight; the HTTP face (a twisted.web resource and its request class) lives in
+:mod:`ppbridge.webface` and calls in here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from ppbridge.bus import Bus
+from ppbridge.channels import Channels
+from ppbridge.config import ForwarderSettings, Route
+from ppbridge.errors import BusMessageError, NoRoute
+from ppbridge.keyring import KeyEntry, Keyring
+from ppbridge.metrics import Metrics
+from ppbridge.negotiation import ForwarderNegotiator
+from ppbridge.node import SessionNode
+from ppbridge.routing import Router
+from ppbridge.wire import ID_SIZE, OVERHEAD, MsgType
+
+if TYPE_CHECKING:
+    from ppbridge.webface import ClientStream
+
+log = Logger()
+TIDY_INTERVAL = 1.0
+
+
+def log_failure(message: str) -> Any:
+    """An errback that logs and swallows, so a timer or a fire-and-forget never dies silently."""
+
+    def errback(failure: Any) -> None:
+        log.failure(message, failure)
+
+    return errback
+
+
+class ForwarderService(MultiService):
+    """Everything a forwarder process does except speaking HTTP."""
+
+    def __init__(self, settings: ForwarderSettings, bus: Bus, clock: IReactorTime, forwarder_id: bytes | None = None):
+        super().__init__()
+        self.settings = settings
+        self.bus = bus
+        self.clock = clock
+        self.id = forwarder_id or os.urandom(ID_SIZE)
+        self.channels = Channels(settings.redis.namespace)
+        self.metrics = Metrics()
+        self.keyring = Keyring(settings.key_grace)
+        self.node = SessionNode(self.keyring, bus, clock, self.metrics, settings.frame_size + OVERHEAD, "forwarder")
+        self.negotiator = ForwarderNegotiator(
+            self.id, settings.signing_key, {r.name: r.public_key for r in settings.proxies}, self.channels,
+            settings.frame_size, settings.window, settings.max_clock_skew,
+        )
+        self.router = Router(settings.proxies)
+        self.instances: dict[str, list[bytes]] = {r.name: [] for r in settings.proxies}
+        self.last_error: dict[str, str] = {}
+        self.streams: dict[bytes, ClientStream] = {}
+        self._waiters: dict[str, list[Deferred[None]]] = {}
+        self._control = self.channels.forwarder_control(self.id)
+        self._loops = [LoopingCall(self._announce), LoopingCall(self._tidy)]
+        for loop in self._loops:
+            loop.clock = clock
+
+    # lifecycle
+
+    def startService(self) -> None:
+        super().startService()
+        self.bus.on_message = self._on_message
+        self.bus.on_state = self._on_state
+        self.bus.subscribe(self.channels.negotiate).addErrback(log_failure("subscribing failed"))
+        self.bus.psubscribe(self.channels.forwarder_pattern(self.id)).addErrback(log_failure("subscribing failed"))
+        self.bus.start()
+        announce, tidy = self._loops
+        announce.start(self.settings.announce_interval, now=False).addErrback(log_failure("announcer stopped"))
+        tidy.start(TIDY_INTERVAL, now=False).addErrback(log_failure("housekeeping stopped"))
+        log.info("forwarder {id} serving proxies {names}", id=self.id.hex(), names=", ".join(self.instances))
+
+    def stopService(self) -> Deferred[None]:
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        for stream in list(self.streams.values()):
+            stream.shutdown()
+        d = defer.maybeDeferred(super().stopService)
+        return d.addBoth(lambda _: self.bus.stop())
+
+    def _on_state(self, up: bool) -> None:
+        self.metrics.redis_up.set(1 if up else 0)
+        if up:
+            self._announce()
+        else:
+            for stream in list(self.streams.values()):
+                stream.bus_lost()
+
+    def _announce(self) -> None:
+        if self.bus.connected:
+            message = self.negotiator.announce(self.clock.seconds())
+            self.bus.publish(self.channels.announce, message).addErrback(log_failure("announcing failed"))
+
+    def _tidy(self) -> None:
+        self.keyring.expire(self.clock.seconds())
+        for name, instances in self.instances.items():
+            instances[:] = [i for i in instances if self.keyring.current(i) is not None]
+
+    # bus input
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        try:
+            if channel == self.channels.negotiate:
+                self._on_key_request(data)
+            elif channel == self._control:
+                self._on_confirm(channel, data)
+            elif self.channels.is_reply_of(self.id, channel):
+                self._on_reply(channel, data)
+            else:
+                raise BusMessageError("unexpected-channel", "")
+        except BusMessageError as err:
+            self.node.drop(err, channel)
+        except Exception:
+            self.metrics.dropped.labels("internal-error").inc()
+            log.failure("forwarder: error handling a bus message")
+
+    def _on_key_request(self, data: bytes) -> None:
+        result = self.negotiator.handle_request(data, self.clock.seconds())
+        if result is None:
+            return  # addressed to another forwarder
+        channel, grant, session = result
+        self.keyring.add(session, session.instance, self.clock.seconds(), confirmed=False)
+        self.metrics.negotiations.labels("granted").inc()
+        log.info("granted key {fp} to proxy {proxy} (instance {instance})", fp=session.envelope.fingerprint,
+                 proxy=session.proxy, instance=session.instance.hex())
+        self.bus.publish(channel, grant).addErrback(log_failure("publishing a grant failed"))
+
+    def _on_confirm(self, channel: bytes, data: bytes) -> None:
+        entry, header, _ = self.node.open(channel, data)
+        if header.type is not MsgType.CONFIRM:
+            raise BusMessageError("unexpected-type", f"{header.type.name} on the control channel")
+        session = entry.session
+        if self.keyring.confirm(entry.key_id, session.instance, self.clock.seconds()):
+            instances = self.instances.setdefault(session.proxy, [])
+            if session.instance not in instances:
+                instances.append(session.instance)
+            self.last_error.pop(session.proxy, None)
+            for waiter in self._waiters.pop(session.proxy, []):
+                waiter.callback(None)
+            log.info("proxy {proxy} (instance {instance}) confirmed key {fp}", proxy=session.proxy,
+                     instance=session.instance.hex(), fp=session.envelope.fingerprint)
+
+    def _on_reply(self, channel: bytes, data: bytes) -> None:
+        entry, header, plaintext = self.node.open(channel, data)
+        stream = self.streams.get(header.stream_id)
+        if stream is None:
+            raise BusMessageError("unknown-stream", "reply for a stream that is over")
+        if stream.reply_channel != channel or stream.instance != entry.session.instance:
+            raise BusMessageError("wrong-stream", "reply from another proxy or on another channel")
+        stream.on_message(header, plaintext)
+
+    # used by the HTTP face
+
+    def route(self, host: bytes | None, target: bytes) -> tuple[Route, bytes]:
+        """The route for a request and its target with the prefix stripped; NoRoute otherwise."""
+        found = self.router.match(host, target)
+        if found is None:
+            raise NoRoute()
+        return found
+
+    def candidates(self, proxy: str) -> list[KeyEntry]:
+        """Current keys of the live instances of ``proxy``, in round-robin order."""
+        instances = self.instances.get(proxy, [])
+        if len(instances) > 1:
+            instances.append(instances.pop(0))
+        entries = [self.keyring.current(i) for i in instances]
+        return [e for e in entries if e is not None]
+
+    def evict(self, instance: bytes, reason: str) -> None:
+        """Forget a proxy instance that no longer listens (PUBLISH reached nobody)."""
+        for name, instances in self.instances.items():
+            if instance in instances:
+                instances.remove(instance)
+                self.last_error[name] = reason
+                log.info("proxy {proxy} instance {instance} is gone: {reason}", proxy=name,
+                         instance=instance.hex(), reason=reason)
+        self.keyring.drop_peer(instance)
+
+    def wait_for_proxy(self, name: str) -> Deferred[None]:
+        """Fires once ``name`` has a confirmed key (at once if it has one now)."""
+        if self.candidates(name):
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.setdefault(name, []).append(d)
+        return d
+
+    def data_channel(self, entry: KeyEntry) -> bytes:
+        return self.channels.proxy_data(entry.session.proxy, entry.session.instance)
+
+    def status(self) -> dict[str, Any]:
+        """The JSON document of ``GET /status``."""
+        now = self.clock.seconds()
+        proxies = {}
+        for name, instances in self.instances.items():
+            proxies[name] = {
+                "instances": [self._instance_status(i, now) for i in instances],
+                "last_error": self.last_error.get(name),
+            }
+        return {"forwarder": self.id.hex(), "redis_connected": self.bus.connected,
+                "streams": len(self.streams), "proxies": proxies}
+
+    def _instance_status(self, instance: bytes, now: float) -> dict[str, Any]:
+        entry = self.keyring.current(instance)
+        stats = self.keyring.stats.get(instance)
+        if entry is None or stats is None:
+            return {"instance": instance.hex(), "key_fingerprint": None}
+        env = entry.session.envelope
+        return {
+            "instance": instance.hex(),
+            "key_fingerprint": env.fingerprint,
+            "key_age_s": round(now - stats.current_since, 3),
+            "messages": env.messages,
+            "rotations": stats.rotations,
+            "period_s": stats.period,
+        }
+
+    def healthy(self) -> bool:
+        """Connected to Redis and holding at least one confirmed key."""
+        return self.bus.connected and any(self.instances.values())

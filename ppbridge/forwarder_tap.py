@@ -1,0 +1,43 @@
+"""``twistd ppforwarder``: wires a ForwarderService from a config file. Nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService
+
+from ppbridge.config import load_forwarder_config
+from ppbridge.tap import BaseOptions, add_admin
+
+
+class Options(BaseOptions):
+    synopsis = "--config FILE [--listen ENDPOINT ...] [--redis URL] [--admin ENDPOINT]"
+    longdesc = "The public side of ppbridge: serves HTTP and carries requests to proxies over Redis."
+    loader = staticmethod(load_forwarder_config)
+    program = "ppforwarder"
+    overrides_map = {**BaseOptions.overrides_map, "listen": "forwarder.listen"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """HTTP endpoint (Twisted syntax: tcp:8080, ssl:8443:privateKey=...); repeatable."""
+        self["listen"].append(endpoint)
+
+
+def makeService(options: Any) -> IService:
+    from twisted.internet import reactor
+
+    from ppbridge.bus import RedisBus
+    from ppbridge.forwarder import ForwarderService
+    from ppbridge.webface import BridgeSite
+
+    settings = options["settings"]
+    service = ForwarderService(settings, RedisBus(settings.redis, reactor), reactor)
+    site = BridgeSite(service)
+    for endpoint in settings.listen:
+        strports.service(endpoint, site, reactor=reactor).setServiceParent(service)
+    add_admin(service, settings.admin_listen, service, reactor)
+    return service

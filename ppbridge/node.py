@@ -1,0 +1,84 @@
+"""What the forwarder and the proxy share on the bus: sealing, opening and dropping.
+
+Every session message either side receives goes through :meth:`SessionNode.open`; every one
+it sends through :meth:`SessionNode.send`. A message that fails any check is dropped,
+counted by reason and logged (rate-limited, so a flood cannot fill the disk) and never
+raises past the bus callback.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from ppbridge.bus import Bus
+from ppbridge.errors import BusMessageError
+from ppbridge.keyring import KeyEntry, Keyring
+from ppbridge.metrics import Metrics
+from ppbridge.wire import OVERHEAD, Header, MsgType, unpack_header
+
+log = Logger()
+LOG_BURST = 10  # log lines per drop reason per LOG_PERIOD
+LOG_PERIOD = 60.0
+
+
+class DropLog:
+    """Counts every drop; logs the first few of each reason per minute, then a summary."""
+
+    def __init__(self, metrics: Metrics, clock: IReactorTime, side: str) -> None:
+        self._metrics = metrics
+        self._clock = clock
+        self._side = side
+        self._window: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, err: BusMessageError, channel: bytes) -> None:
+        self._metrics.dropped.labels(err.reason).inc()
+        now = self._clock.seconds()
+        start, count = self._window.get(err.reason, (now, 0))
+        if now - start > LOG_PERIOD:
+            if count > LOG_BURST:
+                log.warn("{side}: {n} more bus messages dropped ({reason})", side=self._side,
+                         n=count - LOG_BURST, reason=err.reason)
+            start, count = now, 0
+        count += 1
+        self._window[err.reason] = (start, count)
+        if count <= LOG_BURST:
+            log.warn("{side}: dropped a bus message on {channel}: {err}", side=self._side,
+                     channel=channel[:96].decode("ascii", "replace"), err=str(err))
+
+
+class SessionNode:
+    """Seals and opens session messages under the keys of one keyring."""
+
+    def __init__(self, keyring: Keyring, bus: Bus, clock: IReactorTime, metrics: Metrics, max_message: int,
+                 side: str) -> None:
+        self.keyring = keyring
+        self.bus = bus
+        self.clock = clock
+        self.metrics = metrics
+        self.max_message = max_message
+        self.drop: Callable[[BusMessageError, bytes], None] = DropLog(metrics, clock, side)
+
+    def open(self, channel: bytes, data: bytes) -> tuple[KeyEntry, Header, bytes]:
+        """Authenticate and decrypt; raises BusMessageError for anything we must not accept."""
+        if len(data) > self.max_message:
+            raise BusMessageError("oversized", f"{len(data)} bytes")
+        header = unpack_header(data)
+        entry = self.keyring.get(header.key_id, self.clock.seconds())
+        if entry is None:
+            raise BusMessageError("unknown-key", header.key_id.hex())
+        plaintext = entry.session.envelope.open(header, data, channel)
+        self.metrics.opened.inc()
+        return entry, header, plaintext
+
+    def send(self, entry: KeyEntry, channel: bytes, mtype: MsgType, stream_id: bytes, seq: int, payload: bytes,
+             flags: int = 0) -> Deferred[int]:
+        """Seal under ``entry`` and publish; fires with the number of receivers."""
+        if len(payload) + OVERHEAD > entry.session.frame_size:
+            raise ValueError("message over the agreed frame size")
+        message = entry.session.envelope.seal(mtype, stream_id, seq, channel, payload, flags)
+        self.metrics.sealed.inc()
+        return self.bus.publish(channel, message)

@@ -1,0 +1,248 @@
+"""The proxy: negotiates its keys (steps 2 and 3) and answers requests from its upstream (step 4).
+
+:class:`ProxyService` owns the bus, the negotiation and rekey schedule, the keys it holds with
+each forwarder and the upstream calls in flight (:mod:`ppbridge.upstream`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.iweb import IAgent
+
+from ppbridge.bus import Bus
+from ppbridge.channels import Channels
+from ppbridge.config import ProxySettings
+from ppbridge.errors import BusMessageError
+from ppbridge.forwarder import log_failure
+from ppbridge.keyring import Keyring
+from ppbridge.metrics import Metrics
+from ppbridge.negotiation import ANY_FORWARDER, ProxyNegotiator
+from ppbridge.node import SessionNode
+from ppbridge.rekey import RekeySchedule, make_policy
+from ppbridge.upstream import Upstream, UpstreamCall
+from ppbridge.wire import ID_SIZE, OVERHEAD, STREAM_ID_SIZE, MsgType, RequestHead
+
+log = Logger()
+TICK = 1.0
+RETRY_FIRST, RETRY_MAX = 1.0, 30.0
+NO_STREAM = bytes(STREAM_ID_SIZE)
+
+
+class ProxyService(MultiService):
+    """Everything a proxy process does."""
+
+    def __init__(self, settings: ProxySettings, bus: Bus, clock: IReactorTime, reactor: Any = None,
+                 agent: IAgent | None = None, instance: bytes | None = None) -> None:
+        super().__init__()
+        self.settings = settings
+        self.bus = bus
+        self.clock = clock
+        self.instance = instance or os.urandom(ID_SIZE)
+        self.channels = Channels(settings.redis.namespace)
+        self.metrics = Metrics()
+        self.keyring = Keyring(settings.rekey.grace)
+        self.node = SessionNode(self.keyring, bus, clock, self.metrics, settings.frame_size + OVERHEAD, "proxy")
+        self.negotiator = ProxyNegotiator(
+            settings.name, self.instance, settings.private_key, settings.forwarder_key, self.channels,
+            settings.frame_size, settings.window, settings.max_clock_skew,
+        )
+        self.schedule = RekeySchedule(make_policy(settings.rekey), settings.rekey.messages_per_key)
+        self.upstream = Upstream(settings.upstream, reactor if reactor is not None else clock,
+                                 settings.upstream_connect_timeout, agent)
+        self.data_channel = self.channels.proxy_data(settings.name, self.instance)
+        self.calls: dict[tuple[bytes, bytes], UpstreamCall] = {}
+        self.last_error: str | None = None
+        self._retry_at = 0.0
+        self._retry_delay = RETRY_FIRST
+        self._tick = LoopingCall(self._on_tick)
+        self._tick.clock = clock
+
+    # lifecycle
+
+    def startService(self) -> None:
+        super().startService()
+        self.bus.on_message = self._on_message
+        self.bus.on_state = self._on_state
+        for channel in (self.data_channel, self.channels.announce):
+            self.bus.subscribe(channel).addErrback(log_failure("subscribing failed"))
+        self.bus.start()
+        self._tick.start(TICK, now=False).addErrback(log_failure("proxy timer stopped"))
+        log.info("proxy {name} (instance {instance}) calling {upstream}", name=self.settings.name,
+                 instance=self.instance.hex(), upstream=self.settings.upstream)
+
+    def stopService(self) -> Deferred[None]:
+        if self._tick.running:
+            self._tick.stop()
+        for call in list(self.calls.values()):
+            call.cancel("proxy stopping")
+        d = defer.maybeDeferred(super().stopService)
+        d.addBoth(lambda _: self.upstream.close())
+        return d.addBoth(lambda _: self.bus.stop())
+
+    def _on_state(self, up: bool) -> None:
+        self.metrics.redis_up.set(1 if up else 0)
+        if up:
+            if not self.keyring.peers():
+                self._negotiate(ANY_FORWARDER)
+        else:
+            for call in list(self.calls.values()):
+                call.cancel("lost the Redis connection")
+
+    # timers: negotiation retry, rekey, expiry
+
+    def _on_tick(self) -> None:
+        now = self.clock.seconds()
+        for channel in self.negotiator.expire(now):
+            self.bus.unsubscribe(channel).addErrback(log_failure("unsubscribing failed"))
+        self.keyring.expire(now)
+        self.schedule.policy.observe(now, self.metrics_total())
+        if not self.keyring.peers():
+            if now >= self._retry_at:
+                self._negotiate(ANY_FORWARDER)
+            return
+        reason = self.schedule.due(now, self._messages_on_current())
+        if reason is not None and ANY_FORWARDER not in self.negotiator.pending_targets():
+            log.debug("rekeying ({reason})", reason=reason)
+            self._negotiate(ANY_FORWARDER)
+
+    def metrics_total(self) -> int:
+        """Session messages sealed and opened by this process so far."""
+        return int(self.metrics.sealed._value.get() + self.metrics.opened._value.get())
+
+    def _messages_on_current(self) -> int:
+        entries = [self.keyring.current(p) for p in self.keyring.peers()]
+        return max((e.session.envelope.messages for e in entries if e is not None), default=0)
+
+    def _negotiate(self, target: bytes) -> None:
+        if not self.bus.connected:
+            return
+        now = self.clock.seconds()
+        if not self.keyring.peers():
+            self._retry_at = now + self._retry_delay * random.uniform(0.8, 1.2)
+            self._retry_delay = min(RETRY_MAX, self._retry_delay * 2)
+        else:
+            self.schedule.rotated(now)  # a failed rekey is retried after a whole period, not every tick
+        channel, message = self.negotiator.make_request(now, target)
+        d = self.bus.subscribe(channel)
+        d.addCallback(lambda _: self.bus.publish(self.channels.negotiate, message))
+        d.addCallback(self._request_published)
+        d.addErrback(log_failure("publishing a key request failed"))
+
+    def _request_published(self, receivers: int) -> None:
+        self.metrics.negotiations.labels("requested").inc()
+        if receivers == 0:
+            self.last_error = "no forwarder is listening on the negotiation channel"
+            log.warn("key request reached no forwarder; retrying")
+
+    # bus input
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        try:
+            if channel == self.data_channel:
+                self._on_data(channel, data)
+            elif channel == self.channels.announce:
+                self._on_announce(data)
+            elif self.negotiator.is_pending(channel):
+                self._on_grant(channel, data)
+            else:
+                raise BusMessageError("unexpected-channel", "")
+        except BusMessageError as err:
+            self.node.drop(err, channel)
+        except Exception:
+            self.metrics.dropped.labels("internal-error").inc()
+            log.failure("proxy: error handling a bus message")
+
+    def _on_announce(self, data: bytes) -> None:
+        forwarder = self.negotiator.verify_announce(data, self.clock.seconds())
+        known = self.keyring.current(forwarder) is not None
+        if not known and forwarder not in self.negotiator.pending_targets():
+            log.info("forwarder {id} announced itself; negotiating a key", id=forwarder.hex())
+            self._negotiate(forwarder)
+
+    def _on_grant(self, channel: bytes, data: bytes) -> None:
+        now = self.clock.seconds()
+        session = self.negotiator.handle_grant(channel, data, now)
+        entry = self.keyring.add(session, session.forwarder, now, confirmed=True)
+        self.schedule.rotated(now)
+        self._retry_delay = RETRY_FIRST
+        self.last_error = None
+        self.metrics.negotiations.labels("granted").inc()
+        log.info("key {fp} from forwarder {id}", fp=session.envelope.fingerprint, id=session.forwarder.hex())
+        self.node.send(entry, self.channels.forwarder_control(session.forwarder), MsgType.CONFIRM, NO_STREAM, 0,
+                       b"").addErrback(log_failure("confirming a key failed"))
+
+    def _on_data(self, channel: bytes, data: bytes) -> None:
+        entry, header, payload = self.node.open(channel, data)
+        forwarder = entry.session.forwarder
+        key = (forwarder, header.stream_id)
+        if header.type is MsgType.REQ_HEAD:
+            if header.seq != 0 or key in self.calls:
+                raise BusMessageError("duplicate-stream", "a second head for one stream")
+            head, body = RequestHead.decode(payload)
+            if not self.channels.is_reply_of(forwarder, head.reply_channel):
+                raise BusMessageError("bad-reply-channel", "reply channel outside the forwarder's pattern")
+            call = UpstreamCall(self, forwarder, header.stream_id, head)
+            self.calls[key] = call
+            self.metrics.active_streams.inc()
+            call.start(body, header.end)
+            return
+        call = self.calls.get(key)
+        if call is None:
+            raise BusMessageError("unknown-stream", f"{header.type.name} for a stream that is over")
+        call.on_message(header, payload)
+
+    # used by UpstreamCall
+
+    def send(self, forwarder: bytes, channel: bytes, mtype: MsgType, stream_id: bytes, seq: int, payload: bytes,
+             flags: int = 0) -> Deferred[int] | None:
+        """Seal under the current key with ``forwarder`` and publish; None without a key."""
+        entry = self.keyring.current(forwarder)
+        if entry is None:
+            return None
+        return self.node.send(entry, channel, mtype, stream_id, seq, payload, flags)
+
+    def frame_size(self, forwarder: bytes) -> int:
+        entry = self.keyring.current(forwarder)
+        return entry.session.frame_size if entry is not None else self.settings.frame_size
+
+    def peer_window(self, forwarder: bytes) -> int:
+        entry = self.keyring.current(forwarder)
+        return entry.session.peer_window if entry is not None else self.settings.window
+
+    def call_done(self, call: UpstreamCall) -> None:
+        if self.calls.pop((call.forwarder, call.stream_id), None) is not None:
+            self.metrics.active_streams.dec()
+
+    # admin
+
+    def status(self) -> dict[str, Any]:
+        """The JSON document of ``GET /status``."""
+        now = self.clock.seconds()
+        forwarders = {}
+        for peer in self.keyring.peers():
+            entry, stats = self.keyring.current(peer), self.keyring.stats.get(peer)
+            if entry is None or stats is None:
+                continue
+            forwarders[peer.hex()] = {
+                "key_fingerprint": entry.session.envelope.fingerprint,
+                "key_age_s": round(now - stats.current_since, 3),
+                "messages": entry.session.envelope.messages,
+                "rotations": stats.rotations,
+            }
+        return {
+            "proxy": self.settings.name, "instance": self.instance.hex(), "redis_connected": self.bus.connected,
+            "period_s": round(self.schedule.policy.period(), 3), "streams": len(self.calls),
+            "last_error": self.last_error, "forwarders": forwarders,
+        }
+
+    def healthy(self) -> bool:
+        return self.bus.connected and bool(self.keyring.peers())

@@ -1,0 +1,45 @@
+"""What both twistd plugins share: options, config loading and the admin server."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Mapping
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from ppbridge.admin import Observable, admin_site
+from ppbridge.errors import ConfigError
+
+
+class BaseOptions(usage.Options):
+    """``--config FILE`` plus command-line overrides of single config keys."""
+
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (see conf/*.example.toml)."],
+        ["redis", None, None, "Redis URL, overriding [redis] url (no password here: use password_file)."],
+        ["admin", None, None, "Admin endpoint, overriding [admin] listen (\"\" turns it off)."],
+    ]
+    loader: Callable[..., Any]
+    program = "ppbridge"
+    overrides_map: dict[str, str] = {"redis": "redis.url", "admin": "admin.listen"}
+
+    def overrides(self) -> dict[str, object]:
+        return {key: self[opt] for opt, key in self.overrides_map.items() if self.get(opt) not in (None, [])}
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config FILE is required")
+        names: Mapping[str, str] = {key: f"--{opt}" for opt, key in self.overrides_map.items()}
+        try:
+            self["settings"] = type(self).loader(self["config"], self.overrides(), names)
+        except ConfigError as err:
+            # One line, no usage dump and no traceback: the message names file, key and problem.
+            sys.stderr.write(f"{self.program}: {err}\n")
+            raise SystemExit(2) from None
+
+
+def add_admin(parent: MultiService, endpoint: str | None, service: Observable, reactor: Any) -> None:
+    if endpoint:
+        strports.service(endpoint, admin_site(service), reactor=reactor).setServiceParent(parent)

@@ -1,0 +1,348 @@
+"""The proxy's calls to its one upstream service (step 4, inside the private network).
+
+The HTTP client is a ``twisted.web.client.Agent`` on a persistent connection pool, called
+directly: treq's ``HTTPClient.request`` always wraps a cookie jar and gzip decoding around its
+agent (treq 26.7), and a proxy must be transparent — no Accept-Encoding added, Content-Encoding
+untouched, no cookies remembered between clients, redirects passed back and not followed.
+Tests drive the same code with ``treq.testing.RequestTraversalAgent``.
+
+Only the configured base URL is ever called: the request target from the forwarder is an
+origin-form path appended to it, so nothing a message says can point the proxy elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError, TimeoutError
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from ppbridge.errors import (
+    CANCEL_CODE,
+    BusMessageError,
+    RequestError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    reset_code,
+)
+from ppbridge.httpheaders import end_to_end, upstream_request_headers
+from ppbridge.streams import Inbound, Outbound
+from ppbridge.wire import (
+    FLAG_END,
+    OVERHEAD,
+    Header,
+    MsgType,
+    RequestHead,
+    ResponseHead,
+    decode_reset,
+    decode_window,
+    encode_reset,
+    encode_window,
+)
+
+if TYPE_CHECKING:
+    from ppbridge.proxy import ProxyService
+
+log = Logger()
+INLINE_MAX = 64 * 1024  # a response body up to this size travels inside the response head
+POOL_SIZE = 64
+
+
+class Upstream:
+    """The one base URL this proxy may call, and the agent that calls it."""
+
+    def __init__(self, base_url: str, reactor: Any, connect_timeout: float, agent: IAgent | None = None) -> None:
+        parts = urlsplit(base_url)
+        self.origin = f"{parts.scheme}://{parts.netloc}".encode("ascii")
+        self.host = parts.netloc.encode("ascii")
+        self.base_path = parts.path.rstrip("/").encode("ascii")
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = POOL_SIZE
+        self.agent = agent if agent is not None else Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
+
+    def url(self, target: bytes) -> bytes:
+        """The URL for an origin-form target: always under the configured base."""
+        return self.origin + self.base_path + target
+
+    def close(self) -> Deferred[None]:
+        return self.pool.closeCachedConnections()
+
+
+@implementer(IBodyProducer)
+class StreamBody:
+    """The request body as it arrives in frames, produced into the upstream connection."""
+
+    def __init__(self, inbound: Inbound, length: int | None) -> None:
+        self.length = UNKNOWN_LENGTH if length is None else length
+        self._inbound = inbound
+        self._consumer: IConsumer | None = None
+        self._done: Deferred[None] = Deferred()
+        self.stopped = False
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self._consumer = consumer
+        self._inbound.attach(self._write, self._finished)
+        return self._done
+
+    def _write(self, data: bytes) -> None:
+        if not self.stopped and self._consumer is not None:
+            self._consumer.write(data)
+
+    def _finished(self) -> None:
+        if not self._done.called:
+            self._done.callback(None)
+
+    def pauseProducing(self) -> None:
+        self._inbound.pause()
+
+    def resumeProducing(self) -> None:
+        self._inbound.resume()
+
+    def stopProducing(self) -> None:
+        # The upstream answered or failed before taking the whole body: keep accepting (and
+        # dropping) frames so the forwarder can finish and read the answer.
+        self.stopped = True
+        self._inbound.resume()
+
+
+class _BodyReceiver(Protocol):
+    def __init__(self, call: UpstreamCall) -> None:
+        self.call = call
+
+    def connectionMade(self) -> None:
+        self.call.body_started(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.call.body_data(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        self.call.body_end(reason)
+
+
+def classify(failure: Failure) -> RequestError:
+    """The request error an upstream failure means for the client."""
+    if failure.check(defer.CancelledError, TimeoutError):
+        return UpstreamTimeout()
+    if failure.check(ConnectionRefusedError):
+        return UpstreamUnreachable("ppbridge: the upstream service refused the connection")
+    if failure.check(DNSLookupError):
+        return UpstreamUnreachable("ppbridge: the upstream host name does not resolve")
+    if failure.check(ConnectError, ResponseFailed):
+        return UpstreamUnreachable("ppbridge: the upstream connection failed or was reset")
+    return UpstreamUnreachable(f"ppbridge: upstream error ({failure.type.__name__})")
+
+
+class UpstreamCall:
+    """One request from a forwarder, executed against the upstream and answered in frames."""
+
+    def __init__(self, proxy: ProxyService, forwarder: bytes, stream_id: bytes, head: RequestHead) -> None:
+        self.proxy = proxy
+        self.forwarder = forwarder
+        self.stream_id = stream_id
+        self.head = head
+        self.seq = 0
+        self.done = False
+        self.inbound = Inbound(proxy.settings.window, self._send_window)
+        self._request: Deferred[IResponse] | None = None
+        self._transport: IPushProducer | None = None
+        self._outbound: Outbound | None = None
+        self._buffer: list[bytes] | None = None
+        self._response: ResponseHead | None = None
+        self._timer: IDelayedCall | None = None
+
+    def start(self, body: bytes, end: bool) -> None:
+        """Call the upstream; ``body``/``end`` are what came inline with the head."""
+        head = self.head
+        producer = None
+        if head.content_length is not None or not end or body:
+            producer = StreamBody(self.inbound, head.content_length)
+        self.inbound.data(body, end)
+        headers = Headers()
+        for name, value in upstream_request_headers(head.headers, self.proxy.upstream.host):
+            if name.lower() != b"content-length":  # the Agent sets it from the producer
+                headers.addRawHeader(name, value)
+        self._arm()
+        d = self.proxy.upstream.agent.request(head.method, self.proxy.upstream.url(head.target), headers, producer)
+        d.addTimeout(self.proxy.settings.upstream_timeout, self.proxy.clock)
+        self._request = d
+        d.addCallbacks(self._got_response, self._failed)
+        d.addErrback(self._bug)
+
+    # from the forwarder
+
+    def on_message(self, header: Header, payload: bytes) -> None:
+        mtype = header.type
+        if mtype is MsgType.REQ_DATA:
+            self.inbound.check_seq(header.seq)
+            self.inbound.data(payload, header.end)
+            self.proxy.metrics.body_bytes.labels("up").inc(len(payload))
+        elif mtype is MsgType.WINDOW:
+            if self._outbound is not None:
+                self._outbound.grant(decode_window(payload))
+                self._maybe_complete()
+        elif mtype is MsgType.RESET:
+            code, _ = decode_reset(payload)
+            self.cancel("forwarder cancelled" if code == CANCEL_CODE else "forwarder reset")
+        else:
+            raise BusMessageError("unexpected-type", f"{mtype.name} on a data channel")
+        self._arm()
+
+    def cancel(self, why: str) -> None:
+        """Stop the upstream call now (the upstream sees its connection closed)."""
+        if self.done:
+            return
+        log.debug("cancelling upstream call: {why}", why=why)
+        self._finish()
+        if self._transport is not None:
+            self._transport.stopProducing()
+        elif self._request is not None and not self._request.called:
+            self._request.cancel()
+
+    # from the upstream
+
+    def _got_response(self, response: IResponse) -> None:
+        if self.done:
+            response.deliverBody(_Discard())
+            return
+        headers = end_to_end([(n, v) for n, values in response.headers.getAllRawHeaders() for v in values])
+        length = None if response.length is UNKNOWN_LENGTH else response.length
+        if length is not None and self.head.method != b"HEAD" and response.code not in (204, 304):
+            # The Agent moves Content-Length out of response.headers into response.length
+            # (except for HEAD, where it describes the entity); put it back.
+            headers.append((b"Content-Length", b"%d" % length))
+        self._response = ResponseHead(response.code, response.phrase, headers, length)
+        if length is not None and length <= INLINE_MAX:
+            self._buffer = []
+        else:
+            self._send_head(b"", end=False)
+        response.deliverBody(_BodyReceiver(self))
+
+    def _failed(self, failure: Failure) -> None:
+        if self.done:
+            return
+        error = classify(failure)
+        if not failure.check(defer.CancelledError, TimeoutError, ConnectError, ResponseFailed):
+            log.failure("upstream request failed", failure)
+        self._reset(error)
+
+    def _bug(self, failure: Failure) -> None:
+        log.failure("proxy: error answering a request", failure)
+        self._reset(RequestError())
+
+    def body_started(self, transport: IPushProducer) -> None:
+        self._transport = transport
+
+    def _pause_upstream(self) -> None:
+        if self._transport is not None:
+            self._transport.pauseProducing()
+
+    def _resume_upstream(self) -> None:
+        if self._transport is not None:
+            self._transport.resumeProducing()
+
+    def body_data(self, data: bytes) -> None:
+        if self.done:
+            return
+        if self._buffer is not None:
+            self._buffer.append(data)
+        elif self._outbound is not None:
+            self._outbound.write(data)
+        self.proxy.metrics.body_bytes.labels("down").inc(len(data))
+
+    def body_end(self, reason: Failure) -> None:
+        if self.done:
+            return
+        self._transport = None
+        if not reason.check(ResponseDone, PotentialDataLoss):
+            log.warn("upstream dropped the response mid-body: {err}", err=reason.getErrorMessage())
+            self.proxy.metrics.aborted.labels("upstream-dropped").inc()
+            self._reset(UpstreamUnreachable("ppbridge: the upstream connection dropped mid-body"))
+        elif self._buffer is not None:
+            self._send_head(b"".join(self._buffer), end=True)
+            self._finish()
+        elif self._outbound is not None:
+            self._outbound.finish()
+            self._maybe_complete()
+
+    def _maybe_complete(self) -> None:
+        """Done once the END frame went out (it may wait for credit after the upstream ended)."""
+        if self._outbound is not None and self._outbound.finished:
+            self._finish()
+
+    # toward the forwarder
+
+    def _send(self, mtype: MsgType, seq: int, payload: bytes, flags: int = 0) -> None:
+        d = self.proxy.send(self.forwarder, self.head.reply_channel, mtype, self.stream_id, seq, payload, flags)
+        if d is None:
+            self.cancel("no key for the forwarder any more")
+            return
+        d.addCallbacks(self._published, lambda f: self.cancel("lost the bus"))
+
+    def _published(self, receivers: int) -> None:
+        if receivers == 0 and not self.done:
+            self.cancel("the forwarder stopped listening")
+
+    def _send_head(self, body: bytes, end: bool) -> None:
+        if self._response is None:
+            return
+        payload = self._response.encode(body)
+        frame = self.proxy.frame_size(self.forwarder)
+        if len(payload) + OVERHEAD > frame:
+            self._reset(UpstreamUnreachable("ppbridge: upstream response headers too large"))
+            return
+        self._send(MsgType.RESP_HEAD, 0, payload, FLAG_END if end else 0)
+        if not end:
+            credit = self.proxy.peer_window(self.forwarder)
+            self._outbound = Outbound(credit, frame - OVERHEAD, self._send_frame, self._pause_upstream,
+                                      self._resume_upstream)
+
+    def _send_frame(self, chunk: bytes, end: bool) -> None:
+        self.seq += 1
+        self._send(MsgType.RESP_DATA, self.seq, chunk, FLAG_END if end else 0)
+
+    def _send_window(self, increment: int) -> None:
+        if not self.done:
+            self._send(MsgType.WINDOW, 0, encode_window(increment))
+
+    def _reset(self, error: RequestError) -> None:
+        if self.done:
+            return
+        self._send(MsgType.RESET, 0, encode_reset(reset_code(type(error)), error.detail))
+        self.cancel(error.cause)
+
+    # life
+
+    def _arm(self) -> None:
+        seconds = self.proxy.settings.stream_idle_timeout
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(seconds)
+        elif not self.done:
+            self._timer = self.proxy.clock.callLater(seconds, self._idle)
+
+    def _idle(self) -> None:
+        self.proxy.metrics.aborted.labels("idle-timeout").inc()
+        self._reset(UpstreamTimeout("ppbridge: the stream stalled"))
+
+    def _finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self.proxy.call_done(self)
+
+
+class _Discard(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        return None

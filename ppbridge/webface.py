@@ -1,0 +1,449 @@
+"""The forwarder's HTTP face: a twisted.web resource whose requests stream through the bridge.
+
+twisted.web runs a resource only once the whole request body has arrived. To stream uploads,
+:class:`BridgeRequest` starts its :class:`ClientStream` as soon as the headers are in
+(``gotLength``) and feeds it each chunk (``handleContentChunk``); :class:`BridgeResource`
+then only marks the body complete. Every error a client can get is rendered here, from the
+:class:`~ppbridge.errors.RequestError` that names it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from ppbridge.errors import (
+    CANCEL_CODE,
+    RESET_CODES,
+    BadRequest,
+    BodyTooLarge,
+    BusLost,
+    BusMessageError,
+    BusUnavailable,
+    GatewayTimeout,
+    ProtocolFailure,
+    ProxyUnavailable,
+    RequestError,
+)
+from ppbridge.httpheaders import end_to_end, forwarded_request_headers
+from ppbridge.keyring import KeyEntry
+from ppbridge.routing import origin_form
+from ppbridge.streams import Inbound, Outbound
+from ppbridge.wire import (
+    FLAG_END,
+    OVERHEAD,
+    STREAM_ID_SIZE,
+    Header,
+    HeaderList,
+    MsgType,
+    RequestHead,
+    ResponseHead,
+    decode_reset,
+    decode_window,
+    encode_reset,
+    encode_window,
+)
+
+if TYPE_CHECKING:
+    from ppbridge.forwarder import ForwarderService
+
+log = Logger()
+INLINE_MAX = 64 * 1024  # a body up to this size travels inside the request head: one message
+
+
+def error_response(err: RequestError) -> tuple[int, HeaderList, bytes]:
+    """Status, headers and body of the answer ppbridge gives for ``err``."""
+    body = (err.detail + "\n").encode("utf-8")
+    headers = [
+        (b"X-PPBridge-Error", err.cause.encode("ascii")),
+        (b"Content-Type", b"text/plain; charset=utf-8"),
+        (b"Content-Length", str(len(body)).encode("ascii")),
+    ]
+    return err.status, headers, body
+
+
+def render_error(request: Request, err: RequestError) -> None:
+    """Answer a request whose body has been read with ``err``."""
+    status, headers, body = error_response(err)
+    request.setResponseCode(status)
+    for name, value in headers:
+        request.responseHeaders.setRawHeaders(name, [value])
+    request.write(body)
+    request.finish()
+
+
+def refuse_early(request: BridgeRequest, err: RequestError) -> None:
+    """Answer ``err`` while the client is still sending its body, then close the connection.
+
+    twisted.web cannot write a response before the body is complete, so this writes the few
+    lines itself; the connection closes because the rest of the body will not be read.
+    """
+    if request.refused:
+        return
+    request.refused = True
+    status, headers, body = error_response(err)
+    lines = [b"HTTP/1.1 %d %s" % (status, err.cause.encode("ascii"))]
+    lines += [name + b": " + value for name, value in headers]
+    lines += [b"Connection: close", b"", b""]
+    request.channel.transport.write(b"\r\n".join(lines) + body)
+    request.channel.transport.loseConnection()
+
+
+class ClientStream:
+    """One client request through the bridge, from its headers to its last byte.
+
+    States: ``sent`` (head published, waiting for the response head), ``responding``
+    (streaming the response), ``done``. Acts as the push producer of the client response.
+    """
+
+    def __init__(self, bridge: ForwarderService, request: BridgeRequest, proxy: str, head: RequestHead) -> None:
+        self.bridge = bridge
+        self.request = request
+        self.proxy = proxy
+        self.head = head
+        self.id = os.urandom(STREAM_ID_SIZE)
+        self.reply_channel = head.reply_channel
+        chunked = request.requestHeaders.hasHeader(b"transfer-encoding")
+        self.inline = not chunked and (head.content_length or 0) <= INLINE_MAX
+        self.state = "new"
+        self.rendered = False
+        self.instance: bytes | None = None
+        self.seq = 0
+        self.uploaded = 0
+        self._held: list[bytes] = []
+        self._outbound: Outbound | None = None
+        self._inbound: Inbound | None = None
+        self._response: ResponseHead | None = None
+        self._timer: IDelayedCall | None = None
+        bridge.streams[self.id] = self
+        bridge.metrics.active_streams.inc()
+        request.notifyFinish().addErrback(self._client_gone)
+
+    @classmethod
+    def open(cls, bridge: ForwarderService, request: BridgeRequest, method: bytes, uri: bytes,
+             length: int | None) -> ClientStream:
+        """Route and start a stream; raises the RequestError that answers the client otherwise."""
+        limit = bridge.settings.max_body_size
+        if limit and length is not None and length > limit:
+            raise BodyTooLarge(f"ppbridge: request body of {length} bytes is over max_body_size ({limit})")
+        target = origin_form(uri)
+        if target is None:
+            raise BadRequest()
+        host = request.requestHeaders.getRawHeaders(b"host", [None])[0]
+        route, target = bridge.route(host, target)
+        if not bridge.bus.connected:
+            raise BusUnavailable()
+        if not bridge.candidates(route.name):
+            raise ProxyUnavailable(f"ppbridge: proxy {route.name!r} is not connected or has no key yet")
+        headers = [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
+        client = request.getClientAddress()
+        headers = forwarded_request_headers(
+            headers, str(getattr(client, "host", "unknown")).encode("ascii"), host,
+            b"https" if request.isSecure() else b"http",
+        )
+        # gotLength says 0 both for "Content-Length: 0" and for no body at all; only the
+        # former is passed on as a length.
+        declared = length if request.requestHeaders.hasHeader(b"content-length") else None
+        head = RequestHead(method, target, headers, bridge.channels.reply(bridge.id), declared)
+        stream = cls(bridge, request, route.name, head)
+        if not stream.inline:
+            stream._send_head(b"", end=False)
+        return stream
+
+    # client side
+
+    def client_data(self, data: bytes) -> None:
+        """A chunk of the request body from the client."""
+        if self.state == "done":
+            return
+        self.uploaded += len(data)
+        limit = self.bridge.settings.max_body_size
+        if limit and self.uploaded > limit:
+            self._fail(BodyTooLarge(f"ppbridge: request body is over max_body_size ({limit})"), notify=True)
+        elif self.inline:
+            self._held.append(data)
+        elif self._outbound is not None:
+            self._outbound.write(data)
+            self.bridge.metrics.body_bytes.labels("up").inc(len(data))
+
+    def body_done(self) -> None:
+        """The client finished sending (twisted.web is rendering the request now)."""
+        self.rendered = True
+        if self.state == "done":
+            return
+        if self.inline:
+            body, self._held = b"".join(self._held), []
+            self._send_head(body, end=True)
+        elif self._outbound is not None:
+            self._outbound.finish()
+        if self._response is not None:
+            self._start_response()
+
+    def _client_gone(self, reason: Failure) -> None:
+        if self.state != "done":
+            self.bridge.metrics.aborted.labels("client-gone").inc()
+            self._cancel_upstream("client disconnected")
+            self._done("client-gone")
+
+    # IPushProducer for the client response
+
+    def pauseProducing(self) -> None:
+        if self._inbound is not None:
+            self._inbound.pause()
+
+    def resumeProducing(self) -> None:
+        if self._inbound is not None:
+            self._inbound.resume()
+
+    def stopProducing(self) -> None:
+        self._client_gone(Failure(ConnectionError("client stopped reading")))
+
+    # toward the proxy
+
+    def _send_head(self, body: bytes, end: bool) -> None:
+        candidates = self.bridge.candidates(self.proxy)
+        if not candidates:
+            self._fail(ProxyUnavailable(), notify=False)
+            return
+        entry = candidates[0]
+        self.instance = entry.session.instance
+        self.state = "sent"
+        payload = self.head.encode(body)
+        if len(payload) + OVERHEAD > entry.session.frame_size:
+            self._fail(RequestError("ppbridge: request headers too large for one frame"), notify=False)
+            return
+        self._arm(self.bridge.settings.request_timeout)
+        d = self.bridge.node.send(entry, self.bridge.data_channel(entry), MsgType.REQ_HEAD, self.id, 0, payload,
+                                  FLAG_END if end else 0)
+        d.addCallbacks(self._head_published, self._publish_failed, callbackArgs=(body, end))
+        if not end:
+            self._outbound = Outbound(entry.session.peer_window, entry.session.frame_size - OVERHEAD,
+                                      self._send_frame, self.request.transport.pauseProducing,
+                                      self.request.transport.resumeProducing)
+
+    def _head_published(self, receivers: int, body: bytes, end: bool) -> None:
+        if receivers or self.state != "sent" or self.instance is None:
+            return
+        self.bridge.evict(self.instance, "PUBLISH reached no subscriber")
+        if self._outbound is None or self._outbound.sent_bytes == 0:
+            self._outbound = None
+            self._send_head(body, end)  # nothing reached the dead instance: try the next one
+        else:
+            self._fail(ProxyUnavailable(), notify=False)
+
+    def _publish_failed(self, failure: Failure) -> None:
+        self._fail(BusUnavailable() if failure.check(BusUnavailable) else BusLost(), notify=False)
+
+    def _current(self) -> KeyEntry | None:
+        return self.bridge.keyring.current(self.instance) if self.instance is not None else None
+
+    def _send(self, mtype: MsgType, seq: int, payload: bytes, flags: int = 0) -> None:
+        entry = self._current()
+        if entry is None:
+            self._fail(ProxyUnavailable("ppbridge: the proxy went away mid-request"), notify=False)
+            return
+        d = self.bridge.node.send(entry, self.bridge.data_channel(entry), mtype, self.id, seq, payload, flags)
+        d.addErrback(lambda f: None)  # a lost link is handled by bus_lost()
+
+    def _send_frame(self, chunk: bytes, end: bool) -> None:
+        self.seq += 1
+        self._send(MsgType.REQ_DATA, self.seq, chunk, FLAG_END if end else 0)
+
+    def _send_window(self, increment: int) -> None:
+        self._send(MsgType.WINDOW, 0, encode_window(increment))
+
+    def _cancel_upstream(self, why: str) -> None:
+        if self.state in ("sent", "responding"):
+            self._send(MsgType.RESET, 0, encode_reset(CANCEL_CODE, why))
+
+    # from the proxy
+
+    def on_message(self, header: Header, payload: bytes) -> None:
+        """A verified message for this stream; stream-level violations abort it (and re-raise)."""
+        if self.state == "done":
+            return
+        try:
+            self._dispatch(header, payload)
+        except BusMessageError as err:
+            self.bridge.metrics.aborted.labels(err.reason).inc()
+            self._cancel_upstream("protocol error")
+            self._fail(ProtocolFailure(), notify=False)
+            raise
+
+    def _dispatch(self, header: Header, payload: bytes) -> None:
+        mtype = header.type
+        if mtype is MsgType.RESP_HEAD:
+            self._on_head(header, payload)
+        elif mtype is MsgType.RESP_DATA:
+            if self._inbound is None:
+                raise BusMessageError("unexpected-frame", "data before the response head")
+            self._inbound.check_seq(header.seq)
+            self._inbound.data(payload, header.end)
+            self.bridge.metrics.body_bytes.labels("down").inc(len(payload))
+            self._arm(self.bridge.settings.stream_idle_timeout)
+        elif mtype is MsgType.WINDOW:
+            if self._outbound is not None:
+                self._outbound.grant(decode_window(payload))
+            self._rearm()
+        elif mtype is MsgType.RESET:
+            code, message = decode_reset(payload)
+            error = RESET_CODES.get(code, RequestError)
+            self._fail(error(message or error.message), notify=False)
+        else:
+            raise BusMessageError("unexpected-type", f"{mtype.name} on a reply channel")
+
+    def _on_head(self, header: Header, payload: bytes) -> None:
+        if self.state != "sent" or header.seq != 0:
+            raise BusMessageError("unexpected-head", "response head out of place")
+        head, body = ResponseHead.decode(payload)
+        self.state = "responding"
+        self._response = head
+        self._inbound = Inbound(self.bridge.settings.window, self._send_window)
+        self._inbound.data(body, header.end)
+        self.bridge.metrics.body_bytes.labels("down").inc(len(body))
+        self._arm(self.bridge.settings.stream_idle_timeout)
+        if self.rendered:
+            self._start_response()
+
+    def _start_response(self) -> None:
+        head, inbound, request = self._response, self._inbound, self.request
+        if head is None or inbound is None or request.startedWriting:
+            return
+        request.setResponseCode(head.status, head.reason or None)
+        request.responseHeaders = Headers()
+        for name, value in end_to_end(head.headers):
+            request.responseHeaders.addRawHeader(name, value)
+        request.registerProducer(self, True)
+        inbound.attach(request.write, self._finish_ok)
+
+    def _finish_ok(self) -> None:
+        if self.state == "done":
+            return
+        self.request.unregisterProducer()
+        self.request.finish()
+        self._done(str(self._response.status if self._response else "ok"))
+
+    # ends
+
+    def bus_lost(self) -> None:
+        self._fail(BusLost(), notify=False)
+
+    def shutdown(self) -> None:
+        self._cancel_upstream("forwarder stopping")
+        self._fail(ProxyUnavailable("ppbridge: the forwarder is shutting down"), notify=False)
+
+    def _rearm(self) -> None:
+        if self.state == "sent":
+            self._arm(self.bridge.settings.request_timeout)
+
+    def _arm(self, seconds: float) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(seconds)
+        else:
+            self._timer = self.bridge.clock.callLater(seconds, self._timed_out)
+
+    def _timed_out(self) -> None:
+        if self.state == "sent":
+            self._cancel_upstream("forwarder timed out")
+            self._fail(GatewayTimeout(), notify=False)
+        elif self.state == "responding":
+            self.bridge.metrics.aborted.labels("idle-timeout").inc()
+            self._cancel_upstream("stream idle")
+            self._fail(GatewayTimeout("ppbridge: the response stalled"), notify=False)
+
+    def _fail(self, err: RequestError, notify: bool) -> None:
+        """End the stream with ``err``: an error answer if nothing was answered yet, else an abort."""
+        if self.state == "done":
+            return
+        if notify:
+            self._cancel_upstream(err.cause)
+        request = self.request
+        if request.startedWriting:
+            log.warn("aborting a response to the client: {cause}", cause=err.cause)
+            request.transport.abortConnection()
+        elif self.rendered:
+            render_error(request, err)
+        else:
+            refuse_early(request, err)
+        self._done(err.cause)
+
+    def _done(self, outcome: str) -> None:
+        if self.state == "done":
+            return
+        self.state = "done"
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self.bridge.streams.pop(self.id, None)
+        self.bridge.metrics.active_streams.dec()
+        self.bridge.metrics.requests.labels(self.proxy, outcome).inc()
+
+
+def _request_line(request: Request) -> tuple[bytes, bytes]:
+    """Method and URI of a request whose body is still arriving.
+
+    twisted.web sets ``request.method``/``uri`` only once the body is complete; until then
+    they sit on the channel (``HTTPChannel._command``/``_path``, private). This is the one
+    place that reads them.
+    """
+    channel = request.channel
+    return channel._command, channel._path
+
+
+class BridgeRequest(Request):
+    """A twisted.web request that streams its body into a :class:`ClientStream`."""
+
+    stream: ClientStream | None = None
+    early_error: RequestError | None = None
+    refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = io.BytesIO()  # never filled: the body streams to the proxy
+        self.defaultContentType = None  # an upstream response without Content-Type stays so
+        bridge: ForwarderService = self.channel.site.bridge
+        method, uri = _request_line(self)
+        try:
+            self.stream = ClientStream.open(bridge, self, method, uri, length)
+        except RequestError as err:
+            self.early_error = err
+            bridge.metrics.requests.labels("-", err.cause).inc()
+            if isinstance(err, BodyTooLarge) or (length is None or length > INLINE_MAX):
+                refuse_early(self, err)  # don't read a body only to throw it away
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.stream is not None:
+            self.stream.client_data(data)
+
+
+class BridgeResource(Resource):
+    """Every path: the stream started in ``gotLength`` now has the whole body."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> Any:
+        if request.refused:
+            return NOT_DONE_YET
+        if request.early_error is not None:
+            render_error(request, request.early_error)
+        elif request.stream is not None:
+            request.stream.body_done()
+        return NOT_DONE_YET
+
+
+class BridgeSite(Site):
+    """The forwarder's public site; no access log (paths can be sensitive, and it costs)."""
+
+    def __init__(self, bridge: ForwarderService, timeout: float = 60.0) -> None:
+        super().__init__(BridgeResource(), requestFactory=BridgeRequest, timeout=timeout,
+                         parsePOSTFormSubmission=False)
+        self.bridge = bridge
+
+    def log(self, request: Request) -> None:
+        return None
