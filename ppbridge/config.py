@@ -68,7 +68,7 @@ class ForwarderSettings:
 
     source: Path
     redis: RedisSettings
-    listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
+    listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1:backlog=1024",)
     signing_key: RSAPrivateKey = field(repr=False)
     signing_key_path: Path
     request_timeout: float = 30.0

@@ -26,6 +26,7 @@ from ppbridge.metrics import Metrics
 from ppbridge.negotiation import ForwarderNegotiator
 from ppbridge.node import SessionNode
 from ppbridge.routing import Router
+from ppbridge.streams import RecentlyClosed
 from ppbridge.wire import ID_SIZE, OVERHEAD, MsgType
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class ForwarderService(MultiService):
         self.instances: dict[str, list[bytes]] = {r.name: [] for r in settings.proxies}
         self.last_error: dict[str, str] = {}
         self.streams: dict[bytes, ClientStream] = {}
+        self.closed = RecentlyClosed()
         self._waiters: dict[str, list[Deferred[None]]] = {}
         self._control = self.channels.forwarder_control(self.id)
         self._loops = [LoopingCall(self._announce), LoopingCall(self._tidy)]
@@ -160,6 +162,8 @@ class ForwarderService(MultiService):
         entry, header, plaintext = self.node.open(channel, data)
         stream = self.streams.get(header.stream_id)
         if stream is None:
+            if header.stream_id in self.closed:
+                return  # a frame that crossed the stream's end: expected, not hostile
             raise BusMessageError("unknown-stream", "reply for a stream that is over")
         if stream.reply_channel != channel or stream.instance != entry.session.instance:
             raise BusMessageError("wrong-stream", "reply from another proxy or on another channel")

@@ -28,6 +28,7 @@ from ppbridge.metrics import Metrics
 from ppbridge.negotiation import ANY_FORWARDER, ProxyNegotiator
 from ppbridge.node import SessionNode
 from ppbridge.rekey import RekeySchedule, make_policy
+from ppbridge.streams import RecentlyClosed
 from ppbridge.upstream import Upstream, UpstreamCall
 from ppbridge.wire import ID_SIZE, OVERHEAD, STREAM_ID_SIZE, MsgType, RequestHead
 
@@ -60,6 +61,7 @@ class ProxyService(MultiService):
                                  settings.upstream_connect_timeout, agent)
         self.data_channel = self.channels.proxy_data(settings.name, self.instance)
         self.calls: dict[tuple[bytes, bytes], UpstreamCall] = {}
+        self.closed = RecentlyClosed()
         self.last_error: str | None = None
         self._retry_at = 0.0
         self._retry_delay = RETRY_FIRST
@@ -164,7 +166,8 @@ class ProxyService(MultiService):
     def _on_announce(self, data: bytes) -> None:
         forwarder = self.negotiator.verify_announce(data, self.clock.seconds())
         known = self.keyring.current(forwarder) is not None
-        if not known and forwarder not in self.negotiator.pending_targets():
+        pending = self.negotiator.pending_targets()
+        if not known and forwarder not in pending and ANY_FORWARDER not in pending:
             log.info("forwarder {id} announced itself; negotiating a key", id=forwarder.hex())
             self._negotiate(forwarder)
 
@@ -197,6 +200,8 @@ class ProxyService(MultiService):
             return
         call = self.calls.get(key)
         if call is None:
+            if key in self.closed:
+                return  # a frame that crossed the stream's end: expected, not hostile
             raise BusMessageError("unknown-stream", f"{header.type.name} for a stream that is over")
         call.on_message(header, payload)
 
@@ -219,7 +224,9 @@ class ProxyService(MultiService):
         return entry.session.peer_window if entry is not None else self.settings.window
 
     def call_done(self, call: UpstreamCall) -> None:
-        if self.calls.pop((call.forwarder, call.stream_id), None) is not None:
+        key = (call.forwarder, call.stream_id)
+        if self.calls.pop(key, None) is not None:
+            self.closed.add(key)
             self.metrics.active_streams.dec()
 
     # admin

@@ -176,3 +176,25 @@ class Inbound:
         if due >= self.window // 2 and not self.ended:
             self.granted += due
             self._send_update(due)
+
+
+class RecentlyClosed:
+    """The last ``size`` stream ids that ended, so frames still in flight for them (a WINDOW
+    crossing the END frame, the rest of an upload the upstream did not wait for) are ignored
+    quietly instead of being reported as unknown streams."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._order: deque[object] = deque()
+        self._members: set[object] = set()
+
+    def add(self, key: object) -> None:
+        if key in self._members:
+            return
+        self._order.append(key)
+        self._members.add(key)
+        if len(self._order) > self._size:
+            self._members.discard(self._order.popleft())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._members

@@ -206,7 +206,9 @@ class UpstreamCall:
         self._finish()
         if self._transport is not None:
             self._transport.stopProducing()
-        elif self._request is not None and not self._request.called:
+        elif self._request is not None:
+            # No check of .called: a Deferred waiting on the Agent's inner Deferred reports
+            # called=True, and cancel() on one that really fired does nothing.
             self._request.cancel()
 
     # from the upstream

@@ -89,6 +89,7 @@ def refuse_early(request: BridgeRequest, err: RequestError) -> None:
     if request.refused:
         return
     request.refused = True
+    log.info("answering {status} ({cause}) before the request body was read", status=err.status, cause=err.cause)
     status, headers, body = error_response(err)
     lines = [b"HTTP/1.1 %d %s" % (status, err.cause.encode("ascii"))]
     lines += [name + b": " + value for name, value in headers]
@@ -345,6 +346,8 @@ class ClientStream:
             self._arm(self.bridge.settings.request_timeout)
 
     def _arm(self, seconds: float) -> None:
+        if self.state == "done":
+            return  # the message that re-arms may also have finished the stream
         if self._timer is not None and self._timer.active():
             self._timer.reset(seconds)
         else:
@@ -382,6 +385,7 @@ class ClientStream:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self.bridge.streams.pop(self.id, None)
+        self.bridge.closed.add(self.id)
         self.bridge.metrics.active_streams.dec()
         self.bridge.metrics.requests.labels(self.proxy, outcome).inc()
 

@@ -467,7 +467,7 @@ class DefaultTests(ConfigTestCase):
     def test_forwarder_defaults(self) -> None:
         """A minimal forwarder file gets the documented defaults."""
         s = self.forwarder()
-        self.assertEqual(s.listen, ("tcp:8080:interface=127.0.0.1",))
+        self.assertEqual(s.listen, ("tcp:8080:interface=127.0.0.1:backlog=1024",))
         self.assertEqual((s.request_timeout, s.stream_idle_timeout, s.max_body_size, s.frame_size, s.window),
                          (30.0, 300.0, 1 << 30, 262144, 1048576))
         self.assertEqual((s.announce_interval, s.max_clock_skew, s.key_grace, s.admin_listen),

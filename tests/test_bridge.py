@@ -1,0 +1,258 @@
+"""End to end through a real Redis and real HTTP: methods, concurrency, big bodies, routing,
+HTTP transparency and the errors ppbridge answers itself."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import time
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+from twisted.web.client import FileBodyProducer
+
+from ppbridge.sampleapp import GZIP_BODY, make_site, pattern_sha256
+from tests.support import Client, Stack, error_of, listen
+
+MiB = 1 << 20
+
+
+def echo(body: bytes) -> dict:
+    return json.loads(body)
+
+
+class Methods(TestCase):
+    @defer.inlineCallbacks
+    def test_every_method_reaches_the_upstream_unchanged(self):
+        """GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS and an extension method arrive at the
+        upstream as sent, with their query string and body, and their answers come back."""
+        stack = yield Stack(self).start()
+        client = Client(self)
+        for method in (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS", b"PROPFIND"):
+            body = b"payload of " + method if method not in (b"GET", b"OPTIONS") else None
+            response, data = yield client.fetch(method, stack.url + "/echo/x?q=%20a&b=1", body=body)
+            self.assertEqual(response.code, 200, method)
+            seen = echo(data)
+            self.assertEqual(seen["method"], method.decode())
+            self.assertEqual(seen["uri"], "/echo/x?q=%20a&b=1")
+            self.assertEqual(seen["body_sha256"], hashlib.sha256(body or b"").hexdigest())
+        response, data = yield client.fetch(b"HEAD", stack.url + "/bytes?n=1234&seed=3")
+        self.assertEqual((response.code, data), (200, b""))
+        self.assertEqual(response.headers.getRawHeaders(b"content-length"), [b"1234"])
+
+
+class Concurrency(TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_200_concurrent_requests_each_get_their_own_answer(self):
+        """200 requests in flight at once, uploads and downloads of mixed sizes (inline and
+        streamed), each get exactly their own body back."""
+        stack = yield Stack(self).start()
+        client = Client(self)
+        rng = random.Random(7)
+
+        @defer.inlineCallbacks
+        def one(i: int):  # type: ignore[no-untyped-def]
+            size = rng.choice([0, 10, 1000, 70_000, 300_000, 1_500_000])
+            if i % 2:
+                body = rng.randbytes(size)
+                response, data = yield client.fetch(b"POST", f"{stack.url}/echo?i={i}", body=body)
+                seen = echo(data)
+                self.assertEqual((response.code, seen["uri"]), (200, f"/echo?i={i}"))
+                self.assertEqual(seen["body_sha256"], hashlib.sha256(body).hexdigest())
+            else:
+                response, digest, n = yield client.digest(f"{stack.url}/bytes?n={size}&seed={i}")
+                self.assertEqual((response.code, n, digest), (200, size, pattern_sha256(i, size)))
+
+        yield defer.gatherResults([one(i) for i in range(200)], consumeErrors=True)
+
+
+class BigBodies(TestCase):
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def test_64_mib_down_and_up_byte_exact(self):
+        """A 64 MiB download and a 64 MiB upload arrive byte-exact (hashes compared)."""
+        stack = yield Stack(self).start()
+        client = Client(self)
+        size = 64 * MiB
+        response, digest, n = yield client.digest(f"{stack.url}/bytes?n={size}&seed=11")
+        self.assertEqual((response.code, n, digest), (200, size, pattern_sha256(11, size)))
+        body = os.urandom(size)
+        response, data = yield client.fetch(b"PUT", stack.url + "/upload", body=body)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(echo(data), {"body_sha256": hashlib.sha256(body).hexdigest(), "body_length": size})
+
+    @defer.inlineCallbacks
+    def test_chunked_upload_and_chunked_download(self):
+        """Bodies without Content-Length (chunked both ways) stream through intact."""
+        stack = yield Stack(self).start()
+        client = Client(self)
+        body = os.urandom(3 * MiB + 17)
+        producer = FileBodyProducer(io.BytesIO(body))
+        producer.length = -1  # unknown: the client sends chunked
+        from twisted.web.iweb import UNKNOWN_LENGTH
+
+        producer.length = UNKNOWN_LENGTH
+        response, data = yield client.fetch(b"POST", stack.url + "/upload", body=producer)
+        self.assertEqual(echo(data)["body_sha256"], hashlib.sha256(body).hexdigest())
+        response, digest, n = yield client.digest(f"{stack.url}/bytes?n={5 * MiB}&seed=2&chunked=1")
+        self.assertEqual((n, digest), (5 * MiB, pattern_sha256(2, 5 * MiB)))
+        self.assertIsNone(response.headers.getRawHeaders(b"content-length"))
+
+
+class Routing(TestCase):
+    @defer.inlineCallbacks
+    def test_two_proxies_by_prefix_and_by_host(self):
+        """Two proxies with their own keys and upstreams: one routed by path prefix (which is
+        stripped), one by Host; each request reaches the right upstream."""
+        site_b, app_b = make_site()
+        upstream_b = yield listen(self, site_b)
+        stack = yield Stack(self).start(
+            routes={"alpha": {"path_prefix": "/a"}, "beta": {"hosts": ["beta.test"]}},
+            upstreams={"beta": upstream_b},
+        )
+        client = Client(self)
+        response, data = yield client.fetch(b"GET", stack.url + "/a/echo?via=prefix")
+        self.assertEqual(echo(data)["uri"], "/echo?via=prefix")
+        response, data = yield client.fetch(b"GET", stack.url + "/echo?via=host", {b"Host": [b"beta.test"]})
+        self.assertEqual(echo(data)["uri"], "/echo?via=host")
+        self.assertEqual((stack.app.hits["/echo"], app_b.hits["/echo"]), (1, 1))
+        fp_a = stack.proxies["alpha"].keyring.current(stack.forwarder.id).session.envelope.fingerprint
+        fp_b = stack.proxies["beta"].keyring.current(stack.forwarder.id).session.envelope.fingerprint
+        self.assertNotEqual(fp_a, fp_b)
+
+
+class Transparency(TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.stack = yield Stack(self).start()
+        self.client = Client(self)
+
+    @defer.inlineCallbacks
+    def test_status_reason_and_repeated_headers_pass_through(self):
+        """Status codes and reasons come back as the upstream sent them; two Set-Cookie
+        headers stay two; no body is added to a 204."""
+        response, _ = yield self.client.fetch(b"GET", self.stack.url + "/cookies")
+        self.assertEqual(response.headers.getRawHeaders(b"set-cookie"), [b"a=1; Path=/", b"b=2; Path=/"])
+        self.assertEqual(response.headers.getRawHeaders(b"x-mixed-case"), [b"v"])
+        for code in (201, 204, 404, 418, 500, 503):
+            response, data = yield self.client.fetch(b"GET", self.stack.url + f"/status/{code}")
+            self.assertEqual(response.code, code)
+            self.assertEqual(response.headers.getRawHeaders(b"x-sample"), [b"yes"])
+            self.assertIsNone(error_of(response))
+        self.assertEqual(data, b"503 Service Unavailable\n")
+
+    @defer.inlineCallbacks
+    def test_binary_body_and_query_byte_exact(self):
+        """Every byte value survives in both directions, and an odd query string is kept."""
+        body = bytes(range(256)) * 64
+        response, data = yield self.client.fetch(b"POST", self.stack.url + "/echo?a=%00%ff&a=2&&x", body=body)
+        seen = echo(data)
+        self.assertEqual(seen["uri"], "/echo?a=%00%ff&a=2&&x")
+        self.assertEqual(seen["body_sha256"], hashlib.sha256(body).hexdigest())
+
+    @defer.inlineCallbacks
+    def test_hop_by_hop_removed_and_forwarded_headers_set(self):
+        """Hop-by-hop headers (and those named in Connection) are not passed on; the
+        upstream sees X-Forwarded-For/-Host/-Proto and its own Host."""
+        headers = {b"Connection": [b"X-Drop-Me"], b"X-Drop-Me": [b"1"], b"Proxy-Authorization": [b"x"],
+                   b"X-Forwarded-For": [b"10.0.0.9"], b"Host": [b"public.example"], b"X-Keep": [b"k"]}
+        response, data = yield self.client.fetch(b"GET", self.stack.url + "/echo", headers)
+        seen = {name.lower(): value for name, value in echo(data)["headers"]}
+        self.assertNotIn("x-drop-me", seen)
+        self.assertNotIn("proxy-authorization", seen)
+        self.assertEqual(seen["x-keep"], "k")
+        self.assertEqual(seen["x-forwarded-for"], "10.0.0.9, 127.0.0.1")
+        self.assertEqual(seen["x-forwarded-host"], "public.example")
+        self.assertEqual(seen["x-forwarded-proto"], "http")
+        self.assertEqual(seen["host"], self.stack.upstream.removeprefix("http://"))
+
+    @defer.inlineCallbacks
+    def test_content_encoding_untouched_and_nothing_added(self):
+        """A gzip body comes back compressed and unchanged; the proxy adds no Accept-Encoding
+        upstream and keeps no cookie jar between clients."""
+        response, data = yield self.client.fetch(b"GET", self.stack.url + "/gzip")
+        self.assertEqual(response.headers.getRawHeaders(b"content-encoding"), [b"gzip"])
+        self.assertEqual(data, GZIP_BODY)
+        yield self.client.fetch(b"GET", self.stack.url + "/cookies")
+        response, data = yield self.client.fetch(b"GET", self.stack.url + "/echo")
+        names = {name.lower() for name, _ in echo(data)["headers"]}
+        self.assertNotIn("accept-encoding", names)
+        self.assertNotIn("cookie", names)
+
+    @defer.inlineCallbacks
+    def test_redirects_are_passed_back_not_followed(self):
+        """A 302 reaches the client with its Location; the proxy does not follow it."""
+        response, _ = yield self.client.fetch(b"GET", self.stack.url + "/redirect")
+        self.assertEqual(response.code, 302)
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"/echo"])
+        self.assertEqual(self.stack.app.hits["/echo"], 0)
+
+
+class Errors(TestCase):
+    """Each failure is answered at once with its own status and X-PPBridge-Error cause."""
+
+    @defer.inlineCallbacks
+    def test_no_route_is_404(self):
+        """A path no proxy is routed for gets 404 no-route."""
+        stack = yield Stack(self).start(routes={"alpha": {"path_prefix": "/a"}})
+        response, data = yield Client(self).fetch(b"GET", stack.url + "/elsewhere")
+        self.assertEqual((response.code, error_of(response)), (404, b"no-route"))
+        self.assertIn(b"no proxy", data)
+
+    @defer.inlineCallbacks
+    def test_proxy_not_running_is_503_at_once(self):
+        """A configured proxy that never connected gets 503 proxy-unavailable without waiting
+        for any timeout."""
+        stack = yield Stack(self).start(routes={"alpha": {"path_prefix": "/a"}, "ghost": {"path_prefix": "/g"}},
+                                        forwarder={"request_timeout": 60.0}, without=("ghost",))
+        started = time.monotonic()
+        response, _ = yield Client(self).fetch(b"GET", stack.url + "/g/echo")
+        self.assertEqual((response.code, error_of(response)), (503, b"proxy-unavailable"))
+        self.assertLess(time.monotonic() - started, 30)
+
+    @defer.inlineCallbacks
+    def test_proxy_gone_is_503_from_publish_count(self):
+        """A proxy that held a key and then stopped gets 503 at once: PUBLISH reached nobody."""
+        stack = yield Stack(self).start(forwarder={"request_timeout": 60.0})
+        yield stack.proxies["alpha"].stopService()
+        started = time.monotonic()
+        response, _ = yield Client(self).fetch(b"GET", stack.url + "/echo")
+        self.assertEqual((response.code, error_of(response)), (503, b"proxy-unavailable"))
+        self.assertLess(time.monotonic() - started, 30)
+
+    @defer.inlineCallbacks
+    def test_upstream_refused_is_502(self):
+        """An upstream that refuses connections gets 502 upstream-unreachable."""
+        from ppbridge.redis_server import free_port
+
+        stack = yield Stack(self).start(upstreams={"alpha": f"http://127.0.0.1:{free_port()}"})
+        response, data = yield Client(self).fetch(b"GET", stack.url + "/anything")
+        self.assertEqual((response.code, error_of(response)), (502, b"upstream-unreachable"))
+        self.assertIn(b"refused", data)
+
+    @defer.inlineCallbacks
+    def test_no_answer_in_time_is_504(self):
+        """An upstream that never answers gets 504 timeout after request_timeout, and the
+        proxy's upstream call is cancelled (the upstream sees the disconnect)."""
+        stack = yield Stack(self).start(forwarder={"request_timeout": 1.0})
+        gone = defer.Deferred()
+        stack.app.on_disconnect.append(lambda path: gone.callback(path) if not gone.called else None)
+        response, _ = yield Client(self).fetch(b"GET", stack.url + "/hang")
+        self.assertEqual((response.code, error_of(response)), (504, b"timeout"))
+        path = yield gone.addTimeout(10, reactor)
+        self.assertEqual(path, "/hang")
+
+    @defer.inlineCallbacks
+    def test_declared_body_over_limit_is_413_before_upload(self):
+        """A Content-Length over max_body_size is answered 413 without the body being read
+        or anything reaching the upstream."""
+        stack = yield Stack(self).start(forwarder={"max_body_size": 1000})
+        response, _ = yield Client(self).fetch(b"POST", stack.url + "/upload", body=b"x" * 5000)
+        self.assertEqual((response.code, error_of(response)), (413, b"body-too-large"))
+        self.assertEqual(stack.app.hits["/upload"], 0)
