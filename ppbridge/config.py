@@ -24,12 +24,13 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
 from ppbridge import keys
+from ppbridge.wire import NAME_RE
 from ppbridge.errors import ConfigError, KeyFileError
 
 MIN_FRAME_SIZE = 65536
 MAX_FRAME_SIZE = 1048576
 MAX_WINDOW = 8388608
-NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
+NAME_PATTERN = NAME_RE
 NAMESPACE_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
 
 _HOST_RE = re.compile(r"(?:[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?")

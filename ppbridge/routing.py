@@ -36,8 +36,11 @@ def origin_form(uri: bytes) -> bytes | None:
         return uri
     for scheme in (b"http://", b"https://"):
         if uri[: len(scheme)].lower() == scheme:
-            slash = uri.find(b"/", len(scheme))
-            return uri[slash:] if slash >= 0 else b"/"
+            rest = uri[len(scheme) :]
+            ends = [i for i in (rest.find(b"/"), rest.find(b"?"), rest.find(b"#")) if i >= 0]
+            tail = rest[min(ends) :] if ends else b""  # the authority ends at / ? or #
+            tail = tail.split(b"#", 1)[0]
+            return tail if tail.startswith(b"/") else b"/" + tail
     return None
 
 

@@ -70,8 +70,9 @@ MAX_HEADER_VALUE = 65536
 MAX_CHANNEL = 256
 MAX_REASON = 1024
 
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"  # proxy names, also checked by config
+NAME_PATTERN = re.compile(NAME_RE)  # always fullmatch()
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +234,7 @@ def _read_headers(r: Reader) -> HeaderList:
     headers = []
     for _ in range(count):
         name = r.blob16(MAX_HEADER_NAME)
-        if not _TOKEN.match(name):
+        if not _TOKEN.fullmatch(name):
             raise BusMessageError("malformed", "bad header name")
         value = r.blob32(MAX_HEADER_VALUE)
         if b"\r" in value or b"\n" in value or b"\0" in value:
@@ -271,7 +272,7 @@ class RequestHead:
         r = Reader(data)
         reply = r.blob16(MAX_CHANNEL)
         method = r.blob16(MAX_METHOD)
-        if not _TOKEN.match(method):
+        if not _TOKEN.fullmatch(method):
             raise BusMessageError("malformed", "bad method")
         target = r.blob32(MAX_TARGET)
         if not target.startswith(b"/") or any(c <= 0x20 or c == 0x7F for c in target):
@@ -342,7 +343,7 @@ def _check_name(name: bytes) -> str:
         text = name.decode("ascii")
     except UnicodeDecodeError:
         raise BusMessageError("malformed", "name is not ASCII") from None
-    if not NAME_PATTERN.match(text):
+    if not NAME_PATTERN.fullmatch(text):
         raise BusMessageError("malformed", "bad proxy name")
     return text
 
