@@ -27,11 +27,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ppbridge.config import RedisSettings
 from ppbridge.errors import BusUnavailable
+from ppbridge.timers import Periodic
 
 log = Logger()
 
@@ -62,9 +63,18 @@ class Bus(Protocol):
 
     def psubscribe(self, pattern: bytes) -> Deferred[None]: ...
 
+    def numsub(self, channels: list[bytes]) -> Deferred[dict[bytes, int]]: ...
+
 
 def _ignore(*args: object) -> None:
     return None
+
+
+def _as_unavailable(failure: Failure) -> Failure:
+    """txredisapi's ConnectionError (link lost mid-command) as our BusUnavailable."""
+    if failure.check(txredisapi.ConnectionError):
+        return Failure(BusUnavailable(f"ppbridge: Redis connection lost ({failure.getErrorMessage()})"))
+    return failure
 
 
 # --- Redis --------------------------------------------------------------------------------
@@ -109,9 +119,13 @@ class _Subscriber(txredisapi.SubscriberProtocol):
 
     @defer.inlineCallbacks
     def connectionMade(self):  # type: ignore[no-untyped-def]
-        yield super().connectionMade()  # AUTH and SELECT
-        if self.connected and self._ready:
-            yield self.factory.bus._subscriber_up(self)
+        # Twisted ignores what connectionMade returns, so nothing may escape from here.
+        try:
+            yield super().connectionMade()  # AUTH and SELECT
+            if self.connected and self._ready:
+                yield self.factory.bus._subscriber_up(self)
+        except Exception as err:
+            log.info("Redis subscriber connection failed while starting: {err}", err=err)
 
     def messageReceived(self, pattern: bytes | None, channel: bytes, message: bytes) -> None:
         self.factory.bus.on_message(channel, message)
@@ -145,8 +159,7 @@ class RedisBus:
         self._sub: _Subscriber | None = None
         self._pub_factory: _PublisherFactory | None = None
         self._sub_factory: _SubscriberFactory | None = None
-        self._watchdog = LoopingCall(self._watch)
-        self._watchdog.clock = clock
+        self._watchdog = Periodic(clock, HEALTH_INTERVAL, self._watch, "Redis watchdog")
         self._running = False
         self._was_connected = False
 
@@ -164,9 +177,7 @@ class RedisBus:
         self._running = True
         self._pub_factory = self._connect(_PublisherFactory(self))
         self._sub_factory = self._connect(_SubscriberFactory(self))
-        self._watchdog.start(HEALTH_INTERVAL, now=False).addErrback(
-            lambda f: log.failure("Redis watchdog stopped", f)
-        )
+        self._watchdog.start()
 
     def _connect(self, factory: txredisapi.RedisFactory) -> txredisapi.RedisFactory:
         _binary_safe(factory, self.settings)
@@ -175,8 +186,7 @@ class RedisBus:
 
     def stop(self) -> Deferred[None]:
         self._running = False
-        if self._watchdog.running:
-            self._watchdog.stop()
+        self._watchdog.stop()
         factories = [f for f in (self._pub_factory, self._sub_factory) if f is not None]
         return defer.gatherResults([f.disconnect() for f in factories], consumeErrors=True).addBoth(_ignore)
 
@@ -258,14 +268,23 @@ class RedisBus:
         pub = self._pub
         if pub is None or not pub.connected:
             return defer.fail(BusUnavailable())
-        return pub.execute_command(b"PUBLISH", channel, message)
+        return pub.execute_command(b"PUBLISH", channel, message).addErrback(_as_unavailable)
+
+    def numsub(self, channels: list[bytes]) -> Deferred[dict[bytes, int]]:
+        """PUBSUB NUMSUB: plain subscribers per channel (pattern subscribers don't count, so a
+        ``PSUBSCRIBE *`` onlooker cannot make a dead proxy look alive)."""
+        pub = self._pub
+        if pub is None or not pub.connected:
+            return defer.fail(BusUnavailable())
+        d = pub.execute_command(b"PUBSUB", b"NUMSUB", *channels).addErrback(_as_unavailable)
+        return d.addCallback(lambda r: {bytes(r[i]): int(r[i + 1]) for i in range(0, len(r), 2)})
 
     def _subscription(self, command: str, name: bytes) -> Deferred[None]:
         def run() -> Deferred[None] | None:
             sub = self._sub
             if sub is None or not sub.connected:
                 return None  # applied by _resubscribe on the next connection
-            return getattr(sub, command)([name]).addCallback(_ignore)
+            return getattr(sub, command)([name]).addCallbacks(_ignore, _as_unavailable)
 
         return self._lock.run(run)
 
@@ -360,6 +379,12 @@ class MemoryBus:
         if not self._connected:
             return defer.fail(BusUnavailable())
         return defer.succeed(self._broker.publish(channel, message))
+
+    def numsub(self, channels: list[bytes]) -> Deferred[dict[bytes, int]]:
+        if not self._connected:
+            return defer.fail(BusUnavailable())
+        live = [c for c in self._broker.clients if c.connected]
+        return defer.succeed({ch: sum(ch in c.channels for c in live) for ch in channels})
 
     def subscribe(self, channel: bytes) -> Deferred[None]:
         self.channels.add(channel)

@@ -14,7 +14,6 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ppbridge.bus import Bus
@@ -27,6 +26,7 @@ from ppbridge.negotiation import ForwarderNegotiator
 from ppbridge.node import SessionNode
 from ppbridge.routing import Router
 from ppbridge.streams import RecentlyClosed
+from ppbridge.timers import Periodic, log_failure
 from ppbridge.wire import ID_SIZE, OVERHEAD, MsgType
 
 if TYPE_CHECKING:
@@ -34,15 +34,7 @@ if TYPE_CHECKING:
 
 log = Logger()
 TIDY_INTERVAL = 1.0
-
-
-def log_failure(message: str) -> Any:
-    """An errback that logs and swallows, so a timer or a fire-and-forget never dies silently."""
-
-    def errback(failure: Any) -> None:
-        log.failure(message, failure)
-
-    return errback
+LIVENESS_MISSES = 2
 
 
 class ForwarderService(MultiService):
@@ -67,11 +59,13 @@ class ForwarderService(MultiService):
         self.last_error: dict[str, str] = {}
         self.streams: dict[bytes, ClientStream] = {}
         self.closed = RecentlyClosed()
+        self._misses: dict[bytes, int] = {}
         self._waiters: dict[str, list[Deferred[None]]] = {}
         self._control = self.channels.forwarder_control(self.id)
-        self._loops = [LoopingCall(self._announce), LoopingCall(self._tidy)]
-        for loop in self._loops:
-            loop.clock = clock
+        self._loops = [
+            Periodic(clock, settings.announce_interval, self._announce, "announcing"),
+            Periodic(clock, TIDY_INTERVAL, self._tidy, "housekeeping"),
+        ]
 
     # lifecycle
 
@@ -82,15 +76,13 @@ class ForwarderService(MultiService):
         self.bus.subscribe(self.channels.negotiate).addErrback(log_failure("subscribing failed"))
         self.bus.psubscribe(self.channels.forwarder_pattern(self.id)).addErrback(log_failure("subscribing failed"))
         self.bus.start()
-        announce, tidy = self._loops
-        announce.start(self.settings.announce_interval, now=False).addErrback(log_failure("announcer stopped"))
-        tidy.start(TIDY_INTERVAL, now=False).addErrback(log_failure("housekeeping stopped"))
+        for loop in self._loops:
+            loop.start()
         log.info("forwarder {id} serving proxies {names}", id=self.id.hex(), names=", ".join(self.instances))
 
     def stopService(self) -> Deferred[None]:
         for loop in self._loops:
-            if loop.running:
-                loop.stop()
+            loop.stop()
         for stream in list(self.streams.values()):
             stream.shutdown()
         d = defer.maybeDeferred(super().stopService)
@@ -109,10 +101,35 @@ class ForwarderService(MultiService):
             message = self.negotiator.announce(self.clock.seconds())
             self.bus.publish(self.channels.announce, message).addErrback(log_failure("announcing failed"))
 
-    def _tidy(self) -> None:
+    def _tidy(self) -> Deferred[None] | None:
         self.keyring.expire(self.clock.seconds())
         for name, instances in self.instances.items():
             instances[:] = [i for i in instances if self.keyring.current(i) is not None]
+        return self._check_liveness()
+
+    def _check_liveness(self) -> Deferred[None] | None:
+        """Evict proxy instances whose data channel has had no subscriber for a while.
+
+        PUBLISH counts reaching no one evict at once; this finds a restarted proxy's old
+        instance before a request is sent there. Two misses in a row are needed, so a proxy
+        that is resubscribing is not evicted (and it renegotiates after reconnecting anyway).
+        """
+        entries = {i: self.keyring.current(i) for names in self.instances.values() for i in names}
+        channels = {self.data_channel(e): i for i, e in entries.items() if e is not None}
+        if not channels or not self.bus.connected:
+            return None
+
+        def check(counts: dict[bytes, int]) -> None:
+            for channel, instance in channels.items():
+                if counts.get(channel, 1):
+                    self._misses.pop(instance, None)
+                    continue
+                self._misses[instance] = self._misses.get(instance, 0) + 1
+                if self._misses[instance] >= LIVENESS_MISSES:
+                    del self._misses[instance]
+                    self.evict(instance, "its data channel has no subscriber")
+
+        return self.bus.numsub(list(channels)).addCallback(check)
 
     # bus input
 

@@ -46,7 +46,7 @@ LABEL_GRANT = b"ppbridge v1 key-grant\0"
 LABEL_ANNOUNCE = b"ppbridge v1 announce\0"
 ANY_FORWARDER = bytes(ID_SIZE)
 SECRET_SIZE = 32
-PENDING_LIFETIME = 30.0
+PENDING_LIFETIME = 10.0
 
 
 def _raw_public(key: X25519PrivateKey) -> bytes:

@@ -60,6 +60,7 @@ class SessionNode:
         self.clock = clock
         self.metrics = metrics
         self.max_message = max_message
+        self.messages = 0  # sealed + opened, for the traffic-driven rekey period
         self.drop: Callable[[BusMessageError, bytes], None] = DropLog(metrics, clock, side)
 
     def open(self, channel: bytes, data: bytes) -> tuple[KeyEntry, Header, bytes]:
@@ -71,6 +72,7 @@ class SessionNode:
         if entry is None:
             raise BusMessageError("unknown-key", header.key_id.hex())
         plaintext = entry.session.envelope.open(header, data, channel)
+        self.messages += 1
         self.metrics.opened.inc()
         return entry, header, plaintext
 
@@ -80,5 +82,6 @@ class SessionNode:
         if len(payload) + OVERHEAD > entry.session.frame_size:
             raise ValueError("message over the agreed frame size")
         message = entry.session.envelope.seal(mtype, stream_id, seq, channel, payload, flags)
+        self.messages += 1
         self.metrics.sealed.inc()
         return self.bus.publish(channel, message)

@@ -14,7 +14,6 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.iweb import IAgent
 
@@ -22,13 +21,13 @@ from ppbridge.bus import Bus
 from ppbridge.channels import Channels
 from ppbridge.config import ProxySettings
 from ppbridge.errors import BusMessageError
-from ppbridge.forwarder import log_failure
 from ppbridge.keyring import Keyring
 from ppbridge.metrics import Metrics
 from ppbridge.negotiation import ANY_FORWARDER, ProxyNegotiator
 from ppbridge.node import SessionNode
 from ppbridge.rekey import RekeySchedule, make_policy
 from ppbridge.streams import RecentlyClosed
+from ppbridge.timers import Periodic, log_failure
 from ppbridge.upstream import Upstream, UpstreamCall
 from ppbridge.wire import ID_SIZE, OVERHEAD, STREAM_ID_SIZE, MsgType, RequestHead
 
@@ -65,8 +64,7 @@ class ProxyService(MultiService):
         self.last_error: str | None = None
         self._retry_at = 0.0
         self._retry_delay = RETRY_FIRST
-        self._tick = LoopingCall(self._on_tick)
-        self._tick.clock = clock
+        self._tick = Periodic(clock, TICK, self._on_tick, "negotiation and rekey timer")
 
     # lifecycle
 
@@ -77,13 +75,12 @@ class ProxyService(MultiService):
         for channel in (self.data_channel, self.channels.announce):
             self.bus.subscribe(channel).addErrback(log_failure("subscribing failed"))
         self.bus.start()
-        self._tick.start(TICK, now=False).addErrback(log_failure("proxy timer stopped"))
+        self._tick.start()
         log.info("proxy {name} (instance {instance}) calling {upstream}", name=self.settings.name,
                  instance=self.instance.hex(), upstream=self.settings.upstream)
 
     def stopService(self) -> Deferred[None]:
-        if self._tick.running:
-            self._tick.stop()
+        self._tick.stop()
         for call in list(self.calls.values()):
             call.cancel("proxy stopping")
         d = defer.maybeDeferred(super().stopService)
@@ -93,8 +90,9 @@ class ProxyService(MultiService):
     def _on_state(self, up: bool) -> None:
         self.metrics.redis_up.set(1 if up else 0)
         if up:
-            if not self.keyring.peers():
-                self._negotiate(ANY_FORWARDER)
+            # Renegotiate after every (re)connection: while we were away a forwarder may
+            # have dropped us (it evicts instances it cannot reach) or restarted.
+            self._negotiate(ANY_FORWARDER)
         else:
             for call in list(self.calls.values()):
                 call.cancel("lost the Redis connection")
@@ -106,7 +104,7 @@ class ProxyService(MultiService):
         for channel in self.negotiator.expire(now):
             self.bus.unsubscribe(channel).addErrback(log_failure("unsubscribing failed"))
         self.keyring.expire(now)
-        self.schedule.policy.observe(now, self.metrics_total())
+        self.schedule.policy.observe(now, self.node.messages)
         if not self.keyring.peers():
             if now >= self._retry_at:
                 self._negotiate(ANY_FORWARDER)
@@ -115,10 +113,6 @@ class ProxyService(MultiService):
         if reason is not None and ANY_FORWARDER not in self.negotiator.pending_targets():
             log.debug("rekeying ({reason})", reason=reason)
             self._negotiate(ANY_FORWARDER)
-
-    def metrics_total(self) -> int:
-        """Session messages sealed and opened by this process so far."""
-        return int(self.metrics.sealed._value.get() + self.metrics.opened._value.get())
 
     def _messages_on_current(self) -> int:
         entries = [self.keyring.current(p) for p in self.keyring.peers()]
@@ -166,8 +160,9 @@ class ProxyService(MultiService):
     def _on_announce(self, data: bytes) -> None:
         forwarder = self.negotiator.verify_announce(data, self.clock.seconds())
         known = self.keyring.current(forwarder) is not None
-        pending = self.negotiator.pending_targets()
-        if not known and forwarder not in pending and ANY_FORWARDER not in pending:
+        # A broadcast request still pending may predate this forwarder, so only a request
+        # addressed to it counts (at worst one spare key when both arrive).
+        if not known and forwarder not in self.negotiator.pending_targets():
             log.info("forwarder {id} announced itself; negotiating a key", id=forwarder.hex())
             self._negotiate(forwarder)
 

@@ -1,0 +1,61 @@
+"""Periodic jobs that never die, and errbacks that never drop a failure silently.
+
+A bare ``LoopingCall`` stops for good the first time its function raises; every periodic job
+of ppbridge (announcements, negotiation retries, rekeying, expiry, Redis health checks) runs
+through :class:`Periodic`, which logs a failed tick and keeps the timer going.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ppbridge.errors import BusUnavailable
+
+log = Logger()
+
+
+def log_failure(message: str) -> Callable[[Failure], None]:
+    """An errback that logs ``message`` and swallows the failure.
+
+    A lost Redis link is an expected event (it reconnects by itself): one warning line.
+    Anything else is a bug and is logged with its traceback.
+    """
+
+    def errback(failure: Failure) -> None:
+        if failure.check(BusUnavailable, CancelledError):
+            log.warn("{message}: {error}", message=message, error=failure.getErrorMessage())
+        else:
+            log.failure(message, failure)
+
+    return errback
+
+
+class Periodic:
+    """Runs ``job`` every ``interval`` seconds on ``clock``; a failing tick is logged only."""
+
+    def __init__(self, clock: IReactorTime, interval: float, job: Callable[[], Any], name: str) -> None:
+        self.interval = interval
+        self.name = name
+        self._job = job
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = clock
+
+    def _tick(self) -> Deferred[Any]:
+        return maybeDeferred(self._job).addErrback(log_failure(f"{self.name} failed; it runs again next tick"))
+
+    @property
+    def running(self) -> bool:
+        return self._loop.running
+
+    def start(self, now: bool = False) -> None:
+        self._loop.start(self.interval, now=now).addErrback(log_failure(f"{self.name} stopped"))
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
