@@ -225,22 +225,21 @@ class ForwarderService(MultiService):
         return self.channels.proxy_data(entry.session.proxy, entry.session.instance)
 
     def status(self) -> dict[str, Any]:
-        """The JSON document of ``GET /status``."""
+        """The JSON document of ``GET /status``: per proxy, its newest instance's key (by
+        fingerprint only) and every live instance."""
         now = self.clock.seconds()
         proxies = {}
         for name, instances in self.instances.items():
-            proxies[name] = {
-                "instances": [self._instance_status(i, now) for i in instances],
-                "last_error": self.last_error.get(name),
-            }
+            live = [self._instance_status(i, now) for i in instances]
+            newest = min(live, key=lambda s: s["key_age_s"], default={"key_fingerprint": None})
+            proxies[name] = {**newest, "instances": live, "last_error": self.last_error.get(name)}
         return {"forwarder": self.id.hex(), "redis_connected": self.bus.connected,
                 "streams": len(self.streams), "proxies": proxies}
 
     def _instance_status(self, instance: bytes, now: float) -> dict[str, Any]:
-        entry = self.keyring.current(instance)
-        stats = self.keyring.stats.get(instance)
+        entry, stats = self.keyring.current(instance), self.keyring.stats.get(instance)
         if entry is None or stats is None:
-            return {"instance": instance.hex(), "key_fingerprint": None}
+            return {"instance": instance.hex(), "key_fingerprint": None, "key_age_s": float("inf")}
         env = entry.session.envelope
         return {
             "instance": instance.hex(),
@@ -248,7 +247,7 @@ class ForwarderService(MultiService):
             "key_age_s": round(now - stats.current_since, 3),
             "messages": env.messages,
             "rotations": stats.rotations,
-            "period_s": stats.period,
+            "period_s": None if stats.period is None else round(stats.period, 3),
         }
 
     def healthy(self) -> bool:

@@ -227,23 +227,25 @@ class ProxyService(MultiService):
     # admin
 
     def status(self) -> dict[str, Any]:
-        """The JSON document of ``GET /status``."""
+        """The JSON document of ``GET /status``: this proxy's key with each forwarder, by
+        fingerprint only, and the rekey period in force."""
         now = self.clock.seconds()
         forwarders = {}
         for peer in self.keyring.peers():
             entry, stats = self.keyring.current(peer), self.keyring.stats.get(peer)
-            if entry is None or stats is None:
-                continue
-            forwarders[peer.hex()] = {
-                "key_fingerprint": entry.session.envelope.fingerprint,
-                "key_age_s": round(now - stats.current_since, 3),
-                "messages": entry.session.envelope.messages,
-                "rotations": stats.rotations,
-            }
+            if entry is not None and stats is not None:
+                forwarders[peer.hex()] = {
+                    "key_fingerprint": entry.session.envelope.fingerprint,
+                    "key_age_s": round(now - stats.current_since, 3),
+                    "messages": entry.session.envelope.messages,
+                    "rotations": stats.rotations,
+                }
+        newest = min(forwarders.values(), key=lambda f: f["key_age_s"], default={"key_fingerprint": None})
         return {
             "proxy": self.settings.name, "instance": self.instance.hex(), "redis_connected": self.bus.connected,
-            "period_s": round(self.schedule.policy.period(), 3), "streams": len(self.calls),
-            "last_error": self.last_error, "forwarders": forwarders,
+            **newest, "period_s": round(self.schedule.policy.period(), 3),
+            "rekey_mode": self.settings.rekey.mode, "streams": len(self.calls), "last_error": self.last_error,
+            "forwarders": forwarders,
         }
 
     def healthy(self) -> bool:
