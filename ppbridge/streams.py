@@ -18,6 +18,10 @@ from typing import Callable
 
 from ppbridge.errors import BusMessageError
 
+# A body of at most this size travels inside its head when both fit one frame: a small
+# request or response is then one bus message each way.
+INLINE_MAX = 64 * 1024
+
 
 class Outbound:
     """Sends one body as DATA frames within the credit the peer granted.

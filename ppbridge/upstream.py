@@ -37,7 +37,7 @@ from ppbridge.errors import (
     reset_code,
 )
 from ppbridge.httpheaders import end_to_end, upstream_request_headers
-from ppbridge.streams import Inbound, Outbound
+from ppbridge.streams import INLINE_MAX, Inbound, Outbound
 from ppbridge.wire import (
     FLAG_END,
     OVERHEAD,
@@ -55,7 +55,6 @@ if TYPE_CHECKING:
     from ppbridge.proxy import ProxyService
 
 log = Logger()
-INLINE_MAX = 64 * 1024  # a response body up to this size travels inside the response head
 POOL_SIZE = 64
 
 
@@ -272,14 +271,15 @@ class UpstreamCall:
             self._reset(UpstreamUnreachable("ppbridge: the upstream connection dropped mid-body"))
         elif self._buffer is not None:
             self._send_head(b"".join(self._buffer), end=True)
-            self._finish()
+            self._maybe_complete()
         elif self._outbound is not None:
             self._outbound.finish()
             self._maybe_complete()
 
     def _maybe_complete(self) -> None:
-        """Done once the END frame went out (it may wait for credit after the upstream ended)."""
-        if self._outbound is not None and self._outbound.finished:
+        """Done once the END went out (the last frames may wait for credit after the upstream
+        ended)."""
+        if self._outbound is None or self._outbound.finished:
             self._finish()
 
     # toward the forwarder
@@ -296,18 +296,26 @@ class UpstreamCall:
             self.cancel("the forwarder stopped listening")
 
     def _send_head(self, body: bytes, end: bool) -> None:
+        """Publish the response head, with ``body`` inside when both fit one frame; otherwise
+        the body follows as DATA frames."""
         if self._response is None:
             return
-        payload = self._response.encode(body)
         frame = self.proxy.frame_size(self.forwarder)
+        payload, rest = self._response.encode(body), b""
+        if len(payload) + OVERHEAD > frame and body:
+            payload, rest = self._response.encode(), body
         if len(payload) + OVERHEAD > frame:
             self._reset(UpstreamUnreachable("ppbridge: upstream response headers too large"))
             return
-        self._send(MsgType.RESP_HEAD, 0, payload, FLAG_END if end else 0)
-        if not end:
+        head_ends = end and not rest
+        self._send(MsgType.RESP_HEAD, 0, payload, FLAG_END if head_ends else 0)
+        if not head_ends:
             credit = self.proxy.peer_window(self.forwarder)
             self._outbound = Outbound(credit, frame - OVERHEAD, self._send_frame, self._pause_upstream,
                                       self._resume_upstream)
+            self._outbound.write(rest)
+            if end:
+                self._outbound.finish()
 
     def _send_frame(self, chunk: bytes, end: bool) -> None:
         self.seq += 1

@@ -36,7 +36,7 @@ from ppbridge.errors import (
 from ppbridge.httpheaders import end_to_end, forwarded_request_headers
 from ppbridge.keyring import KeyEntry
 from ppbridge.routing import origin_form
-from ppbridge.streams import Inbound, Outbound
+from ppbridge.streams import INLINE_MAX, Inbound, Outbound
 from ppbridge.wire import (
     FLAG_END,
     OVERHEAD,
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
     from ppbridge.forwarder import ForwarderService
 
 log = Logger()
-INLINE_MAX = 64 * 1024  # a body up to this size travels inside the request head: one message
 
 
 def error_response(err: RequestError) -> tuple[int, HeaderList, bytes]:
@@ -210,6 +209,8 @@ class ClientStream:
     # toward the proxy
 
     def _send_head(self, body: bytes, end: bool) -> None:
+        """Publish the request head, with ``body`` inside when both fit one frame; otherwise
+        the body follows as DATA frames."""
         candidates = self.bridge.candidates(self.proxy)
         if not candidates:
             self._fail(ProxyUnavailable(), notify=False)
@@ -217,18 +218,25 @@ class ClientStream:
         entry = candidates[0]
         self.instance = entry.session.instance
         self.state = "sent"
+        frame = entry.session.frame_size
         payload = self.head.encode(body)
-        if len(payload) + OVERHEAD > entry.session.frame_size:
+        rest = b""
+        if len(payload) + OVERHEAD > frame and body:
+            payload, rest = self.head.encode(), body
+        if len(payload) + OVERHEAD > frame:
             self._fail(RequestError("ppbridge: request headers too large for one frame"), notify=False)
             return
+        head_ends = end and not rest
         self._arm(self.bridge.settings.request_timeout)
         d = self.bridge.node.send(entry, self.bridge.data_channel(entry), MsgType.REQ_HEAD, self.id, 0, payload,
-                                  FLAG_END if end else 0)
+                                  FLAG_END if head_ends else 0)
         d.addCallbacks(self._head_published, self._publish_failed, callbackArgs=(body, end))
-        if not end:
-            self._outbound = Outbound(entry.session.peer_window, entry.session.frame_size - OVERHEAD,
-                                      self._send_frame, self.request.transport.pauseProducing,
-                                      self.request.transport.resumeProducing)
+        if not head_ends:
+            self._outbound = Outbound(entry.session.peer_window, frame - OVERHEAD, self._send_frame,
+                                      self.request.transport.pauseProducing, self.request.transport.resumeProducing)
+            self._outbound.write(rest)
+            if end:
+                self._outbound.finish()
 
     def _head_published(self, receivers: int, body: bytes, end: bool) -> None:
         if receivers or self.state != "sent" or self.instance is None:

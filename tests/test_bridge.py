@@ -105,6 +105,20 @@ class BigBodies(TestCase):
         self.assertIsNone(response.headers.getRawHeaders(b"content-length"))
 
 
+class SmallFrames(TestCase):
+    @defer.inlineCallbacks
+    def test_inline_sized_bodies_that_do_not_fit_one_frame(self):
+        """With the smallest frame size, a 64 KiB body (inline-sized) no longer fits in one
+        message with its head; it follows in frames, both ways, intact."""
+        stack = yield Stack(self).start(forwarder={"frame_size": 65536}, proxy={"frame_size": 65536})
+        client = Client(self)
+        body = os.urandom(65536)
+        response, data = yield client.fetch(b"POST", stack.url + "/upload", body=body)
+        self.assertEqual(echo(data)["body_sha256"], hashlib.sha256(body).hexdigest())
+        response, digest, n = yield client.digest(f"{stack.url}/bytes?n=65536&seed=5")
+        self.assertEqual((n, digest), (65536, pattern_sha256(5, 65536)))
+
+
 class Routing(TestCase):
     @defer.inlineCallbacks
     def test_two_proxies_by_prefix_and_by_host(self):
