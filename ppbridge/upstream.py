@@ -99,7 +99,8 @@ class StreamBody:
             self._consumer.write(data)
 
     def _finished(self) -> None:
-        if not self._done.called:
+        # After stopProducing the Deferred must never fire (IBodyProducer).
+        if not self._done.called and not self.stopped:
             self._done.callback(None)
 
     def pauseProducing(self) -> None:
@@ -158,6 +159,7 @@ class UpstreamCall:
         self._outbound: Outbound | None = None
         self._buffer: list[bytes] | None = None
         self._response: ResponseHead | None = None
+        self._responded = False  # the upstream's response is complete
         self._timer: IDelayedCall | None = None
 
     def start(self, body: bytes, end: bool) -> None:
@@ -186,6 +188,7 @@ class UpstreamCall:
             self.inbound.check_seq(header.seq)
             self.inbound.data(payload, header.end)
             self.proxy.metrics.body_bytes.labels("up").inc(len(payload))
+            self._maybe_complete()
         elif mtype is MsgType.WINDOW:
             if self._outbound is not None:
                 self._outbound.grant(decode_window(payload))
@@ -269,17 +272,21 @@ class UpstreamCall:
             log.warn("upstream dropped the response mid-body: {err}", err=reason.getErrorMessage())
             self.proxy.metrics.aborted.labels("upstream-dropped").inc()
             self._reset(UpstreamUnreachable("ppbridge: the upstream connection dropped mid-body"))
-        elif self._buffer is not None:
-            self._send_head(b"".join(self._buffer), end=True)
-            self._maybe_complete()
-        elif self._outbound is not None:
-            self._outbound.finish()
+        else:
+            self._responded = True
+            if self._buffer is not None:
+                self._send_head(b"".join(self._buffer), end=True)
+            elif self._outbound is not None:
+                self._outbound.finish()
             self._maybe_complete()
 
     def _maybe_complete(self) -> None:
-        """Done once the END went out (the last frames may wait for credit after the upstream
-        ended)."""
-        if self._outbound is None or self._outbound.finished:
+        """Done once the response's END went out (its last frames may wait for credit) and
+        the request body has ended too: an upstream that answers before reading the whole
+        upload still lets the client finish sending (the rest is dropped here, and credited),
+        so the forwarder can deliver the answer."""
+        sent = self._outbound is None or self._outbound.finished
+        if self._responded and sent and self.inbound.ended:
             self._finish()
 
     # toward the forwarder

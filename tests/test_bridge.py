@@ -11,6 +11,7 @@ import random
 import time
 
 from twisted.internet import defer, reactor
+from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 from twisted.web.client import FileBodyProducer
 
@@ -117,6 +118,41 @@ class SmallFrames(TestCase):
         self.assertEqual(echo(data)["body_sha256"], hashlib.sha256(body).hexdigest())
         response, digest, n = yield client.digest(f"{stack.url}/bytes?n=65536&seed=5")
         self.assertEqual((n, digest), (65536, pattern_sha256(5, 65536)))
+
+
+class EarlyAnswer(Protocol):
+    """An upstream that answers 401 as soon as it has the request headers, without reading
+    the body (like a server refusing an unauthenticated upload), and drops the rest."""
+
+    def connectionMade(self) -> None:
+        self.seen = b""
+
+    def connectionLost(self, reason: object) -> None:
+        self.factory.closed.callback(None)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.seen is not None:
+            self.seen += data
+            if b"\r\n\r\n" in self.seen:
+                self.seen = None
+                self.transport.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 5\r\n\r\nnope!")
+
+
+class EarlyAnswers(TestCase):
+    @defer.inlineCallbacks
+    def test_answer_before_the_upload_is_read(self):
+        """An upstream that answers before reading an 8 MiB upload: the client can finish
+        sending and gets that answer (nothing stalls on flow control)."""
+        from twisted.internet.protocol import Factory
+
+        closed: defer.Deferred[None] = defer.Deferred()
+        factory = Factory.forProtocol(EarlyAnswer)
+        factory.closed = closed
+        upstream = yield listen(self, factory)
+        stack = yield Stack(self).start(upstreams={"alpha": upstream})
+        response, data = yield Client(self).fetch(b"POST", stack.url + "/upload", body=os.urandom(8 * MiB))
+        self.assertEqual((response.code, data), (401, b"nope!"))
+        yield closed.addTimeout(10, reactor)  # and the proxy let go of that connection
 
 
 class Routing(TestCase):
