@@ -23,3 +23,5 @@ class Metrics:
         self.redis_up = Gauge("ppbridge_redis_connected", "1 when both Redis connections are up", registry=r)
         self.sealed = self.messages.labels("sealed")
         self.opened = self.messages.labels("opened")
+        self.bytes_up = self.body_bytes.labels("up")  # client -> upstream
+        self.bytes_down = self.body_bytes.labels("down")

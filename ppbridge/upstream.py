@@ -22,10 +22,11 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from ppbridge.errors import (
@@ -58,6 +59,22 @@ log = Logger()
 POOL_SIZE = 64
 
 
+@implementer(IAgentEndpointFactory)
+class _OneEndpoint:
+    """The upstream's endpoint, built once: an Agent would build a HostnameEndpoint (with
+    IDNA processing of the host name) for every request, and the proxy only has one."""
+
+    def __init__(self, reactor: Any, scheme: str, host: str, port: int, connect_timeout: float) -> None:
+        endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
+        if scheme == "https":
+            tls = BrowserLikePolicyForHTTPS().creatorForNetloc(host.encode("idna"), port)
+            endpoint = wrapClientTLS(tls, endpoint)
+        self._endpoint = endpoint
+
+    def endpointForURI(self, uri: Any) -> Any:
+        return self._endpoint
+
+
 class Upstream:
     """The one base URL this proxy may call, and the agent that calls it."""
 
@@ -68,7 +85,11 @@ class Upstream:
         self.base_path = parts.path.rstrip("/").encode("ascii")
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = POOL_SIZE
-        self.agent = agent if agent is not None else Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
+        if agent is None:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            endpoints = _OneEndpoint(reactor, parts.scheme, parts.hostname or "", port, connect_timeout)
+            agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
+        self.agent = agent
 
     def url(self, target: bytes) -> bytes:
         """The URL for an origin-form target: always under the configured base."""
@@ -187,7 +208,7 @@ class UpstreamCall:
         if mtype is MsgType.REQ_DATA:
             self.inbound.check_seq(header.seq)
             self.inbound.data(payload, header.end)
-            self.proxy.metrics.body_bytes.labels("up").inc(len(payload))
+            self.proxy.metrics.bytes_up.inc(len(payload))
             self._maybe_complete()
         elif mtype is MsgType.WINDOW:
             if self._outbound is not None:
@@ -262,7 +283,7 @@ class UpstreamCall:
             self._buffer.append(data)
         elif self._outbound is not None:
             self._outbound.write(data)
-        self.proxy.metrics.body_bytes.labels("down").inc(len(data))
+        self.proxy.metrics.bytes_down.inc(len(data))
 
     def body_end(self, reason: Failure) -> None:
         if self.done:

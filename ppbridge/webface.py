@@ -172,7 +172,7 @@ class ClientStream:
             self._held.append(data)
         elif self._outbound is not None:
             self._outbound.write(data)
-            self.bridge.metrics.body_bytes.labels("up").inc(len(data))
+            self.bridge.metrics.bytes_up.inc(len(data))
 
     def body_done(self) -> None:
         """The client finished sending (twisted.web is rendering the request now)."""
@@ -296,7 +296,7 @@ class ClientStream:
                 raise BusMessageError("unexpected-frame", "data before the response head")
             self._inbound.check_seq(header.seq)
             self._inbound.data(payload, header.end)
-            self.bridge.metrics.body_bytes.labels("down").inc(len(payload))
+            self.bridge.metrics.bytes_down.inc(len(payload))
             self._arm(self.bridge.settings.stream_idle_timeout)
         elif mtype is MsgType.WINDOW:
             if self._outbound is not None:
@@ -317,7 +317,7 @@ class ClientStream:
         self._response = head
         self._inbound = Inbound(self.bridge.settings.window, self._send_window)
         self._inbound.data(body, header.end)
-        self.bridge.metrics.body_bytes.labels("down").inc(len(body))
+        self.bridge.metrics.bytes_down.inc(len(body))
         self._arm(self.bridge.settings.stream_idle_timeout)
         if self.rendered:
             self._start_response()

@@ -160,35 +160,43 @@ class Writer:
         return b"".join(self._parts)
 
 
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
 class Reader:
     """Bounds-checked reads; any overrun is a BusMessageError."""
 
-    def __init__(self, data: bytes | memoryview, offset: int = 0) -> None:
-        self._data = memoryview(data)
-        self._pos = offset
+    __slots__ = ("_data", "_pos", "_end")
 
-    def _take(self, n: int) -> memoryview:
-        end = self._pos + n
-        if end > len(self._data):
+    def __init__(self, data: bytes, offset: int = 0) -> None:
+        self._data = bytes(data)
+        self._pos = offset
+        self._end = len(self._data)
+
+    def _at(self, n: int) -> int:
+        pos = self._pos
+        if pos + n > self._end:
             raise BusMessageError("malformed", "truncated field")
-        view = self._data[self._pos : end]
-        self._pos = end
-        return view
+        self._pos = pos + n
+        return pos
 
     def u8(self) -> int:
-        return self._take(1)[0]
+        return self._data[self._at(1)]
 
     def u16(self) -> int:
-        return int.from_bytes(self._take(2), "big")
+        return _U16.unpack_from(self._data, self._at(2))[0]  # type: ignore[no-any-return]
 
     def u32(self) -> int:
-        return int.from_bytes(self._take(4), "big")
+        return _U32.unpack_from(self._data, self._at(4))[0]  # type: ignore[no-any-return]
 
     def u64(self) -> int:
-        return int.from_bytes(self._take(8), "big")
+        return _U64.unpack_from(self._data, self._at(8))[0]  # type: ignore[no-any-return]
 
     def raw(self, n: int) -> bytes:
-        return bytes(self._take(n))
+        pos = self._at(n)
+        return self._data[pos : pos + n]
 
     def blob16(self, limit: int) -> bytes:
         n = self.u16()
@@ -207,12 +215,11 @@ class Reader:
         return self._pos
 
     def rest(self) -> bytes:
-        view = self._data[self._pos :]
-        self._pos = len(self._data)
-        return bytes(view)
+        pos, self._pos = self._pos, self._end
+        return self._data[pos:]
 
     def done(self) -> None:
-        if self._pos != len(self._data):
+        if self._pos != self._end:
             raise BusMessageError("malformed", "trailing bytes")
 
 
