@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from ppbridge.forwarder import ForwarderService
 
 log = Logger()
+LINGER = 5.0  # seconds a refused upload may go on being sent (and dropped) before we close
 
 
 def error_response(err: RequestError) -> tuple[int, HeaderList, bytes]:
@@ -83,7 +84,10 @@ def refuse_early(request: BridgeRequest, err: RequestError) -> None:
     """Answer ``err`` while the client is still sending its body, then close the connection.
 
     twisted.web cannot write a response before the body is complete, so this writes the few
-    lines itself; the connection closes because the rest of the body will not be read.
+    lines itself. Closing at once would make the kernel reset the connection (unread data
+    is pending) and the client, still writing, would lose the answer; so the connection
+    lingers, reading and dropping what comes, until the client closes or LINGER seconds
+    pass (nginx's lingering close).
     """
     if request.refused:
         return
@@ -93,8 +97,14 @@ def refuse_early(request: BridgeRequest, err: RequestError) -> None:
     lines = [b"HTTP/1.1 %d %s" % (status, err.cause.encode("ascii"))]
     lines += [name + b": " + value for name, value in headers]
     lines += [b"Connection: close", b"", b""]
-    request.channel.transport.write(b"\r\n".join(lines) + body)
-    request.channel.transport.loseConnection()
+    transport = request.channel.transport
+    transport.write(b"\r\n".join(lines) + body)
+    half_close = getattr(transport, "loseWriteConnection", None)
+    if half_close is not None:
+        half_close()  # the answer is complete: clients see EOF and close their side
+    transport.resumeProducing()  # keep reading (and dropping) if an upload had paused it
+    closer = request.channel.site.bridge.clock.callLater(LINGER, transport.loseConnection)
+    request.notifyFinish().addBoth(lambda _: closer.cancel() if closer.active() else None)
 
 
 class ClientStream:

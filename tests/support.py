@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
@@ -66,10 +67,33 @@ def start_redis(case: TestCase, **kwargs: Any) -> RedisServer:
 
 
 @defer.inlineCallbacks
-def listen(case: TestCase, site: Any):  # type: ignore[no-untyped-def]
-    """Listen on a free loopback port; the base URL."""
-    port = yield TCP4ServerEndpoint(reactor, 0, backlog=1024, interface="127.0.0.1").listen(site)
-    case.addCleanup(port.stopListening)
+def listen(case: TestCase, factory: Any):  # type: ignore[no-untyped-def]
+    """Listen on a free loopback port; the base URL. At cleanup the port closes and so does
+    every connection it accepted that is still open (a server may legitimately keep one, e.g.
+    lingering after an early answer), so no test leaves sockets or their timers behind."""
+    accepted: list[Any] = []
+    build = factory.buildProtocol
+
+    def tracking(addr: Any) -> Any:
+        protocol = build(addr)
+        accepted.append(protocol)
+        return protocol
+
+    factory.buildProtocol = tracking
+    port = yield TCP4ServerEndpoint(reactor, 0, backlog=1024, interface="127.0.0.1").listen(factory)
+
+    @defer.inlineCallbacks
+    def close():  # type: ignore[no-untyped-def]
+        yield port.stopListening()
+        # twisted.web wraps its HTTPChannel; the transport sits on the channel inside.
+        transports = [getattr(getattr(p, "_channel", p), "transport", None) for p in accepted]
+        open_ = [t for t in transports if t is not None and t.connected]
+        for transport in open_:
+            transport.abortConnection()
+        if open_:
+            yield deferLater(reactor, 0, lambda: None)  # abortConnection completes next turn
+
+    case.addCleanup(close)
     return f"http://127.0.0.1:{port.getHost().port}"
 
 
