@@ -1,0 +1,281 @@
+"""The printed report: tables with ratios to direct and to ssh -R, the targets, a comparison
+with an earlier run's JSON. Works only on the JSON-ready result dict, so ``--compare`` reads
+old files exactly as this run writes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+Result = Mapping[str, Any]
+TARGET_CONCURRENCY = "16"
+FLAT_MEMORY_MIB = 16.0
+ISSUE_SSH = {"rps": 7200.0, "p99_ms": 43.0, "us_per_req": 25.0, "mb_s": 110.0}
+LOCALTUNNEL = {"rps": 4500.0, "p99_ms": 9.0, "us_per_req": 260.0, "mb_s": 400.0}
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Columns right-aligned (the first left-aligned), two spaces apart."""
+    body = [list(headers)] + [list(r) for r in rows]
+    widths = [max(len(r[i]) for r in body) for i in range(len(headers))]
+    lines = []
+    for r in body:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    if value is None or not base:
+        return "-"
+    r = value / base
+    return f"{r:.3f}x" if r < 0.1 else f"{r:.2f}x"
+
+
+def _ok(rows: Result) -> dict[str, Result]:
+    return {name: row for name, row in rows.items() if row.get("status") == "ok"}
+
+
+def small(row: Result | None, conc: str) -> Result | None:
+    """The small-request figures of ``row`` at concurrency ``conc``, if it has them."""
+    if row is None:
+        return None
+    found: Result | None = row.get("small", {}).get(conc)
+    return found
+
+
+def field(run: Result | None, key: str) -> float | None:
+    return None if run is None else run.get(key)
+
+
+def tunnel_us(row: Result, conc: str) -> float | None:
+    run = small(row, conc)
+    return None if run is None else run.get("row_us_per_req")
+
+
+def small_section(result: Result) -> str:
+    rows = _ok(result["rows"])
+    direct, ssh = rows.get("direct"), rows.get("ssh -R")
+    out = []
+    for name, row in rows.items():
+        for conc, run in row.get("small", {}).items():
+            d, s = small(direct, conc), small(ssh, conc)
+            out.append([name if conc == next(iter(row["small"])) else "", conc, fmt(run["rps"], 0),
+                        fmt(run["p50_ms"], 2), fmt(run["p99_ms"], 2), str(sum(run["errors"].values())),
+                        ratio(run["rps"], field(d, "rps")), ratio(run["rps"], field(s, "rps")),
+                        ratio(run["p99_ms"], field(s, "p99_ms")), fmt(run.get("row_us_per_req"), 0),
+                        fmt(run.get("others_cpu_pct"), 0)])
+    return table(["row", "conc", "req/s", "p50 ms", "p99 ms", "errors", "req/s vs direct", "req/s vs ssh",
+                  "p99 vs ssh", "row CPU us/req", "others %CPU"], out)
+
+
+def cpu_section(result: Result) -> str:
+    out = []
+    for name, row in _ok(result["rows"]).items():
+        for conc, run in row.get("small", {}).items():
+            per_k = run.get("cpu_s_per_1k", {})
+            parts = ", ".join(f"{role} {v:.3f}" for role, v in per_k.items()) or "(no tunnel processes)"
+            up = ", ".join(f"{role} {v:.3f}" for role, v in _helpers(run, "_cpu_s_per_1k").items())
+            client = run["client_cpu_s"] / run["requests"] * 1000 if run["requests"] else 0.0
+            row_us = run.get("row_us_per_req")
+            out.append([f"{name} c{conc}", parts, fmt(None if row_us is None else row_us / 1000, 3), up,
+                        f"{client:.3f}"])
+        dl = row.get("download")
+        if dl:
+            parts = ", ".join(f"{role} {v:.2f}" for role, v in dl.get("cpu_s_per_gb", {}).items()) or "-"
+            up = ", ".join(f"{role} {v:.2f}" for role, v in _helpers(dl, "_cpu_s_per_gb").items())
+            total = dl.get("row_s_per_gb")
+            out.append([f"{name} download", f"{parts} (s/GB)" if total is not None else "-",
+                        "-" if total is None else f"{total:.2f} s/GB", up, "-"])
+    return table(["measurement", "row processes (CPU s per 1000 req)", "row total", "upstream (not counted)",
+                  "client"], out)
+
+
+def _helpers(run: Result, suffix: str) -> Mapping[str, float]:
+    """The not-counted processes' figures (``upstream_*`` in runs saved before ``helpers_*``)."""
+    found: Mapping[str, float] = run.get("helpers" + suffix) or run.get("upstream" + suffix) or {}
+    return found
+
+
+def counters_section(result: Result) -> str | None:
+    """Redis commands and bytes per request (and per MiB downloaded), for rows that count them."""
+    out = []
+    for name, row in _ok(result["rows"]).items():
+        for conc, run in row.get("small", {}).items():
+            if run.get("per_request"):
+                out.append([f"{name} c{conc}", "per request", _counters(run["per_request"])])
+        dl = row.get("download") or {}
+        if dl.get("per_mib"):
+            out.append([f"{name} download", "per MiB", _counters(dl["per_mib"])])
+    return table(["measurement", "", "Redis commands and bytes"], out) if out else None
+
+
+def _counters(values: Mapping[str, float]) -> str:
+    return ", ".join(f"{k.removeprefix('redis ')} {v:,.2f}" if v < 100 else f"{k.removeprefix('redis ')} {v:,.0f}"
+                     for k, v in sorted(values.items()))
+
+
+def download_section(result: Result) -> str:
+    rows = _ok(result["rows"])
+    base = {k: rows[k]["download"]["median_mb_s"] for k in ("direct", "ssh -R") if k in rows and rows[k].get("download")}
+    out = []
+    for name, row in rows.items():
+        dl = row.get("download")
+        if not dl:
+            continue
+        speeds = ", ".join(f"{v:.0f}" for v in dl["speeds_mb_s"])
+        out.append([name, fmt(dl["median_mb_s"], 0), speeds, ratio(dl["median_mb_s"], base.get("direct")),
+                    ratio(dl["median_mb_s"], base.get("ssh -R")), fmt(dl.get("row_s_per_gb"), 2),
+                    fmt(dl.get("others_cpu_pct"), 0), "; ".join(dl["errors"]) or "-"])
+    return table(["row", "MB/s (median)", "each run MB/s", "vs direct", "vs ssh", "row CPU s/GB", "others %CPU",
+                  "errors"], out)
+
+
+def memory_section(result: Result) -> str:
+    out = []
+    for name, row in _ok(result["rows"]).items():
+        rss = row.get("rss_mib", {})
+        small_peak, dl_peak = rss.get("after_small", {}), rss.get("after_download", {})
+        for role in dl_peak or small_peak:
+            a, b = small_peak.get(role), dl_peak.get(role)
+            grow = None if a is None or b is None else b - a
+            out.append([name, role, fmt(a), fmt(b), fmt(grow)])
+    return table(["row", "process", "peak RSS MiB after small reqs", "after big download", "growth"], out)
+
+
+def wan_section(wan: Result) -> str:
+    lines = [(f"WAN shape: {wan['delay_ms']:g} ms added each way between proxy and Redis"
+              f" (round trip {2 * wan['delay_ms']:g} ms), c1, {wan['tool']}")]
+    lines.append(table(["run", "req/s", "p50 ms", "p99 ms", "errors"], [
+        [label, fmt(run["rps"], 1), fmt(run["p50_ms"], 2), fmt(run["p99_ms"], 2), str(sum(run["errors"].values()))]
+        for label, run in (("relay, 0 ms", wan["base"]), (f"relay, {wan['delay_ms']:g} ms", wan["delayed"]))]))
+    lines.append(f"p50 latency increase {wan['increase_ms']:.1f} ms = {wan['round_trips']:.2f} proxy<->Redis round"
+                 f" trips per request (the design expects 1: one message each way)")
+    return "\n".join(lines)
+
+
+def targets(result: Result) -> list[dict[str, Any]]:
+    """Each target of the issue with ppbridge's figure and whether it is met (c16 figures)."""
+    rows = _ok(result["rows"])
+    pp, ssh = rows.get("ppbridge"), rows.get("ssh -R")
+    if pp is None:
+        return []
+    run, ssh_run = small(pp, TARGET_CONCURRENCY), small(ssh, TARGET_CONCURRENCY)
+    rps, p99 = (run["rps"], run["p99_ms"]) if run else (None, None)
+    cpu = tunnel_us(pp, TARGET_CONCURRENCY)
+    mb_s = pp["download"]["median_mb_s"] if pp.get("download") else None
+    ssh_rps = ssh_run["rps"] if ssh_run else ISSUE_SSH["rps"]
+    ssh_p99 = ssh_run["p99_ms"] if ssh_run else ISSUE_SSH["p99_ms"]
+    ssh_src = "this run" if ssh_run else "the issue's figure"
+    growth = _max_growth(pp)
+    found = [
+        ("milestone", "req/s at c16 > localtunnel's 4,500", rps, rps is not None and rps > LOCALTUNNEL["rps"]),
+        ("milestone", "p99 at c16 < localtunnel's 9 ms", p99, p99 is not None and p99 < LOCALTUNNEL["p99_ms"]),
+        ("milestone", "CPU per request < localtunnel's 260 us", cpu, cpu is not None and cpu < LOCALTUNNEL["us_per_req"]),
+        ("milestone", "download > localtunnel's 400 MB/s", mb_s, mb_s is not None and mb_s > LOCALTUNNEL["mb_s"]),
+        ("target", f"req/s at c16 >= ssh -R's {ssh_rps:,.0f} ({ssh_src})", rps, rps is not None and rps >= ssh_rps),
+        ("target", f"p99 at c16 < ssh -R's {ssh_p99:.2f} ms ({ssh_src})", p99, p99 is not None and p99 < ssh_p99),
+        ("target", "CPU (forwarder+proxy+Redis) <= 100 us per request", cpu, cpu is not None and cpu <= 100),
+        ("target", "one-stream download >= 300 MB/s", mb_s, mb_s is not None and mb_s >= 300),
+        ("target", (f"memory flat with size: peak RSS growth during the big download <= {FLAT_MEMORY_MIB:g} MiB"
+                    " per process"), growth, growth is not None and growth <= FLAT_MEMORY_MIB),
+    ]
+    return [{"kind": k, "target": t, "measured": None if v is None else round(v, 2), "met": met}
+            for k, t, v, met in found]
+
+
+def _max_growth(row: Result) -> float | None:
+    rss = row.get("rss_mib", {})
+    a, b = rss.get("after_small", {}), rss.get("after_download", {})
+    growth = [b[r] - a[r] for r in b if r in a and r in row.get("row_roles", [])]
+    return max(growth) if growth else None
+
+
+def targets_section(found: list[dict[str, Any]]) -> str:
+    return table(["", "target (ppbridge)", "measured", "met"], [
+        [t["kind"], t["target"], fmt(t["measured"], 2), "yes" if t["met"] else "NO"] for t in found])
+
+
+def render(result: Result) -> str:
+    meta = result["meta"]
+    parts = [
+        (f"ppbridge benchmark {meta['started']}  ({meta['mode']}; {meta['cpus']} CPUs; load average at start"
+         f" {meta['loadavg_start']}, at end {meta.get('loadavg_end', '?')})"),
+        f"upstream: {meta['upstream']}   small requests: {meta['loadgen']}   download: {meta['downloader']}",
+        (f"each small-request run: {meta['duration']:g} s after {meta['warmup']:g} s warm-up;"
+         f" download: {meta['big_mib']} MiB file, one stream, repeated for >= {meta['download_time']:g} s"),
+    ]
+    pp = meta.get("ppbridge")
+    if pp:
+        parts.append(f"ppbridge {pp['version']} from {pp['path']} (digest {pp['digest']},"
+                     f" same as the source tree: {'yes' if pp['matches_source_tree'] else 'NO'}), commit {meta['commit']}")
+    for note in meta.get("notes", []):
+        parts.append(f"note: {note}")
+    for name, row in result["rows"].items():
+        if row.get("status") != "ok":
+            parts.append(f"row {name!r} {row.get('status')}: {row.get('reason')}")
+        for note in row.get("notes", []):
+            parts.append(f"{name}: {note}")
+    if _ok(result["rows"]):
+        parts += rows_sections(result)
+    if result.get("wan"):
+        parts += ["", wan_section(result["wan"])]
+    if result.get("targets"):
+        parts += ["", "Targets (informational: a benchmark never fails)", targets_section(result["targets"])]
+    return "\n".join(parts)
+
+
+def rows_sections(result: Result) -> list[str]:
+    """The tables of the ordinary rows, each after a blank line and its title."""
+    parts = ["", "Small requests (100-byte body)", small_section(result),
+             "", "CPU by process (CPU seconds per 1000 requests = ms per request; download: per GB)",
+             cpu_section(result)]
+    counters = counters_section(result)
+    if counters:
+        parts += ["", "Through Redis (INFO commandstats/stats deltas)", counters]
+    return parts + ["", "One-stream download", download_section(result),
+                    "", "Peak memory (VmHWM; largest process of each role)", memory_section(result)]
+
+
+def _figures(row: Result) -> dict[str, float]:
+    figures: dict[str, float] = {}
+    for conc, run in row.get("small", {}).items():
+        figures[f"c{conc} req/s"] = run["rps"]
+        figures[f"c{conc} p50 ms"] = run["p50_ms"]
+        figures[f"c{conc} p99 ms"] = run["p99_ms"]
+        if run.get("row_us_per_req") is not None:
+            figures[f"c{conc} row CPU us/req"] = run["row_us_per_req"]
+    dl = row.get("download")
+    if dl:
+        figures["download MB/s"] = dl["median_mb_s"]
+        if dl.get("row_s_per_gb") is not None:
+            figures["download row CPU s/GB"] = dl["row_s_per_gb"]
+    peaks = row.get("rss_mib", {}).get("after_download", {})
+    for role in row.get("row_roles", []):
+        if role in peaks:
+            figures[f"peak RSS MiB {role}"] = peaks[role]
+    return figures
+
+
+def compare(old: Result, new: Result) -> str:
+    """Before/after of every figure both runs have, row by row."""
+    out = []
+    for name, row in _ok(new["rows"]).items():
+        before_row = _ok(old["rows"]).get(name)
+        if before_row is None:
+            continue
+        before, after = _figures(before_row), _figures(row)
+        for key, value in after.items():
+            if key in before:
+                change = (value - before[key]) / before[key] * 100 if before[key] else 0.0
+                out.append([name, key, fmt(before[key], 2), fmt(value, 2), f"{change:+.1f}%"])
+    head = f"Compared with {old['meta']['started']} ({old['meta']['mode']}, load {old['meta']['loadavg_start']})"
+    return head + "\n" + table(["row", "figure", "before", "after", "change"], out)

@@ -1,0 +1,125 @@
+"""The fast upstream every row calls: nginx when installed, else a Twisted static server.
+
+Both serve the same two files from a folder in the run's temp dir: ``/small.txt`` (a 100-byte
+body) and ``/big.bin`` (64 MiB of random bytes by default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ppbridge.redis_server import free_port
+
+from children import Child, http_ok, wait_until
+from procstats import PidSource
+
+SMALL_PATH = "/small.txt"
+BIG_PATH = "/big.bin"
+SMALL_SIZE = 100
+START_TIMEOUT = 15.0
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Upstream:
+    """A running upstream: what it is, where it listens, its process."""
+
+    kind: str
+    port: int
+    child: Child
+    big_size: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def roles(self) -> dict[str, PidSource]:
+        return {"nginx" if self.kind.startswith("nginx") else "upstream": self.child.pids}
+
+
+def _write_files(www: Path, big_size: int) -> None:
+    """The two bodies; the folder is world-readable so nginx workers (www-data) can read it."""
+    www.mkdir(mode=0o755)
+    os.chmod(www, 0o755)
+    (www / SMALL_PATH.lstrip("/")).write_bytes(b"x" * (SMALL_SIZE - 1) + b"\n")
+    with open(www / BIG_PATH.lstrip("/"), "wb") as f:
+        remaining = big_size
+        while remaining > 0:
+            chunk = min(remaining, 1 << 20)
+            f.write(os.urandom(chunk))
+            remaining -= chunk
+    for name in (SMALL_PATH, BIG_PATH):
+        os.chmod(www / name.lstrip("/"), 0o644)
+
+
+def nginx_version(binary: str) -> str:
+    out = subprocess.run([binary, "-v"], check=False, capture_output=True, text=True, timeout=10)
+    return (out.stderr or out.stdout).strip().replace("nginx version: ", "")
+
+
+def _nginx_config(tmp: Path, www: Path, port: int) -> Path:
+    """A self-contained nginx.conf: one worker, no access log, every path in ``tmp``."""
+    temp = tmp / "nginx-temp"
+    temp.mkdir()
+    paths = {name: temp / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""daemon off;
+master_process on;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_timeout 120s;
+    keepalive_requests 100000000;
+    default_type application/octet-stream;
+    client_body_temp_path {paths["client_body"]};
+    proxy_temp_path {paths["proxy"]};
+    fastcgi_temp_path {paths["fastcgi"]};
+    uwsgi_temp_path {paths["uwsgi"]};
+    scgi_temp_path {paths["scgi"]};
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+        root {www};
+        location / {{ }}
+    }}
+}}
+""")
+    return conf
+
+
+@contextlib.contextmanager
+def start_upstream(tmp: Path, big_size: int, allow_nginx: bool = True) -> Iterator[Upstream]:
+    """Start nginx (if installed and allowed) or the Twisted static server; stop it on exit."""
+    www = tmp / "www"
+    _write_files(www, big_size)
+    port = free_port()
+    nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+    notes: list[str] = []
+    if nginx and allow_nginx:
+        conf = _nginx_config(tmp, www, port)
+        child = Child("nginx", [nginx, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "nginx-error.log")], tmp)
+        kind = f"nginx {nginx_version(nginx)} (1 worker, sendfile)"
+    else:
+        notes.append("nginx not installed: upstream is bench/staticserver.py (twisted.web.static)"
+                     if not nginx else "nginx disabled (--no-nginx): upstream is bench/staticserver.py")
+        child = Child("staticserver", [sys.executable, str(HERE / "staticserver.py"), "--root", str(www),
+                                       "--port", str(port)], tmp)
+        kind = "twisted.web.static (bench/staticserver.py)"
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}{SMALL_PATH}"), START_TIMEOUT, "the upstream", child)
+        yield Upstream(kind, port, child, big_size, notes)
+    finally:
+        child.stop()
