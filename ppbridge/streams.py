@@ -14,7 +14,7 @@ per stream, and Redis never holds more than that for a stream either.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 from ppbridge.errors import BusMessageError
 
@@ -23,12 +23,25 @@ from ppbridge.errors import BusMessageError
 INLINE_MAX = 64 * 1024
 
 
+class Scheduler(Protocol):
+    """What :class:`Outbound` needs of a clock (``IReactorTime`` provides it)."""
+
+    def callLater(self, delay: float, f: Callable[[], None]) -> Any: ...
+
+
+COALESCE = 0.001  # seconds a partial frame may wait for more data before it is sent anyway
+
+
 class Outbound:
     """Sends one body as DATA frames within the credit the peer granted.
 
     ``send(chunk, end)`` publishes one frame. ``pause``/``resume`` act on the body's source
     (the client connection on the forwarder, the upstream response on the proxy), so at most
-    one chunk of the source waits here beyond the credit.
+    about a frame of the source waits here beyond the credit.
+
+    With a ``clock``, small writes are coalesced: a partial frame waits up to ``COALESCE``
+    seconds for more data (a socket read gives at most 64 KiB; a frame holds 256 KiB), so a
+    fast body costs a quarter of the messages, at the price of at most a millisecond.
     """
 
     def __init__(
@@ -38,6 +51,7 @@ class Outbound:
         send: Callable[[bytes, bool], None],
         pause: Callable[[], None],
         resume: Callable[[], None],
+        clock: Scheduler | None = None,
     ) -> None:
         self.credit = credit
         self.max_chunk = max_chunk
@@ -45,6 +59,8 @@ class Outbound:
         self._send = send
         self._pause = pause
         self._resume = resume
+        self._clock = clock
+        self._timer: Any = None
         self._queue: deque[bytes] = deque()
         self._queued = 0
         self._finishing = False
@@ -62,20 +78,34 @@ class Outbound:
         if data:
             self._queue.append(data)
             self._queued += len(data)
-            self._flush()
+            self._flush(force=self._clock is None)
+            if self._queue and self._clock is not None and self._timer is None and self.credit > 0:
+                self._timer = self._clock.callLater(COALESCE, self._flush_partial)
+
+    def _flush_partial(self) -> None:
+        self._timer = None
+        self._flush(force=True)
 
     def finish(self) -> None:
         """The source is done: send what remains, then the END frame."""
         self._finishing = True
-        self._flush()
+        self._flush(force=True)
 
     def grant(self, increment: int) -> None:
         """The peer allowed ``increment`` more bytes."""
         self.credit += increment
-        self._flush()
+        self._flush(force=True)
 
-    def _flush(self) -> None:
-        while self._queue and self.credit > 0:
+    def stop(self) -> None:
+        """The stream is over (aborted or done): drop what waits, cancel the timer."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._queue.clear()
+        self._queued = 0
+
+    def _flush(self, force: bool) -> None:
+        while self._queue and self.credit > 0 and (force or self._queued >= self.max_chunk):
             chunk = self._take(min(self.credit, self.max_chunk))
             self.credit -= len(chunk)
             self.sent_bytes += len(chunk)
@@ -85,23 +115,34 @@ class Outbound:
         if self._finishing and not self._queue and not self.finished:
             self._send(b"", True)
             self.finished = True
+        if self.finished or not self._queue:
+            self.stop()
         self._apply_backpressure()
 
     def _take(self, n: int) -> bytes:
-        first = self._queue[0]
-        if len(first) <= n:
-            self._queue.popleft()
-            self._queued -= len(first)
-            return first
-        self._queue[0] = first[n:]
-        self._queued -= n
-        return first[:n]
+        """Up to ``n`` bytes from the front of the queue, across writes."""
+        parts: list[bytes] = []
+        size = 0
+        while self._queue and size < n:
+            first = self._queue[0]
+            room = n - size
+            if len(first) <= room:
+                parts.append(self._queue.popleft())
+                size += len(first)
+            else:
+                parts.append(first[:room])
+                self._queue[0] = first[room:]
+                size += room
+        self._queued -= size
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _apply_backpressure(self) -> None:
-        if self._queued and not self._paused:
+        # Pause the source when what waits cannot go (no credit) or fills a frame already.
+        over = self._queued >= self.max_chunk or (self._queued > 0 and self.credit <= 0)
+        if over and not self._paused:
             self._paused = True
             self._pause()
-        elif not self._queued and self._paused and not self.finished:
+        elif not over and self._paused and not self.finished:
             self._paused = False
             self._resume()
 

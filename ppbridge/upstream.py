@@ -329,7 +329,11 @@ class UpstreamCall:
         if self._response is None:
             return
         frame = self.proxy.frame_size(self.forwarder)
-        payload, rest = self._response.encode(body), b""
+        try:
+            payload, rest = self._response.encode(body), b""
+        except ValueError:  # a NUL in a header, or more than wire.MAX_HEADERS of them
+            self._reset(UpstreamUnreachable("ppbridge: the upstream sent headers that cannot be carried"))
+            return
         if len(payload) + OVERHEAD > frame and body:
             payload, rest = self._response.encode(), body
         if len(payload) + OVERHEAD > frame:
@@ -340,7 +344,7 @@ class UpstreamCall:
         if not head_ends:
             credit = self.proxy.peer_window(self.forwarder)
             self._outbound = Outbound(credit, frame - OVERHEAD, self._send_frame, self._pause_upstream,
-                                      self._resume_upstream)
+                                      self._resume_upstream, self.proxy.clock)
             self._outbound.write(rest)
             if end:
                 self._outbound.finish()
@@ -378,6 +382,8 @@ class UpstreamCall:
         self.done = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        if self._outbound is not None:
+            self._outbound.stop()
         self.proxy.call_done(self)
 
 

@@ -229,8 +229,11 @@ class ClientStream:
         self.instance = entry.session.instance
         self.state = "sent"
         frame = entry.session.frame_size
-        payload = self.head.encode(body)
-        rest = b""
+        try:
+            payload, rest = self.head.encode(body), b""
+        except ValueError:  # more headers than wire.MAX_HEADERS (NULs never get past twisted.web)
+            self._fail(BadRequest("ppbridge: too many request headers"), notify=False)
+            return
         if len(payload) + OVERHEAD > frame and body:
             payload, rest = self.head.encode(), body
         if len(payload) + OVERHEAD > frame:
@@ -243,7 +246,8 @@ class ClientStream:
         d.addCallbacks(self._head_published, self._publish_failed, callbackArgs=(body, end))
         if not head_ends:
             self._outbound = Outbound(entry.session.peer_window, frame - OVERHEAD, self._send_frame,
-                                      self.request.transport.pauseProducing, self.request.transport.resumeProducing)
+                                      self.request.transport.pauseProducing, self.request.transport.resumeProducing,
+                                      self.bridge.clock)
             self._outbound.write(rest)
             if end:
                 self._outbound.finish()
@@ -402,6 +406,8 @@ class ClientStream:
         self.state = "done"
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        if self._outbound is not None:
+            self._outbound.stop()
         self.bridge.streams.pop(self.id, None)
         self.bridge.closed.add(self.id)
         self.bridge.metrics.active_streams.dec()

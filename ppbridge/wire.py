@@ -226,28 +226,37 @@ class Reader:
 HeaderList = list[tuple[bytes, bytes]]
 
 
-def _write_headers(w: Writer, headers: HeaderList) -> None:
+MAX_HEADER_BLOCK = 256 * 1024
+_CONTROL = re.compile(rb"[\x00-\x20\x7f]")
+_REQ_FIXED = struct.Struct(">HBIIQ")  # reply, method, target, header block lengths; Content-Length
+_RESP_FIXED = struct.Struct(">HHIQ")  # status, reason and header block lengths; Content-Length
+
+
+def _header_block(headers: HeaderList) -> bytes:
+    """Names and values joined by NUL: one C-speed split decodes it (neither may hold a NUL)."""
     if len(headers) > MAX_HEADERS:
         raise ValueError("too many headers")
-    w.u16(len(headers))
-    for name, value in headers:
-        w.blob16(name).blob32(value)
+    block = b"\0".join(part for pair in headers for part in pair)
+    if block.count(b"\0") != 2 * len(headers) - 1 and headers:
+        raise ValueError("NUL in a header name or value")
+    return block
 
 
-def _read_headers(r: Reader) -> HeaderList:
-    count = r.u16()
-    if count > MAX_HEADERS:
-        raise BusMessageError("malformed", "too many headers")
-    headers = []
-    for _ in range(count):
-        name = r.blob16(MAX_HEADER_NAME)
-        if not _TOKEN.fullmatch(name):
+def _parse_header_block(block: bytes) -> HeaderList:
+    if not block:
+        return []
+    if b"\r" in block or b"\n" in block:
+        raise BusMessageError("malformed", "CR or LF in a header")
+    parts = block.split(b"\0")
+    if len(parts) % 2 or len(parts) > 2 * MAX_HEADERS:
+        raise BusMessageError("malformed", "bad header block")
+    names, values = parts[0::2], parts[1::2]
+    if max(map(len, values)) > MAX_HEADER_VALUE:
+        raise BusMessageError("malformed", "header value over its limit")
+    for name in names:
+        if len(name) > MAX_HEADER_NAME or not _TOKEN.fullmatch(name):
             raise BusMessageError("malformed", "bad header name")
-        value = r.blob32(MAX_HEADER_VALUE)
-        if b"\r" in value or b"\n" in value or b"\0" in value:
-            raise BusMessageError("malformed", "bad header value")
-        headers.append((name, value))
-    return headers
+    return list(zip(names, values))
 
 
 def _length_out(n: int | None) -> int:
@@ -256,6 +265,18 @@ def _length_out(n: int | None) -> int:
 
 def _length_in(n: int) -> int | None:
     return None if n == UNKNOWN_LENGTH else n
+
+
+def _fields(data: bytes, fixed: struct.Struct) -> tuple[tuple[int, ...], int]:
+    if len(data) < fixed.size:
+        raise BusMessageError("malformed", "head shorter than its fixed part")
+    return fixed.unpack_from(data), fixed.size
+
+
+def _cut(data: bytes, pos: int, n: int, limit: int) -> tuple[bytes, int]:
+    if n > limit or pos + n > len(data):
+        raise BusMessageError("malformed", "field over its limit or past the end")
+    return data[pos : pos + n], pos + n
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,24 +290,24 @@ class RequestHead:
     content_length: int | None
 
     def encode(self, body: bytes = b"") -> bytes:
-        w = Writer().blob16(self.reply_channel).blob16(self.method).blob32(self.target)
-        _write_headers(w, self.headers)
-        return w.u64(_length_out(self.content_length)).raw(body).bytes()
+        block = _header_block(self.headers)
+        fixed = _REQ_FIXED.pack(len(self.reply_channel), len(self.method), len(self.target), len(block),
+                                _length_out(self.content_length))
+        return b"".join((fixed, self.reply_channel, self.method, self.target, block, body))
 
     @classmethod
     def decode(cls, data: bytes) -> tuple[RequestHead, bytes]:
         """The head and the inline body bytes that follow it."""
-        r = Reader(data)
-        reply = r.blob16(MAX_CHANNEL)
-        method = r.blob16(MAX_METHOD)
+        (n_reply, n_method, n_target, n_block, length), pos = _fields(data, _REQ_FIXED)
+        reply, pos = _cut(data, pos, n_reply, MAX_CHANNEL)
+        method, pos = _cut(data, pos, n_method, MAX_METHOD)
+        target, pos = _cut(data, pos, n_target, MAX_TARGET)
+        block, pos = _cut(data, pos, n_block, MAX_HEADER_BLOCK)
         if not _TOKEN.fullmatch(method):
             raise BusMessageError("malformed", "bad method")
-        target = r.blob32(MAX_TARGET)
-        if not target.startswith(b"/") or any(c <= 0x20 or c == 0x7F for c in target):
+        if not target.startswith(b"/") or _CONTROL.search(target):
             raise BusMessageError("malformed", "target is not origin-form")
-        headers = _read_headers(r)
-        length = _length_in(r.u64())
-        return cls(method, target, headers, reply, length), r.rest()
+        return cls(method, target, _parse_header_block(block), reply, _length_in(length)), data[pos:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,22 +320,20 @@ class ResponseHead:
     content_length: int | None
 
     def encode(self, body: bytes = b"") -> bytes:
-        w = Writer().u16(self.status).blob16(self.reason)
-        _write_headers(w, self.headers)
-        return w.u64(_length_out(self.content_length)).raw(body).bytes()
+        block = _header_block(self.headers)
+        fixed = _RESP_FIXED.pack(self.status, len(self.reason), len(block), _length_out(self.content_length))
+        return b"".join((fixed, self.reason, block, body))
 
     @classmethod
     def decode(cls, data: bytes) -> tuple[ResponseHead, bytes]:
-        r = Reader(data)
-        status = r.u16()
+        (status, n_reason, n_block, length), pos = _fields(data, _RESP_FIXED)
         if not 100 <= status <= 999:
             raise BusMessageError("malformed", "bad status")
-        reason = r.blob16(MAX_REASON)
+        reason, pos = _cut(data, pos, n_reason, MAX_REASON)
+        block, pos = _cut(data, pos, n_block, MAX_HEADER_BLOCK)
         if b"\r" in reason or b"\n" in reason:
             raise BusMessageError("malformed", "bad reason")
-        headers = _read_headers(r)
-        length = _length_in(r.u64())
-        return cls(status, reason, headers, length), r.rest()
+        return cls(status, reason, _parse_header_block(block), _length_in(length)), data[pos:]
 
 
 def encode_window(increment: int) -> bytes:

@@ -427,3 +427,44 @@ class LoopTests(TestCase):
         self.assertTrue(out.finished)
         self.assertTrue(stream.ended)
         self.assertGreater(max_outstanding, self.WINDOW // 2)  # the window was actually used
+
+
+class CoalescingTests(TestCase):
+    """Outbound with a clock: partial frames wait a moment for more data."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from ppbridge.streams import COALESCE
+
+        self.clock = Clock()
+        self.delay = COALESCE
+        self.frames: list[tuple[bytes, bool]] = []
+        self.out = Outbound(10 << 20, 256 * 1024, lambda c, e: self.frames.append((c, e)), lambda: None,
+                            lambda: None, self.clock)
+
+    def test_reads_are_joined_into_full_frames(self) -> None:
+        """Four 64 KiB writes in a row go out as one 256 KiB frame, not four."""
+        for i in range(4):
+            self.out.write(bytes([i]) * 65536)
+        self.assertEqual([len(c) for c, _ in self.frames], [262144])
+        self.assertEqual(self.frames[0][0], b"".join(bytes([i]) * 65536 for i in range(4)))
+
+    def test_a_partial_frame_goes_out_after_the_delay(self) -> None:
+        """A small write is not held longer than the coalescing delay (events stay live)."""
+        self.out.write(b"data: 1\n\n")
+        self.assertEqual(self.frames, [])
+        self.clock.advance(self.delay)
+        self.assertEqual(self.frames, [(b"data: 1\n\n", False)])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_finish_sends_at_once_and_leaves_no_timer(self) -> None:
+        """finish() sends what waits with END immediately; stop() cancels a pending timer."""
+        self.out.write(b"x" * 1000)
+        self.out.finish()
+        self.assertEqual(self.frames, [(b"x" * 1000, True)])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        other = Outbound(1 << 20, 1024, lambda c, e: None, lambda: None, lambda: None, self.clock)
+        other.write(b"y")
+        other.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -122,24 +122,24 @@ def signed(message: KeyRequest | KeyGrant | Announce, signature: bytes = SIGNATU
     return encode_signed(message.encode_body(), signature)
 
 
+def _block(headers: list[tuple[bytes, bytes]], count: int | None = None) -> bytes:
+    parts = [part for pair in headers for part in pair] if count is None else [b"X", b"v"] * count
+    return b"\0".join(parts)
+
+
 def raw_request_head(reply: bytes = b"ch", method: bytes = b"GET", target: bytes = b"/",
                      headers: list[tuple[bytes, bytes]] | None = None, count: int | None = None,
                      length: int = 0) -> bytes:
     """A request head encoded by hand, so it can break rules the encoder would not."""
-    headers = headers or []
-    w = Writer().blob16(reply).blob16(method).blob32(target).u16(len(headers) if count is None else count)
-    for name, value in headers:
-        w.blob16(name).blob32(value)
-    return w.u64(length).bytes()
+    block = _block(headers or [], count)
+    fixed = struct.pack(">HBIIQ", len(reply), len(method), len(target), len(block), length)
+    return fixed + reply + method + target + block
 
 
 def raw_response_head(status: int = 200, reason: bytes = b"OK", headers: list[tuple[bytes, bytes]] | None = None,
                       length: int = 0) -> bytes:
-    headers = headers or []
-    w = Writer().u16(status).blob16(reason).u16(len(headers))
-    for name, value in headers:
-        w.blob16(name).blob32(value)
-    return w.u64(length).bytes()
+    block = _block(headers or [])
+    return struct.pack(">HHIQ", status, len(reason), len(block), length) + reason + block
 
 
 DECODERS: dict[str, Callable[[bytes], object]] = {
