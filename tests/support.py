@@ -220,3 +220,16 @@ def error_of(response: IResponse) -> bytes | None:
     """The X-PPBridge-Error header of a response, if any."""
     values = response.headers.getRawHeaders(b"x-ppbridge-error")
     return values[0] if values else None
+
+
+@defer.inlineCallbacks
+def poll(predicate: Any, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    """Fires once ``predicate()`` is true, checked every ``interval`` s by a reactor delay (the
+    state is in-process, with no event to await); fails naming ``what`` after ``timeout`` s."""
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() >= deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        yield deferLater(reactor, interval, lambda: None)
