@@ -55,7 +55,7 @@ class Bus(Protocol):
 
     def stop(self) -> Deferred[None]: ...
 
-    def publish(self, channel: bytes, message: bytes) -> Deferred[int]: ...
+    def publish(self, channel: bytes, message: bytes | bytearray) -> Deferred[int]: ...
 
     def subscribe(self, channel: bytes) -> Deferred[None]: ...
 
@@ -97,7 +97,24 @@ class _Backoff:
     maxDelay = 2.0
 
 
+class _Publisher(txredisapi.RedisProtocol):
+    """txredisapi's command builder copies every argument about three times (bytearray
+    extend, concatenation, bytes()); for a 256 KiB frame one join is enough."""
+
+    def _build_command(self, *args: bytes | bytearray | str | int, **kwargs: object) -> bytes:
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            if isinstance(arg, str):
+                arg = arg.encode("utf-8")
+            elif isinstance(arg, int):
+                arg = b"%d" % arg
+            parts += (b"$%d\r\n" % len(arg), arg, b"\r\n")
+        return b"".join(parts)
+
+
 class _PublisherFactory(_Backoff, txredisapi.RedisFactory):
+    protocol = _Publisher
+
     def __init__(self, bus: RedisBus) -> None:
         txredisapi.RedisFactory.__init__(self, None, None, 1, isLazy=True)
         self.bus = bus
@@ -263,7 +280,7 @@ class RedisBus:
 
     # pub/sub
 
-    def publish(self, channel: bytes, message: bytes) -> Deferred[int]:
+    def publish(self, channel: bytes, message: bytes | bytearray) -> Deferred[int]:
         """PUBLISH; fires with the number of receivers. Fails at once when disconnected."""
         pub = self._pub
         if pub is None or not pub.connected:
@@ -375,10 +392,10 @@ class MemoryBus:
             fnmatch.fnmatchcase(text, p.decode("latin-1")) for p in self.patterns
         )
 
-    def publish(self, channel: bytes, message: bytes) -> Deferred[int]:
+    def publish(self, channel: bytes, message: bytes | bytearray) -> Deferred[int]:
         if not self._connected:
             return defer.fail(BusUnavailable())
-        return defer.succeed(self._broker.publish(channel, message))
+        return defer.succeed(self._broker.publish(channel, bytes(message)))
 
     def numsub(self, channels: list[bytes]) -> Deferred[dict[bytes, int]]:
         if not self._connected:

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
 log = Logger()
 POOL_SIZE = 64
+READ_SIZE = 256 * 1024  # the default frame_size: an upstream read can fill a frame
 
 
 @implementer(IAgentEndpointFactory)
@@ -72,7 +73,17 @@ class _OneEndpoint:
         self._endpoint = endpoint
 
     def endpointForURI(self, uri: Any) -> Any:
-        return self._endpoint
+        return self
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        """Connect, and let each socket read take up to a frame (Twisted reads 64 KiB)."""
+
+        def bigger_reads(protocol: Any) -> Any:
+            if hasattr(protocol.transport, "bufferSize"):
+                protocol.transport.bufferSize = READ_SIZE
+            return protocol
+
+        return self._endpoint.connect(factory).addCallback(bigger_reads)
 
 
 class Upstream:
