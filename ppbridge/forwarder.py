@@ -134,20 +134,17 @@ class ForwarderService(MultiService):
     # bus input
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
-        try:
-            if channel == self.channels.negotiate:
-                self._on_key_request(data)
-            elif channel == self._control:
-                self._on_confirm(channel, data)
-            elif self.channels.is_reply_of(self.id, channel):
-                self._on_reply(channel, data)
-            else:
-                raise BusMessageError("unexpected-channel", "")
-        except BusMessageError as err:
-            self.node.drop(err, channel)
-        except Exception:
-            self.metrics.dropped.labels("internal-error").inc()
-            log.failure("forwarder: error handling a bus message")
+        self.node.receive(self._dispatch, channel, data)
+
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        if channel == self.channels.negotiate:
+            self._on_key_request(data)
+        elif channel == self._control:
+            self._on_confirm(channel, data)
+        elif self.channels.is_reply_of(self.id, channel):
+            self._on_reply(channel, data)
+        else:
+            raise BusMessageError("unexpected-channel", "")
 
     def _on_key_request(self, data: bytes) -> None:
         result = self.negotiator.handle_request(data, self.clock.seconds())

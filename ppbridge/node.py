@@ -61,7 +61,19 @@ class SessionNode:
         self.metrics = metrics
         self.max_message = max_message
         self.messages = 0  # sealed + opened, for the traffic-driven rekey period
+        self.side = side
         self.drop: Callable[[BusMessageError, bytes], None] = DropLog(metrics, clock, side)
+
+    def receive(self, handle: Callable[[bytes, bytes], None], channel: bytes, data: bytes) -> None:
+        """Run a bus message handler; whatever it rejects is dropped, counted and logged, and
+        nothing escapes into the bus adapter."""
+        try:
+            handle(channel, data)
+        except BusMessageError as err:
+            self.drop(err, channel)
+        except Exception:
+            self.metrics.dropped.labels("internal-error").inc()
+            log.failure("{side}: error handling a bus message", side=self.side)
 
     def open(self, channel: bytes, data: bytes) -> tuple[KeyEntry, Header, bytes]:
         """Authenticate and decrypt; raises BusMessageError for anything we must not accept."""

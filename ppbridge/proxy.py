@@ -142,20 +142,17 @@ class ProxyService(MultiService):
     # bus input
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
-        try:
-            if channel == self.data_channel:
-                self._on_data(channel, data)
-            elif channel == self.channels.announce:
-                self._on_announce(data)
-            elif self.negotiator.is_pending(channel):
-                self._on_grant(channel, data)
-            else:
-                raise BusMessageError("unexpected-channel", "")
-        except BusMessageError as err:
-            self.node.drop(err, channel)
-        except Exception:
-            self.metrics.dropped.labels("internal-error").inc()
-            log.failure("proxy: error handling a bus message")
+        self.node.receive(self._dispatch, channel, data)
+
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        if channel == self.data_channel:
+            self._on_data(channel, data)
+        elif channel == self.channels.announce:
+            self._on_announce(data)
+        elif self.negotiator.is_pending(channel):
+            self._on_grant(channel, data)
+        else:
+            raise BusMessageError("unexpected-channel", "")
 
     def _on_announce(self, data: bytes) -> None:
         forwarder = self.negotiator.verify_announce(data, self.clock.seconds())
