@@ -198,6 +198,10 @@ class RedisBus:
 
     def _connect(self, factory: txredisapi.RedisFactory) -> txredisapi.RedisFactory:
         _binary_safe(factory, self.settings)
+        # The factory's first-connection Deferred fails when Redis refuses AUTH/SELECT; the
+        # watchdog deals with that, this only keeps the failure from going unhandled.
+        factory.deferred.addErrback(lambda f: log.warn("Redis refused the connection: {err}",
+                                                       err=f.getErrorMessage()))
         factory.startConnecting(self._endpoint())
         return factory
 

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = Logger()
 TIDY_INTERVAL = 1.0
-LIVENESS_MISSES = 2
 
 
 class ForwarderService(MultiService):
@@ -59,7 +58,7 @@ class ForwarderService(MultiService):
         self.last_error: dict[str, str] = {}
         self.streams: dict[bytes, ClientStream] = {}
         self.closed = RecentlyClosed()
-        self._misses: dict[bytes, int] = {}
+        self._turns: dict[str, int] = {}
         self._waiters: dict[str, list[Deferred[None]]] = {}
         self._control = self.channels.forwarder_control(self.id)
         self._loops = [
@@ -108,11 +107,12 @@ class ForwarderService(MultiService):
         return self._check_liveness()
 
     def _check_liveness(self) -> Deferred[None] | None:
-        """Evict proxy instances whose data channel has had no subscriber for a while.
+        """Evict proxy instances whose data channel has no subscriber.
 
-        PUBLISH counts reaching no one evict at once; this finds a restarted proxy's old
-        instance before a request is sent there. Two misses in a row are needed, so a proxy
-        that is resubscribing is not evicted (and it renegotiates after reconnecting anyway).
+        PUBLISH counts reaching no one evict at once, but a pattern subscriber makes them
+        lie; this finds a restarted proxy's old instance (checked every second, and at once
+        when a new instance appears) before requests are sent there. Evicting a live proxy
+        that is just resubscribing is harmless: it renegotiates whenever it reconnects.
         """
         entries = {i: self.keyring.current(i) for names in self.instances.values() for i in names}
         channels = {self.data_channel(e): i for i, e in entries.items() if e is not None}
@@ -121,12 +121,7 @@ class ForwarderService(MultiService):
 
         def check(counts: dict[bytes, int]) -> None:
             for channel, instance in channels.items():
-                if counts.get(channel, 1):
-                    self._misses.pop(instance, None)
-                    continue
-                self._misses[instance] = self._misses.get(instance, 0) + 1
-                if self._misses[instance] >= LIVENESS_MISSES:
-                    del self._misses[instance]
+                if counts.get(channel, 1) == 0:
                     self.evict(instance, "its data channel has no subscriber")
 
         return self.bus.numsub(list(channels)).addCallback(check)
@@ -166,6 +161,10 @@ class ForwarderService(MultiService):
             instances = self.instances.setdefault(session.proxy, [])
             if session.instance not in instances:
                 instances.append(session.instance)
+                if len(instances) > 1:  # a restart, most likely: is the old instance still there?
+                    d = self._check_liveness()
+                    if d is not None:
+                        d.addErrback(log_failure("checking proxy instances failed"))
             self.last_error.pop(session.proxy, None)
             for waiter in self._waiters.pop(session.proxy, []):
                 waiter.callback(None)
@@ -193,12 +192,19 @@ class ForwarderService(MultiService):
         return found
 
     def candidates(self, proxy: str) -> list[KeyEntry]:
-        """Current keys of the live instances of ``proxy``, in round-robin order."""
-        instances = self.instances.get(proxy, [])
-        if len(instances) > 1:
-            instances.append(instances.pop(0))
-        entries = [self.keyring.current(i) for i in instances]
+        """Current keys of the live instances of ``proxy``."""
+        entries = [self.keyring.current(i) for i in self.instances.get(proxy, [])]
         return [e for e in entries if e is not None]
+
+    def pick(self, proxy: str) -> list[KeyEntry]:
+        """The candidates in the order to try them: round robin, one step per call."""
+        entries = self.candidates(proxy)
+        if len(entries) > 1:
+            turn = self._turns.get(proxy, 0)
+            self._turns[proxy] = turn + 1
+            start = turn % len(entries)
+            entries = entries[start:] + entries[:start]
+        return entries
 
     def evict(self, instance: bytes, reason: str) -> None:
         """Forget a proxy instance that no longer listens (PUBLISH reached nobody)."""
@@ -209,6 +215,8 @@ class ForwarderService(MultiService):
                 log.info("proxy {proxy} instance {instance} is gone: {reason}", proxy=name,
                          instance=instance.hex(), reason=reason)
         self.keyring.drop_peer(instance)
+        for stream in [s for s in self.streams.values() if s.instance == instance]:
+            stream.instance_gone()
 
     def wait_for_proxy(self, name: str) -> Deferred[None]:
         """Fires once ``name`` has a confirmed key (at once if it has one now)."""

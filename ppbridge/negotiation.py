@@ -46,7 +46,8 @@ LABEL_GRANT = b"ppbridge v1 key-grant\0"
 LABEL_ANNOUNCE = b"ppbridge v1 announce\0"
 ANY_FORWARDER = bytes(ID_SIZE)
 SECRET_SIZE = 32
-PENDING_LIFETIME = 10.0
+PENDING_LIFETIME = 10.0  # how long a request accepts grants (several forwarders may answer)
+ANSWER_WAIT = 3.0  # how long an unanswered request holds back the same request again
 
 
 def _raw_public(key: X25519PrivateKey) -> bytes:
@@ -82,8 +83,12 @@ class NewSession:
 class _Pending:
     request: KeyRequest
     ephemeral: X25519PrivateKey
-    expires: float
+    sent: float
     granted_by: set[bytes] = field(default_factory=set)
+
+    @property
+    def expires(self) -> float:
+        return self.sent + PENDING_LIFETIME
 
 
 class ProxyNegotiator:
@@ -120,7 +125,7 @@ class ProxyNegotiator:
         )
         body = request.encode_body()
         signature = keys.sign(self._private, LABEL_REQUEST + self._channels.negotiate + body)
-        self._pending[channel] = _Pending(request, ephemeral, now + PENDING_LIFETIME)
+        self._pending[channel] = _Pending(request, ephemeral, now)
         return channel, encode_signed(body, signature)
 
     def handle_grant(self, channel: bytes, data: bytes, now: float) -> NewSession:
@@ -157,9 +162,13 @@ class ProxyNegotiator:
     def is_pending(self, channel: bytes) -> bool:
         return channel in self._pending
 
-    def pending_targets(self) -> set[bytes]:
-        """Forwarder ids (or ANY_FORWARDER) that have a request outstanding."""
-        return {p.request.target for p in self._pending.values()}
+    def unanswered_targets(self, now: float) -> set[bytes]:
+        """Forwarder ids (or ANY_FORWARDER) with a request out for less than ANSWER_WAIT
+        seconds and no grant yet: asking them again now would only duplicate it."""
+        return {
+            p.request.target for p in self._pending.values()
+            if not p.granted_by and now - p.sent < ANSWER_WAIT
+        }
 
     def verify_announce(self, data: bytes, now: float) -> bytes:
         """The forwarder id of a valid, fresh announcement."""

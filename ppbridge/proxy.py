@@ -32,7 +32,7 @@ from ppbridge.upstream import Upstream, UpstreamCall
 from ppbridge.wire import ID_SIZE, OVERHEAD, STREAM_ID_SIZE, MsgType, RequestHead
 
 log = Logger()
-TICK = 1.0
+TICK = 0.25  # the negotiation, rekey and expiry timer
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0
 NO_STREAM = bytes(STREAM_ID_SIZE)
 
@@ -109,8 +109,9 @@ class ProxyService(MultiService):
             if now >= self._retry_at:
                 self._negotiate(ANY_FORWARDER)
             return
-        reason = self.schedule.due(now, self._messages_on_current())
-        if reason is not None and ANY_FORWARDER not in self.negotiator.pending_targets():
+        # A rotation due within half a tick is done now, or a 1 s period would slip a tick.
+        reason = self.schedule.due(now + TICK / 2, self._messages_on_current())
+        if reason is not None and ANY_FORWARDER not in self.negotiator.unanswered_targets(now):
             log.debug("rekeying ({reason})", reason=reason)
             self._negotiate(ANY_FORWARDER)
 
@@ -159,7 +160,7 @@ class ProxyService(MultiService):
         known = self.keyring.current(forwarder) is not None
         # A broadcast request still pending may predate this forwarder, so only a request
         # addressed to it counts (at worst one spare key when both arrive).
-        if not known and forwarder not in self.negotiator.pending_targets():
+        if not known and forwarder not in self.negotiator.unanswered_targets(self.clock.seconds()):
             log.info("forwarder {id} announced itself; negotiating a key", id=forwarder.hex())
             self._negotiate(forwarder)
 
@@ -167,7 +168,8 @@ class ProxyService(MultiService):
         now = self.clock.seconds()
         session = self.negotiator.handle_grant(channel, data, now)
         entry = self.keyring.add(session, session.forwarder, now, confirmed=True)
-        self.schedule.rotated(now)
+        if self.schedule.keyed_at is None:
+            self.schedule.rotated(now)  # the first key; rotations count from their request
         self._retry_delay = RETRY_FIRST
         self.last_error = None
         self.metrics.negotiations.labels("granted").inc()

@@ -23,7 +23,14 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    ResponseDone,
+    ResponseFailed,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
@@ -58,6 +65,10 @@ if TYPE_CHECKING:
 log = Logger()
 POOL_SIZE = 64
 READ_SIZE = 256 * 1024  # the default frame_size: an upstream read can fill a frame
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False
 
 
 @implementer(IAgentEndpointFactory)
@@ -96,6 +107,7 @@ class Upstream:
         self.base_path = parts.path.rstrip("/").encode("ascii")
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = POOL_SIZE
+        self.pool._factory = _QuietFactory  # not two log lines per upstream connection
         if agent is None:
             port = parts.port or (443 if parts.scheme == "https" else 80)
             endpoints = _OneEndpoint(reactor, parts.scheme, parts.hostname or "", port, connect_timeout)

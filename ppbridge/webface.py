@@ -221,7 +221,7 @@ class ClientStream:
     def _send_head(self, body: bytes, end: bool) -> None:
         """Publish the request head, with ``body`` inside when both fit one frame; otherwise
         the body follows as DATA frames."""
-        candidates = self.bridge.candidates(self.proxy)
+        candidates = self.bridge.pick(self.proxy)
         if not candidates:
             self._fail(ProxyUnavailable(), notify=False)
             return
@@ -271,7 +271,8 @@ class ClientStream:
     def _send(self, mtype: MsgType, seq: int, payload: bytes, flags: int = 0) -> None:
         entry = self._current()
         if entry is None:
-            self._fail(ProxyUnavailable("ppbridge: the proxy went away mid-request"), notify=False)
+            if mtype is not MsgType.RESET:  # a RESET is best effort: the stream ends anyway
+                self.instance_gone()
             return
         d = self.bridge.node.send(entry, self.bridge.data_channel(entry), mtype, self.id, seq, payload, flags)
         d.addErrback(lambda f: None)  # a lost link is handled by bus_lost()
@@ -355,6 +356,10 @@ class ClientStream:
         self._done(str(self._response.status if self._response else "ok"))
 
     # ends
+
+    def instance_gone(self) -> None:
+        """The proxy instance serving this stream was evicted (or lost its key)."""
+        self._fail(ProxyUnavailable("ppbridge: the proxy went away mid-request"), notify=False)
 
     def bus_lost(self) -> None:
         self._fail(BusLost(), notify=False)
