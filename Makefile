@@ -35,7 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 typecheck: $(STAMP)
-	$(BIN)/pip install --quiet mypy
+	$(BIN)/pip install --quiet mypy mypy-zope
 	$(BIN)/mypy ppbridge
 
 clean:

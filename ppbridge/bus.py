@@ -102,7 +102,7 @@ class _Publisher(txredisapi.RedisProtocol):
     extend, concatenation, bytes()); for a 256 KiB frame one join is enough."""
 
     def _build_command(self, *args: bytes | bytearray | str | int, **kwargs: object) -> bytes:
-        parts = [b"*%d\r\n" % len(args)]
+        parts: list[bytes | bytearray] = [b"*%d\r\n" % len(args)]
         for arg in args:
             if isinstance(arg, str):
                 arg = arg.encode("utf-8")
@@ -301,11 +301,12 @@ class RedisBus:
         return d.addCallback(lambda r: {bytes(r[i]): int(r[i + 1]) for i in range(0, len(r), 2)})
 
     def _subscription(self, command: str, name: bytes) -> Deferred[None]:
-        def run() -> Deferred[None] | None:
+        def run() -> Deferred[None]:
             sub = self._sub
             if sub is None or not sub.connected:
-                return None  # applied by _resubscribe on the next connection
-            return getattr(sub, command)([name]).addCallbacks(_ignore, _as_unavailable)
+                return defer.succeed(None)  # applied by _resubscribe on the next connection
+            d: Deferred[None] = getattr(sub, command)([name]).addCallbacks(_ignore, _as_unavailable)
+            return d
 
         return self._lock.run(run)
 

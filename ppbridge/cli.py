@@ -39,10 +39,10 @@ def _check(args: argparse.Namespace) -> int:
         p = load_proxy_config(path)
         print(f"{path}: ok: proxy {p.name!r} -> {p.upstream}, key {keys.fingerprint(p.private_key)}")
     else:
-        f = load_forwarder_config(path)
+        fw = load_forwarder_config(path)
         routes = ", ".join(f"{r.name} ({r.path_prefix or '/'}{' ' + ','.join(r.hosts) if r.hosts else ''})"
-                           for r in f.proxies)
-        print(f"{path}: ok: forwarder on {', '.join(f.listen)}; routes: {routes}")
+                           for r in fw.proxies)
+        print(f"{path}: ok: forwarder on {', '.join(fw.listen)}; routes: {routes}")
     return 0
 
 

@@ -129,10 +129,12 @@ class ProxyService(MultiService):
         else:
             self.schedule.rotated(now)  # a failed rekey is retried after a whole period, not every tick
         channel, message = self.negotiator.make_request(now, target)
-        d = self.bus.subscribe(channel)
-        d.addCallback(lambda _: self.bus.publish(self.channels.negotiate, message))
-        d.addCallback(self._request_published)
-        d.addErrback(log_failure("publishing a key request failed"))
+
+        def publish(_: object) -> Deferred[int]:
+            return self.bus.publish(self.channels.negotiate, message)
+
+        d = self.bus.subscribe(channel).addCallback(publish)
+        d.addCallback(self._request_published).addErrback(log_failure("publishing a key request failed"))
 
     def _request_published(self, receivers: int) -> None:
         self.metrics.negotiations.labels("requested").inc()
@@ -187,10 +189,10 @@ class ProxyService(MultiService):
             head, body = RequestHead.decode(payload)
             if not self.channels.is_reply_of(forwarder, head.reply_channel):
                 raise BusMessageError("bad-reply-channel", "reply channel outside the forwarder's pattern")
-            call = UpstreamCall(self, forwarder, header.stream_id, head)
-            self.calls[key] = call
+            new = UpstreamCall(self, forwarder, header.stream_id, head)
+            self.calls[key] = new
             self.metrics.active_streams.inc()
-            call.start(body, header.end)
+            new.start(body, header.end)
             return
         call = self.calls.get(key)
         if call is None:
@@ -229,7 +231,7 @@ class ProxyService(MultiService):
         """The JSON document of ``GET /status``: this proxy's key with each forwarder, by
         fingerprint only, and the rekey period in force."""
         now = self.clock.seconds()
-        forwarders = {}
+        forwarders: dict[str, dict[str, Any]] = {}
         for peer in self.keyring.peers():
             entry, stats = self.keyring.current(peer), self.keyring.stats.get(peer)
             if entry is not None and stats is not None:

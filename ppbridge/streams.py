@@ -26,7 +26,7 @@ INLINE_MAX = 64 * 1024
 class Scheduler(Protocol):
     """What :class:`Outbound` needs of a clock (``IReactorTime`` provides it)."""
 
-    def callLater(self, delay: float, f: Callable[[], None]) -> Any: ...
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object) -> Any: ...
 
 
 COALESCE = 0.001  # seconds a partial frame may wait for more data before it is sent anyway

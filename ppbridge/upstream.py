@@ -12,7 +12,7 @@ origin-form path appended to it, so nothing a message says can point the proxy e
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
@@ -165,7 +165,7 @@ class _BodyReceiver(Protocol):
         self.call = call
 
     def connectionMade(self) -> None:
-        self.call.body_started(self.transport)
+        self.call.body_started(cast(IPushProducer, self.transport))
 
     def dataReceived(self, data: bytes) -> None:
         self.call.body_data(data)
@@ -184,7 +184,7 @@ def classify(failure: Failure) -> RequestError:
         return UpstreamUnreachable("ppbridge: the upstream host name does not resolve")
     if failure.check(ConnectError, ResponseFailed):
         return UpstreamUnreachable("ppbridge: the upstream connection failed or was reset")
-    return UpstreamUnreachable(f"ppbridge: upstream error ({failure.type.__name__})")
+    return UpstreamUnreachable(f"ppbridge: upstream error ({type(failure.value).__name__})")
 
 
 class UpstreamCall:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -59,6 +59,17 @@ log = Logger()
 LINGER = 5.0  # seconds a refused upload may go on being sent (and dropped) before we close
 
 
+def connection(request: Request) -> Any:
+    """The client's TCP (or TLS) transport: it can pause, resume and abort."""
+    return request.channel.transport
+
+
+def bridge_of(request: Request) -> ForwarderService:
+    """The ForwarderService behind the site that made ``request`` (see BridgeSite)."""
+    bridge: ForwarderService = cast(Any, request.channel).site.bridge
+    return bridge
+
+
 def error_response(err: RequestError) -> tuple[int, HeaderList, bytes]:
     """Status, headers and body of the answer ppbridge gives for ``err``."""
     body = (err.detail + "\n").encode("utf-8")
@@ -97,13 +108,13 @@ def refuse_early(request: BridgeRequest, err: RequestError) -> None:
     lines = [b"HTTP/1.1 %d %s" % (status, err.cause.encode("ascii"))]
     lines += [name + b": " + value for name, value in headers]
     lines += [b"Connection: close", b"", b""]
-    transport = request.channel.transport
+    transport = connection(request)
     transport.write(b"\r\n".join(lines) + body)
     half_close = getattr(transport, "loseWriteConnection", None)
     if half_close is not None:
         half_close()  # the answer is complete: clients see EOF and close their side
     transport.resumeProducing()  # keep reading (and dropping) if an upload had paused it
-    closer = request.channel.site.bridge.clock.callLater(LINGER, transport.loseConnection)
+    closer = bridge_of(request).clock.callLater(LINGER, transport.loseConnection)
     request.notifyFinish().addBoth(lambda _: closer.cancel() if closer.active() else None)
 
 
@@ -246,7 +257,7 @@ class ClientStream:
         d.addCallbacks(self._head_published, self._publish_failed, callbackArgs=(body, end))
         if not head_ends:
             self._outbound = Outbound(entry.session.peer_window, frame - OVERHEAD, self._send_frame,
-                                      self.request.transport.pauseProducing, self.request.transport.resumeProducing,
+                                      connection(self.request).pauseProducing, connection(self.request).resumeProducing,
                                       self.bridge.clock)
             self._outbound.write(rest)
             if end:
@@ -398,7 +409,7 @@ class ClientStream:
         request = self.request
         if request.startedWriting:
             log.warn("aborting a response to the client: {cause}", cause=err.cause)
-            request.transport.abortConnection()
+            connection(request).abortConnection()
         elif self.rendered:
             render_error(request, err)
         else:
@@ -440,7 +451,7 @@ class BridgeRequest(Request):
     def gotLength(self, length: int | None) -> None:
         self.content = io.BytesIO()  # never filled: the body streams to the proxy
         self.defaultContentType = None  # an upstream response without Content-Type stays so
-        bridge: ForwarderService = self.channel.site.bridge
+        bridge = bridge_of(self)
         method, uri = _request_line(self)
         try:
             self.stream = ClientStream.open(bridge, self, method, uri, length)
@@ -478,5 +489,5 @@ class BridgeSite(Site):
                          parsePOSTFormSubmission=False)
         self.bridge = bridge
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Any) -> None:
         return None
