@@ -266,12 +266,19 @@ class ClientStream:
     def _head_published(self, receivers: int, body: bytes, end: bool) -> None:
         if receivers or self.state != "sent" or self.instance is None:
             return
-        self.bridge.evict(self.instance, "PUBLISH reached no subscriber")
-        if self._outbound is None or self._outbound.sent_bytes == 0:
-            self._outbound = None
-            self._send_head(body, end)  # nothing reached the dead instance: try the next one
-        else:
+        dead, self.instance = self.instance, None  # detach first: eviction fails its streams
+        self.bridge.evict(dead, "PUBLISH reached no subscriber")
+        if self._outbound is not None and self._outbound.frames_sent:
             self._fail(ProxyUnavailable(), notify=False)
+            return
+        # Nothing reached the dead instance: try the next one, with what waited to be sent.
+        queued, finishing = self._outbound.handover() if self._outbound is not None else (b"", False)
+        self._outbound = None
+        self._send_head(body, end)
+        if self._outbound is not None:
+            self._outbound.write(queued)
+            if finishing and not end:
+                self._outbound.finish()
 
     def _publish_failed(self, failure: Failure) -> None:
         self._fail(BusUnavailable() if failure.check(BusUnavailable) else BusLost(), notify=False)

@@ -155,6 +155,46 @@ class EarlyAnswers(TestCase):
         yield closed.addTimeout(10, reactor)  # and the proxy let go of that connection
 
 
+class Failover(TestCase):
+    @defer.inlineCallbacks
+    def test_upload_moves_to_a_live_instance_when_publish_reaches_nobody(self):
+        """Two processes of one proxy; one stops listening (PUBLISH reaches nobody) before
+        the forwarder noticed: streamed uploads sent its way move to the live instance with
+        every byte, none fails, and the silent instance is evicted."""
+        from ppbridge.bus import MemoryBroker
+        from ppbridge.config import load_forwarder_config, load_proxy_config
+        from ppbridge.forwarder import ForwarderService
+        from ppbridge.proxy import ProxyService
+        from ppbridge.scaffold import write_forwarder_config, write_proxy_config
+        from ppbridge.webface import BridgeSite
+        from tests.support import key_pair, poll, temp_folder
+
+        folder = temp_folder(self)
+        for name in ("forwarder", "alpha"):
+            key_pair(folder, name)
+        site, app = make_site()
+        upstream = yield listen(self, site)
+        redis_url = "redis://127.0.0.1:9/0"  # never contacted: the bus is in memory
+        broker = MemoryBroker()
+        forwarder = ForwarderService(load_forwarder_config(write_forwarder_config(
+            folder, redis_url, "tcp:0", {"alpha": {"path_prefix": "/"}})), broker.client(), reactor)
+        settings = load_proxy_config(write_proxy_config(folder, "alpha", redis_url, upstream))
+        live, silent = (ProxyService(settings, broker.client(), reactor, reactor) for _ in range(2))
+        for service in (forwarder, live, silent):
+            service.startService()
+            self.addCleanup(lambda s=service: s.stopService() if s.running else None)
+        url = yield listen(self, BridgeSite(forwarder))
+        yield poll(lambda: len(forwarder.candidates("alpha")) == 2, 10, "both instances keyed")
+        forwarder._loops[1].stop()  # no liveness check: only PUBLISH can tell the instance is gone
+        silent.bus.set_connected(False)
+        client = Client(self)
+        for _ in range(2):  # round robin: one of the two starts with the silent instance
+            body = os.urandom(MiB)
+            response, data = yield client.fetch(b"POST", url + "/upload", body=body)
+            self.assertEqual((response.code, echo(data)["body_sha256"]), (200, hashlib.sha256(body).hexdigest()))
+        self.assertEqual(forwarder.instances["alpha"], [live.instance])
+
+
 class Routing(TestCase):
     @defer.inlineCallbacks
     def test_two_proxies_by_prefix_and_by_host(self):
