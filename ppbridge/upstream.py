@@ -27,6 +27,7 @@ from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
+    RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
     _HTTP11ClientFactory,
@@ -176,7 +177,7 @@ class _BodyReceiver(Protocol):
 
 def classify(failure: Failure) -> RequestError:
     """The request error an upstream failure means for the client."""
-    if failure.check(defer.CancelledError, TimeoutError):
+    if failure.check(TimeoutError):  # a connect timeout
         return UpstreamTimeout()
     if failure.check(ConnectionRefusedError):
         return UpstreamUnreachable("ppbridge: the upstream service refused the connection")
@@ -205,6 +206,8 @@ class UpstreamCall:
         self._response: ResponseHead | None = None
         self._responded = False  # the upstream's response is complete
         self._timer: IDelayedCall | None = None
+        self._headers_timer: IDelayedCall | None = None
+        self.timed_out = False
 
     def start(self, body: bytes, end: bool) -> None:
         """Call the upstream; ``body``/``end`` are what came inline with the head."""
@@ -219,7 +222,9 @@ class UpstreamCall:
                 headers.addRawHeader(name, value)
         self._arm()
         d = self.proxy.upstream.agent.request(head.method, self.proxy.upstream.url(head.target), headers, producer)
-        d.addTimeout(self.proxy.settings.upstream_timeout, self.proxy.clock)
+        # Not addTimeout: the Agent turns the cancellation into ResponseNeverReceived, which
+        # addTimeout does not recognise; the flag says it was our timeout.
+        self._headers_timer = self.proxy.clock.callLater(self.proxy.settings.upstream_timeout, self._too_slow)
         self._request = d
         d.addCallbacks(self._got_response, self._failed)
         d.addErrback(self._bug)
@@ -259,7 +264,13 @@ class UpstreamCall:
 
     # from the upstream
 
+    def _too_slow(self) -> None:
+        self.timed_out = True
+        if self._request is not None:
+            self._request.cancel()
+
     def _got_response(self, response: IResponse) -> None:
+        self._stop_headers_timer()
         if self.done:
             response.deliverBody(_Discard())
             return
@@ -276,11 +287,16 @@ class UpstreamCall:
             self._send_head(b"", end=False)
         response.deliverBody(_BodyReceiver(self))
 
+    def _stop_headers_timer(self) -> None:
+        if self._headers_timer is not None and self._headers_timer.active():
+            self._headers_timer.cancel()
+
     def _failed(self, failure: Failure) -> None:
+        self._stop_headers_timer()
         if self.done:
             return
-        error = classify(failure)
-        if not failure.check(defer.CancelledError, TimeoutError, ConnectError, ResponseFailed):
+        error = UpstreamTimeout() if self.timed_out else classify(failure)
+        if not failure.check(defer.CancelledError, TimeoutError, ConnectError, ResponseFailed, RequestTransmissionFailed):
             log.failure("upstream request failed", failure)
         self._reset(error)
 
@@ -403,6 +419,7 @@ class UpstreamCall:
         if self.done:
             return
         self.done = True
+        self._stop_headers_timer()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self._outbound is not None:

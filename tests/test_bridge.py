@@ -339,6 +339,14 @@ class Errors(TestCase):
         self.assertEqual(path, "/hang")
 
     @defer.inlineCallbacks
+    def test_upstream_too_slow_is_504_upstream_timeout(self):
+        """An upstream that sends no headers within the proxy's upstream_timeout gets 504
+        upstream-timeout (before the forwarder's own, longer, request_timeout)."""
+        stack = yield Stack(self).start(forwarder={"request_timeout": 30.0}, proxy={"upstream_timeout": 1.0})
+        response, _ = yield Client(self).fetch(b"GET", stack.url + "/hang")
+        self.assertEqual((response.code, error_of(response)), (504, b"upstream-timeout"))
+
+    @defer.inlineCallbacks
     def test_declared_body_over_limit_is_413_before_upload(self):
         """A Content-Length over max_body_size is answered 413 without the body being read
         or anything reaching the upstream."""
