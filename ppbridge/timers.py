@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -59,3 +59,24 @@ class Periodic:
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
+
+
+class Deadline:
+    """A one-shot timer that can be pushed back: ``arm(seconds)`` (re)starts it, ``cancel()``
+    stops it; when it expires it calls ``on_expiry`` once."""
+
+    def __init__(self, clock: IReactorTime, on_expiry: Callable[[], None]) -> None:
+        self._clock = clock
+        self._on_expiry = on_expiry
+        self._call: IDelayedCall | None = None
+
+    def arm(self, seconds: float) -> None:
+        if self._call is not None and self._call.active():
+            self._call.reset(seconds)
+        else:
+            self._call = self._clock.callLater(seconds, self._on_expiry)
+
+    def cancel(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None

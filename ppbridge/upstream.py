@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError, TimeoutError
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -47,6 +47,7 @@ from ppbridge.errors import (
 )
 from ppbridge.httpheaders import end_to_end, upstream_request_headers
 from ppbridge.streams import INLINE_MAX, Inbound, Outbound
+from ppbridge.timers import Deadline
 from ppbridge.wire import (
     FLAG_END,
     OVERHEAD,
@@ -205,8 +206,8 @@ class UpstreamCall:
         self._buffer: list[bytes] | None = None
         self._response: ResponseHead | None = None
         self._responded = False  # the upstream's response is complete
-        self._timer: IDelayedCall | None = None
-        self._headers_timer: IDelayedCall | None = None
+        self._idle_timer = Deadline(proxy.clock, self._idle)
+        self._headers_timer = Deadline(proxy.clock, self._too_slow)
         self.timed_out = False
 
     def start(self, body: bytes, end: bool) -> None:
@@ -224,7 +225,7 @@ class UpstreamCall:
         d = self.proxy.upstream.agent.request(head.method, self.proxy.upstream.url(head.target), headers, producer)
         # Not addTimeout: the Agent turns the cancellation into ResponseNeverReceived, which
         # addTimeout does not recognise; the flag says it was our timeout.
-        self._headers_timer = self.proxy.clock.callLater(self.proxy.settings.upstream_timeout, self._too_slow)
+        self._headers_timer.arm(self.proxy.settings.upstream_timeout)
         self._request = d
         d.addCallbacks(self._got_response, self._failed)
         d.addErrback(self._bug)
@@ -270,7 +271,7 @@ class UpstreamCall:
             self._request.cancel()
 
     def _got_response(self, response: IResponse) -> None:
-        self._stop_headers_timer()
+        self._headers_timer.cancel()
         if self.done:
             response.deliverBody(_Discard())
             return
@@ -287,12 +288,8 @@ class UpstreamCall:
             self._send_head(b"", end=False)
         response.deliverBody(_BodyReceiver(self))
 
-    def _stop_headers_timer(self) -> None:
-        if self._headers_timer is not None and self._headers_timer.active():
-            self._headers_timer.cancel()
-
     def _failed(self, failure: Failure) -> None:
-        self._stop_headers_timer()
+        self._headers_timer.cancel()
         if self.done:
             return
         error = UpstreamTimeout() if self.timed_out else classify(failure)
@@ -405,11 +402,8 @@ class UpstreamCall:
     # life
 
     def _arm(self) -> None:
-        seconds = self.proxy.settings.stream_idle_timeout
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(seconds)
-        elif not self.done:
-            self._timer = self.proxy.clock.callLater(seconds, self._idle)
+        if not self.done:
+            self._idle_timer.arm(self.proxy.settings.stream_idle_timeout)
 
     def _idle(self) -> None:
         self.proxy.metrics.aborted.labels("idle-timeout").inc()
@@ -419,9 +413,8 @@ class UpstreamCall:
         if self.done:
             return
         self.done = True
-        self._stop_headers_timer()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        self._headers_timer.cancel()
+        self._idle_timer.cancel()
         if self._outbound is not None:
             self._outbound.stop()
         self.proxy.call_done(self)

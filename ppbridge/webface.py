@@ -13,7 +13,6 @@ import io
 import os
 from typing import TYPE_CHECKING, Any, cast
 
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -37,6 +36,7 @@ from ppbridge.httpheaders import end_to_end, forwarded_request_headers
 from ppbridge.keyring import KeyEntry
 from ppbridge.routing import origin_form
 from ppbridge.streams import INLINE_MAX, Inbound, Outbound
+from ppbridge.timers import Deadline
 from ppbridge.wire import (
     FLAG_END,
     OVERHEAD,
@@ -143,7 +143,7 @@ class ClientStream:
         self._outbound: Outbound | None = None
         self._inbound: Inbound | None = None
         self._response: ResponseHead | None = None
-        self._timer: IDelayedCall | None = None
+        self._timer = Deadline(bridge.clock, self._timed_out)
         bridge.streams[self.id] = self
         bridge.metrics.active_streams.inc()
         request.notifyFinish().addErrback(self._client_gone)
@@ -391,12 +391,8 @@ class ClientStream:
             self._arm(self.bridge.settings.request_timeout)
 
     def _arm(self, seconds: float) -> None:
-        if self.state == "done":
-            return  # the message that re-arms may also have finished the stream
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(seconds)
-        else:
-            self._timer = self.bridge.clock.callLater(seconds, self._timed_out)
+        if self.state != "done":  # the message that re-arms may also have finished the stream
+            self._timer.arm(seconds)
 
     def _timed_out(self) -> None:
         if self.state == "sent":
@@ -427,8 +423,7 @@ class ClientStream:
         if self.state == "done":
             return
         self.state = "done"
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        self._timer.cancel()
         if self._outbound is not None:
             self._outbound.stop()
         self.bridge.streams.pop(self.id, None)
