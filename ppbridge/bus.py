@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections import deque
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import txredisapi
 from twisted.internet import defer
@@ -30,16 +30,21 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ppbridge.config import RedisSettings
+from ppbridge.channels import Channels
+from ppbridge.config import MAX_FRAME_SIZE, RedisSettings
 from ppbridge.errors import BusUnavailable
+from ppbridge.respguard import RespGuard, RespProtocolError
 from ppbridge.timers import Periodic
+from ppbridge.wire import OVERHEAD
 
 log = Logger()
 
 MessageHandler = Callable[[bytes, bytes], None]
 StateHandler = Callable[[bool], None]
+OversizedHandler = Callable[[bytes, int], None]
 HEALTH_INTERVAL = 5.0
 HEALTH_TIMEOUT = 5.0
+SMALL_MESSAGE = 64 * 1024  # the limit on the negotiation and announcement channels
 
 
 class Bus(Protocol):
@@ -47,6 +52,8 @@ class Bus(Protocol):
 
     on_message: MessageHandler
     on_state: StateHandler
+    on_oversized: OversizedHandler  # (channel, size) of a message refused for its size, unread
+    max_message: int  # the longest message accepted (the negotiation channels: 64 KiB at most)
 
     @property
     def connected(self) -> bool: ...
@@ -97,9 +104,46 @@ class _Backoff:
     maxDelay = 2.0
 
 
-class _Publisher(txredisapi.RedisProtocol):
+class _Guarded:
+    """A :class:`~ppbridge.respguard.RespGuard` in front of txredisapi's reply reader, which
+    (hiredis or not) buffers any bulk string whole: a reply the guard refuses costs one log
+    line and the connection, which the factory re-establishes. Checked against txredisapi
+    1.6.0: ``dataReceived(data, unpause)`` is the reader's only entry, and its non-hiredis
+    reader calls it again with ``unpause=True`` for bytes it has already been given."""
+
+    guard: RespGuard | None = None  # None before the connection and after a refusal
+    transport: Any  # the protocol's; declared for the type checker
+    name = "connection"
+
+    def new_guard(self) -> RespGuard:
+        return RespGuard()
+
+    def connectionMade(self):  # type: ignore[no-untyped-def]
+        self.guard = self.new_guard()
+        return super().connectionMade()  # type: ignore[misc]
+
+    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        if not unpause:
+            if self.guard is None:
+                return  # refused already; the connection is going
+            try:
+                data = self.guard.feed(data)
+            except RespProtocolError as err:
+                log.warn("Redis {name}: refusing the server's reply ({err}); reconnecting",
+                         name=self.name, err=err)
+                self.guard = None
+                self.transport.abortConnection()
+                return
+        if data or unpause:
+            super().dataReceived(data, unpause)  # type: ignore[misc]
+
+
+class _Publisher(_Guarded, txredisapi.RedisProtocol):
     """txredisapi's command builder copies every argument about three times (bytearray
-    extend, concatenation, bytes()); for a 256 KiB frame one join is enough."""
+    extend, concatenation, bytes()); for a 256 KiB frame one join is enough. Replies are
+    small (no bulk over 64 KiB: :class:`_Guarded`)."""
+
+    name = "publisher"
 
     def _build_command(self, *args: bytes | bytearray | str | int, **kwargs: object) -> bytes:
         parts: list[bytes | bytearray] = [b"*%d\r\n" % len(args)]
@@ -129,10 +173,26 @@ class _PublisherFactory(_Backoff, txredisapi.RedisFactory):
         self.bus._publisher_down(conn)
 
 
-class _Subscriber(txredisapi.SubscriberProtocol):
-    """Delivers messages to the bus and resubscribes after every (re)connection."""
+class _Subscriber(_Guarded, txredisapi.SubscriberProtocol):
+    """Delivers messages to the bus and resubscribes after every (re)connection. A message
+    over the bus's limit for its channel is skipped as it streams in and reported to
+    ``bus.on_oversized``; the empty message the guard leaves in its place is not delivered."""
 
     factory: _SubscriberFactory
+    name = "subscriber"
+
+    def new_guard(self) -> RespGuard:
+        return RespGuard(self.factory.bus.limit_for, self._oversized)
+
+    def _oversized(self, channel: bytes, size: int) -> None:
+        try:
+            self.factory.bus.on_oversized(channel, size)
+        except Exception:
+            log.failure("reporting an oversized bus message failed")
+
+    def replyReceived(self, reply: object) -> None:
+        if self.guard is None or not self.guard.delivered():
+            super().replyReceived(reply)
 
     @defer.inlineCallbacks
     def connectionMade(self):  # type: ignore[no-untyped-def]
@@ -167,6 +227,13 @@ class RedisBus:
         self.settings = settings
         self.on_message: MessageHandler = _ignore
         self.on_state: StateHandler = _ignore
+        # A message longer than its channel's limit is skipped as it streams in and reported
+        # here instead of reaching on_message. The services set max_message to their frame
+        # limit; until then the largest frame the configuration allows.
+        self.on_oversized: OversizedHandler = _ignore
+        self.max_message = MAX_FRAME_SIZE + OVERHEAD
+        channels = Channels(settings.namespace)
+        self._small_channels = frozenset((channels.negotiate, channels.announce))
         self._clock = clock
         self._reactor = reactor if reactor is not None else clock
         self._channels: set[bytes] = set()
@@ -179,6 +246,10 @@ class RedisBus:
         self._watchdog = Periodic(clock, HEALTH_INTERVAL, self._watch, "Redis watchdog")
         self._running = False
         self._was_connected = False
+
+    def limit_for(self, channel: bytes) -> int:
+        """The longest message accepted on ``channel``."""
+        return SMALL_MESSAGE if channel in self._small_channels else self.max_message
 
     # lifecycle
 
@@ -357,7 +428,10 @@ class MemoryBroker:
             try:
                 while self._queue:
                     client, ch, msg = self._queue.popleft()
-                    client.on_message(ch, msg)
+                    if len(msg) > client.max_message:  # as RedisBus: refused unread
+                        client.on_oversized(ch, len(msg))
+                    else:
+                        client.on_message(ch, msg)
             finally:
                 self._delivering = False
         return len(receivers)
@@ -370,6 +444,8 @@ class MemoryBus:
         self._broker = broker
         self.on_message: MessageHandler = _ignore
         self.on_state: StateHandler = _ignore
+        self.on_oversized: OversizedHandler = _ignore
+        self.max_message = MAX_FRAME_SIZE + OVERHEAD
         self.channels: set[bytes] = set()
         self.patterns: set[bytes] = set()
         self._connected = False
