@@ -10,6 +10,7 @@ can print it and exit without a traceback. Relative paths resolve against the fi
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import re
 import stat
@@ -35,6 +36,10 @@ NAMESPACE_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
 
 _HOST_RE = re.compile(r"(?:[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?")
 _DB_RE = re.compile(r"/?|/([0-9]{1,10})")
+
+
+DEFAULT_MAX_KEY_AGE = 86400.0  # a day
+MIN_KEY_AGE, MAX_KEY_AGE = 2.0, 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,10 @@ class ForwarderSettings:
     announce_interval: float = 15.0
     max_clock_skew: float = 300.0
     key_grace: float = 60.0
+    max_key_age: float = 86400.0  # hard cap on any session key's lifetime, whatever a proxy asks
     admin_listen: str | None = "tcp:9180:interface=127.0.0.1"  # None = no admin server
+    # Peers whose X-Forwarded-For, Forwarded, X-Forwarded-Host/-Proto are believed.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     proxies: tuple[Route, ...]
 
 
@@ -92,8 +100,16 @@ class RekeySettings:
     period: float = 3600.0
     min_period: float = 60.0
     max_period: float = 3600.0
-    messages_per_key: int = 1_000_000
+    messages_per_key: int = 1_000_000  # hard budget; rotation starts at half of it
     grace: float = 60.0
+    max_key_age: float = 0.0  # hard lifetime; 0 = twice the (maximum) period, at most a day
+
+    @property
+    def key_lifetime(self) -> float:
+        """The hard lifetime a proxy asks for its keys."""
+        if self.max_key_age:
+            return self.max_key_age
+        return min(2 * (self.period if self.mode == "fixed" else self.max_period), DEFAULT_MAX_KEY_AGE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,7 +153,7 @@ _FLOW = {"frame_size": _Bound(MIN_FRAME_SIZE, MAX_FRAME_SIZE, integer=True),
 _FORWARDER_NUMBERS = {
     "request_timeout": _POSITIVE, "stream_idle_timeout": _POSITIVE,
     "max_body_size": _Bound(0, integer=True), **_FLOW, "announce_interval": _POSITIVE,
-    "max_clock_skew": _POSITIVE, "key_grace": _Bound(0),
+    "max_clock_skew": _POSITIVE, "key_grace": _Bound(0), "max_key_age": _Bound(MIN_KEY_AGE, MAX_KEY_AGE),
 }
 _PROXY_NUMBERS = {
     "upstream_connect_timeout": _POSITIVE, "upstream_timeout": _POSITIVE,
@@ -145,13 +161,13 @@ _PROXY_NUMBERS = {
 }
 _REKEY_NUMBERS = {
     "period": _Bound(1), "min_period": _Bound(1), "max_period": _Bound(1),
-    "messages_per_key": _Bound(1, 2**31, integer=True), "grace": _Bound(0),
+    "messages_per_key": _Bound(1, 2**31, integer=True), "grace": _Bound(0), "max_key_age": _Bound(0, MAX_KEY_AGE),
 }
 _ROUTE_KEYS = ("public_key", "path_prefix", "hosts")
 _REDIS_KEYS = ("url", "password_file", "namespace", "ca_file")
 _Schema = Mapping[str, tuple[str, ...] | None]  # table -> keys; None: a table of [name.X] tables
 _FORWARDER_SCHEMA: _Schema = {
-    "redis": _REDIS_KEYS, "forwarder": ("listen", "signing_key", *_FORWARDER_NUMBERS),
+    "redis": _REDIS_KEYS, "forwarder": ("listen", "signing_key", "trusted_proxies", *_FORWARDER_NUMBERS),
     "admin": ("listen",), "proxies": None,
 }
 _PROXY_SCHEMA: _Schema = {
@@ -430,6 +446,28 @@ def _listen(r: _Reader, key: Key, default: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _networks(r: _Reader, key: Key) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """An array of IPv4/IPv6 networks in CIDR notation (host bits ignored, a bare address is
+    one host); duplicates dropped. Absent: no network."""
+    value = r.get(key)
+    if value is _MISSING:
+        return ()
+    if not isinstance(value, list):
+        r.fail(key, f"expected an array of networks like \"10.0.0.0/8\", got {_describe(value)}")
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for i, item in enumerate(value, 1):
+        if not isinstance(item, str):
+            r.fail(key, f"item {i}: expected a network string like \"10.0.0.0/8\", got {_describe(item)}")
+        try:
+            network = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            r.fail(key, f"item {i}: not an IPv4 or IPv6 network (CIDR like \"10.0.0.0/8\" or "
+                   f"\"2001:db8::/32\"), got {_describe(item)}")
+        if network not in networks:
+            networks.append(network)
+    return tuple(networks)
+
+
 def _admin(r: _Reader, default: str) -> str | None:
     """The [admin] listen endpoint; an empty string turns the admin server off."""
     value = r.string(("admin", "listen"), default)
@@ -509,6 +547,9 @@ def _rekey(r: _Reader) -> RekeySettings:
     if values["max_period"] < values["min_period"]:
         r.fail(("rekey", "max_period"), f"must be at least min_period ({_num(values['min_period'])}), "
                f"got {_num(values['max_period'])}")
+    if 0 < values["max_key_age"] < MIN_KEY_AGE:
+        r.fail(("rekey", "max_key_age"), f"must be 0 (twice the period) or at least {_num(MIN_KEY_AGE)}, "
+               f"got {_num(values['max_key_age'])}")
     return RekeySettings(mode=mode, **values)
 
 
@@ -529,7 +570,7 @@ def load_forwarder_config(path: str | Path, overrides: Mapping[str, object] | No
     return ForwarderSettings(
         source=r.source, redis=redis, listen=listen, signing_key=signing_key,
         signing_key_path=signing_key_path, admin_listen=_admin(r, defaults["admin_listen"]),
-        proxies=_routes(r), **values,
+        trusted_proxies=_networks(r, ("forwarder", "trusted_proxies")), proxies=_routes(r), **values,
     )
 
 

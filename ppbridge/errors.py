@@ -46,12 +46,21 @@ class BadRequest(RequestError):
     status, cause, message = 400, "bad-request", "ppbridge: the request target is not a path or an http(s) URL"
 
 
+class BadTarget(RequestError):
+    status, cause = 400, "bad-target"
+    message = "ppbridge: the request path leaves the service's base path (dot-segments or empty segments)"
+
+
 class NoRoute(RequestError):
     status, cause, message = 404, "no-route", "ppbridge: no proxy is configured for this host and path"
 
 
 class ProxyUnavailable(RequestError):
     status, cause, message = 503, "proxy-unavailable", "ppbridge: the proxy is not connected or has no key yet"
+
+
+class KeyExpired(ProxyUnavailable):
+    status, cause, message = 503, "key-expired", "ppbridge: the proxy's session key expired before it was rotated"
 
 
 class BusUnavailable(RequestError):
@@ -89,6 +98,8 @@ RESET_CODES: dict[int, type[RequestError]] = {
     3: ProtocolFailure,
     4: BodyTooLarge,
     5: RequestError,
+    7: BadTarget,  # the proxy refused a target outside its base path (see ppbridge.targets)
+    8: GatewayTimeout,  # the proxy refused a request head past its deadline, or gave up at it
 }
 CANCEL_CODE = 6  # the sender gave up on the stream (client left, forwarder stopped waiting)
 

@@ -19,11 +19,12 @@ from twisted.logger import Logger
 from ppbridge.bus import Bus
 from ppbridge.channels import Channels
 from ppbridge.config import ForwarderSettings, Route
-from ppbridge.errors import BusMessageError, NoRoute
+from ppbridge.errors import BusMessageError, KeyExpired, NoRoute, ProxyUnavailable, RequestError
 from ppbridge.keyring import KeyEntry, Keyring
 from ppbridge.metrics import Metrics
-from ppbridge.negotiation import ForwarderNegotiator
+from ppbridge.negotiation import ForwarderNegotiator, proxy_peer
 from ppbridge.node import SessionNode
+from ppbridge.ratelimit import NegotiationGate
 from ppbridge.routing import Router
 from ppbridge.streams import RecentlyClosed
 from ppbridge.timers import Periodic, log_failure
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 log = Logger()
 TIDY_INTERVAL = 1.0
+EVICTED_KEEP = 3  # announce intervals an evicted instance's keys are kept, so a live one can come back
+REANNOUNCE_MIN = 1.0  # seconds between announcements made at once on an eviction
 
 
 class ForwarderService(MultiService):
@@ -47,14 +50,21 @@ class ForwarderService(MultiService):
         self.id = forwarder_id or os.urandom(ID_SIZE)
         self.channels = Channels(settings.redis.namespace)
         self.metrics = Metrics()
-        self.keyring = Keyring(settings.key_grace)
+        self.keyring = Keyring(settings.key_grace, clock.seconds)
         self.node = SessionNode(self.keyring, bus, clock, self.metrics, settings.frame_size + OVERHEAD, "forwarder")
         self.negotiator = ForwarderNegotiator(
             self.id, settings.signing_key, {r.name: r.public_key for r in settings.proxies}, self.channels,
-            settings.frame_size, settings.window, settings.max_clock_skew,
+            settings.frame_size, settings.window, settings.max_clock_skew, settings.max_key_age,
+            settings.announce_interval,
         )
+        self.gate = NegotiationGate([r.name for r in settings.proxies], clock.seconds())
         self.router = Router(settings.proxies)
+        # Live proxy processes per name, as peers (``name:instance``; see Keyring).
         self.instances: dict[str, list[bytes]] = {r.name: [] for r in settings.proxies}
+        self.owners: dict[bytes, str] = {}  # instance id -> the one name that may use it
+        self.evicted: dict[bytes, tuple[str, float]] = {}  # peer -> (name, when), keys kept a while
+        self.key_expired: set[str] = set()  # names whose every key passed its hard limits
+        self._announced = 0.0
         self.last_error: dict[str, str] = {}
         self.streams: dict[bytes, ClientStream] = {}
         self.closed = RecentlyClosed()
@@ -71,6 +81,8 @@ class ForwarderService(MultiService):
     def startService(self) -> None:
         super().startService()
         self.bus.on_message = self._on_message
+        self.bus.max_message = self.node.max_message
+        self.bus.on_oversized = self.node.oversized
         self.bus.on_state = self._on_state
         self.bus.subscribe(self.channels.negotiate).addErrback(log_failure("subscribing failed"))
         self.bus.psubscribe(self.channels.forwarder_pattern(self.id)).addErrback(log_failure("subscribing failed"))
@@ -97,13 +109,28 @@ class ForwarderService(MultiService):
 
     def _announce(self) -> None:
         if self.bus.connected:
-            message = self.negotiator.announce(self.clock.seconds())
+            self._announced = self.clock.seconds()
+            message = self.negotiator.announce(self._announced)
             self.bus.publish(self.channels.announce, message).addErrback(log_failure("announcing failed"))
 
     def _tidy(self) -> Deferred[None] | None:
-        self.keyring.expire(self.clock.seconds())
+        now = self.clock.seconds()
+        self.keyring.expire(now)
         for name, instances in self.instances.items():
-            instances[:] = [i for i in instances if self.keyring.current(i) is not None]
+            live = [i for i in instances if self.keyring.current(i) is not None]
+            if len(live) < len(instances):
+                log.warn("proxy {proxy}: a session key passed its hard lifetime or message budget before it "
+                         "was rotated; failing closed until the proxy negotiates again", proxy=name)
+                self.last_error[name] = "session key expired before rotation (is the proxy negotiating?)"
+                if not live:
+                    self.key_expired.add(name)
+            instances[:] = live
+        keep = EVICTED_KEEP * self.settings.announce_interval
+        for peer in [p for p, (_, when) in self.evicted.items() if when + keep < now]:
+            del self.evicted[peer]
+            self.keyring.drop_peer(peer)
+        for instance in [i for i, name in self.owners.items() if not self._holds_keys(name, i)]:
+            del self.owners[instance]
         return self._check_liveness()
 
     def _check_liveness(self) -> Deferred[None] | None:
@@ -114,8 +141,8 @@ class ForwarderService(MultiService):
         when a new instance appears) before requests are sent there. Evicting a live proxy
         that is just resubscribing is harmless: it renegotiates whenever it reconnects.
         """
-        entries = {i: self.keyring.current(i) for names in self.instances.values() for i in names}
-        channels = {self.data_channel(e): i for i, e in entries.items() if e is not None}
+        entries = {p: self.keyring.current(p) for peers in self.instances.values() for p in peers}
+        channels = {self.data_channel(e): p for p, e in entries.items() if e is not None}
         if not channels or not self.bus.connected:
             return None
 
@@ -142,11 +169,17 @@ class ForwarderService(MultiService):
             raise BusMessageError("unexpected-channel", "")
 
     def _on_key_request(self, data: bytes) -> None:
+        self.gate.check(data, self.clock.seconds())  # before decoding: a flood must not cost RSA verifies
         result = self.negotiator.handle_request(data, self.clock.seconds())
         if result is None:
             return  # addressed to another forwarder
         channel, grant, session = result
-        self.keyring.add(session, session.instance, self.clock.seconds(), confirmed=False)
+        owner = self.owners.get(session.instance)
+        if owner is not None and owner != session.proxy and self._holds_keys(owner, session.instance):
+            self.metrics.negotiations.labels("refused").inc()
+            raise BusMessageError("instance-claimed", f"proxy {session.proxy} asked for a key for an instance "
+                                                      f"of proxy {owner}")
+        self.keyring.add(session, session.proxy_peer, self.clock.seconds(), confirmed=False)
         self.metrics.negotiations.labels("granted").inc()
         log.info("granted key {fp} to proxy {proxy} (instance {instance})", fp=session.envelope.fingerprint,
                  proxy=session.proxy, instance=session.instance.hex())
@@ -157,19 +190,46 @@ class ForwarderService(MultiService):
         if header.type is not MsgType.CONFIRM:
             raise BusMessageError("unexpected-type", f"{header.type.name} on the control channel")
         session = entry.session
-        if self.keyring.confirm(entry.key_id, session.instance, self.clock.seconds()):
-            instances = self.instances.setdefault(session.proxy, [])
-            if session.instance not in instances:
-                instances.append(session.instance)
-                if len(instances) > 1:  # a restart, most likely: is the old instance still there?
-                    d = self._check_liveness()
-                    if d is not None:
-                        d.addErrback(log_failure("checking proxy instances failed"))
-            self.last_error.pop(session.proxy, None)
-            for waiter in self._waiters.pop(session.proxy, []):
-                waiter.callback(None)
+        peer = session.proxy_peer
+        owner = self.owners.get(session.instance)
+        if owner is not None and owner != session.proxy and self._holds_keys(owner, session.instance):
+            raise BusMessageError("instance-claimed", f"confirmation from proxy {session.proxy} for an instance "
+                                                      f"of proxy {owner}")
+        if self.keyring.confirm(entry.key_id, peer, self.clock.seconds()):
+            self.owners[session.instance] = session.proxy
+            self._serve(session.proxy, peer)
             log.info("proxy {proxy} (instance {instance}) confirmed key {fp}", proxy=session.proxy,
                      instance=session.instance.hex(), fp=session.envelope.fingerprint)
+        elif peer in self.evicted and self.keyring.current(peer) is entry:
+            # A heartbeat under the current key of an instance we evicted: it is alive (Redis
+            # lied, or it was resubscribing). Route to it again.
+            del self.evicted[peer]
+            self._serve(session.proxy, peer)
+            log.info("proxy {proxy} (instance {instance}) is back", proxy=session.proxy,
+                     instance=session.instance.hex())
+        if self.keyring.current(peer) is entry:
+            # Acknowledge, so the proxy knows this forwarder routes to it (its /healthz).
+            self.node.send(entry, self.data_channel(entry), MsgType.CONFIRM, bytes(16), 0, b"").addErrback(
+                log_failure("acknowledging a proxy failed"))
+
+    def _serve(self, name: str, peer: bytes) -> None:
+        """Route requests for ``name`` to ``peer`` (it holds a confirmed key)."""
+        instances = self.instances.setdefault(name, [])
+        if peer not in instances:
+            instances.append(peer)
+            if len(instances) > 1:  # a restart, most likely: is the old instance still there?
+                d = self._check_liveness()
+                if d is not None:
+                    d.addErrback(log_failure("checking proxy instances failed"))
+        self.last_error.pop(name, None)
+        self.key_expired.discard(name)
+        for waiter in self._waiters.pop(name, []):
+            waiter.callback(None)
+
+    def _holds_keys(self, name: str, instance: bytes) -> bool:
+        """Whether ``name`` still has a key (live or evicted) for ``instance``."""
+        peer = proxy_peer(name, instance)
+        return self.keyring.current(peer) is not None or peer in self.evicted
 
     def _on_reply(self, channel: bytes, data: bytes) -> None:
         entry, header, plaintext = self.node.open(channel, data)
@@ -178,7 +238,7 @@ class ForwarderService(MultiService):
             if header.stream_id in self.closed:
                 return  # a frame that crossed the stream's end: expected, not hostile
             raise BusMessageError("unknown-stream", "reply for a stream that is over")
-        if stream.reply_channel != channel or stream.instance != entry.session.instance:
+        if stream.reply_channel != channel or stream.peer != entry.session.proxy_peer:
             raise BusMessageError("wrong-stream", "reply from another proxy or on another channel")
         stream.on_message(header, plaintext)
 
@@ -206,17 +266,31 @@ class ForwarderService(MultiService):
             entries = entries[start:] + entries[:start]
         return entries
 
-    def evict(self, instance: bytes, reason: str) -> None:
-        """Forget a proxy instance that no longer listens (PUBLISH reached nobody)."""
+    def unavailable(self, name: str) -> RequestError:
+        """Why ``name`` cannot take a request now."""
+        if name in self.key_expired:
+            return KeyExpired(f"ppbridge: proxy {name!r} has no session key within its hard lifetime "
+                              f"(rotation overdue)")
+        return ProxyUnavailable(f"ppbridge: proxy {name!r} is not connected or has no key yet")
+
+    def evict(self, peer: bytes, reason: str) -> None:
+        """Stop routing to a proxy process that seems gone (its data channel reached nobody).
+
+        Redis says so, and Redis may lie: its keys are kept for a few announce intervals and
+        an announcement goes out at once; a live proxy answers it with a heartbeat under its
+        key and is routed to again (see :meth:`_on_confirm`).
+        """
+        now = self.clock.seconds()
         for name, instances in self.instances.items():
-            if instance in instances:
-                instances.remove(instance)
+            if peer in instances:
+                instances.remove(peer)
+                self.evicted[peer] = (name, now)
                 self.last_error[name] = reason
-                log.info("proxy {proxy} instance {instance} is gone: {reason}", proxy=name,
-                         instance=instance.hex(), reason=reason)
-        self.keyring.drop_peer(instance)
-        for stream in [s for s in self.streams.values() if s.instance == instance]:
+                log.info("proxy instance {peer} is gone: {reason}", peer=peer.decode("ascii"), reason=reason)
+        for stream in [s for s in self.streams.values() if s.peer == peer]:
             stream.instance_gone()
+        if now - self._announced >= REANNOUNCE_MIN:
+            self._announce()
 
     def wait_for_proxy(self, name: str) -> Deferred[None]:
         """Fires once ``name`` has a confirmed key (at once if it has one now)."""
@@ -241,13 +315,14 @@ class ForwarderService(MultiService):
         return {"forwarder": self.id.hex(), "redis_connected": self.bus.connected,
                 "streams": len(self.streams), "proxies": proxies}
 
-    def _instance_status(self, instance: bytes, now: float) -> dict[str, Any]:
-        entry, stats = self.keyring.current(instance), self.keyring.stats.get(instance)
+    def _instance_status(self, peer: bytes, now: float) -> dict[str, Any]:
+        instance = peer.rsplit(b":", 1)[1].decode("ascii")
+        entry, stats = self.keyring.current(peer), self.keyring.stats.get(peer)
         if entry is None or stats is None:
-            return {"instance": instance.hex(), "key_fingerprint": None, "key_age_s": float("inf")}
+            return {"instance": instance, "key_fingerprint": None, "key_age_s": float("inf")}
         env = entry.session.envelope
         return {
-            "instance": instance.hex(),
+            "instance": instance,
             "key_fingerprint": env.fingerprint,
             "key_age_s": round(now - stats.current_since, 3),
             "messages": env.messages,

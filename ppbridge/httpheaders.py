@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
+from typing import Sequence
+
 from ppbridge.wire import HeaderList
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # RFC 9110 section 7.6.1, plus the legacy ones every proxy drops.
 HOP_BY_HOP = frozenset(
@@ -12,6 +18,10 @@ HOP_BY_HOP = frozenset(
         b"TE", b"Trailer", b"Trailers", b"Transfer-Encoding", b"Upgrade",
     )
 )
+
+
+# What a client says about the hops before us: believed only from a trusted proxy.
+FORWARDING = frozenset((b"x-forwarded-for", b"forwarded", b"x-forwarded-host", b"x-forwarded-proto"))
 
 
 def end_to_end(headers: HeaderList) -> HeaderList:
@@ -25,25 +35,54 @@ def end_to_end(headers: HeaderList) -> HeaderList:
     return [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP and n.lower() not in named]
 
 
-def forwarded_request_headers(headers: HeaderList, client_ip: bytes, host: bytes | None, proto: bytes) -> HeaderList:
+def trusted_peer(client_ip: bytes, networks: Sequence[Network]) -> bool:
+    """True when the TCP peer's address lies in one of ``networks`` (an IPv4-mapped IPv6
+    address counts as its IPv4 address); False for anything that is not an IP address."""
+    try:
+        address: IPAddress = ipaddress.ip_address(client_ip.decode("ascii"))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+def forwarded_request_headers(headers: HeaderList, client_ip: bytes, host: bytes | None, proto: bytes,
+                              trusted_proxies: Sequence[Network] = ()) -> HeaderList:
     """What the forwarder sends on: end-to-end headers plus X-Forwarded-For/-Host/-Proto.
 
-    An existing X-Forwarded-For chain is extended; X-Forwarded-Host and -Proto describe the
-    hop the forwarder itself received.
+    ``host`` is the request's authority (absolute-form) or its Host header: a Host header is
+    passed on as that, once. A client is believed only when its address ``client_ip`` lies in
+    ``trusted_proxies`` (a proxy in front of the forwarder): then its X-Forwarded-For chain
+    is extended with ``client_ip``, and its Forwarded, X-Forwarded-Host and
+    X-Forwarded-Proto are kept as they came (the last two set by us only when absent).
+    Anyone else's X-Forwarded-For, Forwarded, X-Forwarded-Host and X-Forwarded-Proto are
+    dropped: the upstream sees ``client_ip`` and the host and proto the forwarder received.
     """
+    trusted = trusted_peer(client_ip, trusted_proxies)
     out: HeaderList = []
     chain: list[bytes] = []
+    kept: set[bytes] = set()
+    host_set = False
     for name, value in end_to_end(headers):
         lower = name.lower()
-        if lower == b"x-forwarded-for":
-            chain.append(value)
-        elif lower not in (b"x-forwarded-host", b"x-forwarded-proto"):
+        if lower == b"host":
+            if not host_set:
+                out.append((name, value if host is None else host))
+                host_set = True
+        elif lower not in FORWARDING:
             out.append((name, value))
+        elif trusted and lower == b"x-forwarded-for":
+            chain.append(value)
+        elif trusted:
+            out.append((name, value))
+            kept.add(lower)
     chain.append(client_ip)
     out.append((b"X-Forwarded-For", b", ".join(chain)))
-    if host is not None:
+    if host is not None and b"x-forwarded-host" not in kept:
         out.append((b"X-Forwarded-Host", host))
-    out.append((b"X-Forwarded-Proto", proto))
+    if b"x-forwarded-proto" not in kept:
+        out.append((b"X-Forwarded-Proto", proto))
     return out
 
 

@@ -5,11 +5,19 @@ Each peer has at most one *current* key, used to seal; when a newer key is confi
 one keeps opening messages for a grace window, so requests and streams that span a rotation
 complete (step 3). Unconfirmed keys open messages (a proxy may answer under a key before its
 confirmation is processed) but are never chosen to seal.
+
+Every key also has a hard limit, agreed in the negotiation: past its lifetime or its message
+budget it neither seals nor opens anything, current or not, so traffic fails closed when a
+rotation cannot complete.
+
+On the forwarder a peer is ``name:instance`` (:func:`~ppbridge.negotiation.proxy_peer`): keys,
+routes and replies are bound to the name that negotiated them, never to an instance id alone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from ppbridge.negotiation import PENDING_LIFETIME, NewSession
 from ppbridge.wire import Role
@@ -28,6 +36,11 @@ class KeyEntry:
     def key_id(self) -> bytes:
         return self.session.envelope.key_id
 
+    def expired(self, now: float) -> bool:
+        """Past its hard lifetime or message budget: it may neither seal nor open."""
+        s = self.session
+        return now >= self.created + s.lifetime or s.envelope.messages >= s.max_messages
+
 
 @dataclass
 class PeerStats:
@@ -41,8 +54,9 @@ class PeerStats:
 class Keyring:
     """Session keys by key id, the current one per peer, and retirement."""
 
-    def __init__(self, grace: float) -> None:
+    def __init__(self, grace: float, now: Callable[[], float]) -> None:
         self.grace = grace
+        self._now = now
         self._by_id: dict[bytes, KeyEntry] = {}
         self._current: dict[bytes, KeyEntry] = {}
         self.stats: dict[bytes, PeerStats] = {}
@@ -86,10 +100,16 @@ class Keyring:
         return entry
 
     def current(self, peer: bytes) -> KeyEntry | None:
-        return self._current.get(peer)
+        """The key to seal with for ``peer``: confirmed, newest, within its hard limits."""
+        entry = self._current.get(peer)
+        if entry is None or entry.expired(self._now()):
+            return None
+        return entry
 
     def peers(self) -> list[bytes]:
-        return list(self._current)
+        """Peers holding a usable current key."""
+        now = self._now()
+        return [p for p, e in self._current.items() if not e.expired(now)]
 
     def drop_peer(self, peer: bytes) -> None:
         """Forget every key of a peer that is gone (a proxy instance that no longer listens)."""
@@ -101,17 +121,20 @@ class Keyring:
     @staticmethod
     def _peer_of(entry: KeyEntry) -> bytes:
         s = entry.session
-        return s.instance if s.envelope.role is Role.FORWARDER else s.forwarder
+        return s.proxy_peer if s.envelope.role is Role.FORWARDER else s.forwarder
 
     def expire(self, now: float) -> int:
-        """Drop retired keys and confirmations that never came; how many were dropped."""
+        """Drop retired keys, keys past their hard limits and confirmations that never came;
+        how many were dropped."""
         dead = [
             k for k, e in self._by_id.items()
-            if (e.retire_at is not None and e.retire_at <= now)
+            if (e.retire_at is not None and e.retire_at <= now) or e.expired(now)
             or (not e.confirmed and e.created + PENDING_LIFETIME < now)
         ]
         for key_id in dead:
             del self._by_id[key_id]
+        for peer in [p for p, e in self._current.items() if e.expired(now)]:
+            del self._current[peer]
         return len(dead)
 
     def __len__(self) -> int:

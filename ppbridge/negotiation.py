@@ -41,13 +41,14 @@ from ppbridge.wire import (
     encode_signed,
 )
 
-LABEL_REQUEST = b"ppbridge v1 key-request\0"
-LABEL_GRANT = b"ppbridge v1 key-grant\0"
-LABEL_ANNOUNCE = b"ppbridge v1 announce\0"
+LABEL_REQUEST = b"ppbridge v2 key-request\0"
+LABEL_GRANT = b"ppbridge v2 key-grant\0"
+LABEL_ANNOUNCE = b"ppbridge v2 announce\0"
 ANY_FORWARDER = bytes(ID_SIZE)
 SECRET_SIZE = 32
 PENDING_LIFETIME = 10.0  # how long a request accepts grants (several forwarders may answer)
 ANSWER_WAIT = 3.0  # how long an unanswered request holds back the same request again
+MIN_LIFETIME_MS = 1000  # a key lives at least this long, whatever a request asks
 
 
 def _raw_public(key: X25519PrivateKey) -> bytes:
@@ -77,6 +78,23 @@ class NewSession:
     envelope: Envelope
     frame_size: int  # largest bus message either side sends: the smaller of the two limits
     peer_window: int  # bytes per stream the peer lets us send before it grants more
+    lifetime: float = 86400.0  # hard limit: seconds after which neither side seals or opens under it
+    max_messages: int = 1_000_000  # hard limit: messages (both directions) it may protect
+    # On a proxy: an upper bound of (forwarder clock - our clock), from the grant's signed
+    # timestamp and the time we sent the request; request deadlines are checked with it.
+    clock_ahead: float = 0.0
+    announce_interval: float = 15.0  # how often the forwarder announces itself
+
+    @property
+    def proxy_peer(self) -> bytes:
+        """The forwarder's name for the proxy process of this key: its name *and* instance
+        (an instance id is bound to the name that negotiated it; see Keyring)."""
+        return proxy_peer(self.proxy, self.instance)
+
+
+def proxy_peer(name: str, instance: bytes) -> bytes:
+    """``name:instance-hex``: one proxy process, as the forwarder files its keys."""
+    return b"%s:%s" % (name.encode("ascii"), instance.hex().encode("ascii"))
 
 
 @dataclass
@@ -104,8 +122,12 @@ class ProxyNegotiator:
         frame_size: int,
         window: int,
         max_clock_skew: float,
+        lifetime: float = 86400.0,
+        max_messages: int = 1_000_000,
     ) -> None:
         self.name = name
+        self._lifetime = lifetime
+        self._max_messages = max_messages
         self.instance = instance
         self._private = private_key
         self._forwarder_key = forwarder_key
@@ -121,7 +143,7 @@ class ProxyNegotiator:
         channel = self._channels.negotiation_temp()
         request = KeyRequest(
             self.name, self.instance, channel, os.urandom(NONCE_SIZE), _ms(now), _raw_public(ephemeral),
-            self._frame_size, self._window, target,
+            self._frame_size, self._window, target, int(self._lifetime * 1000), self._max_messages,
         )
         body = request.encode_body()
         signature = keys.sign(self._private, LABEL_REQUEST + self._channels.negotiate + body)
@@ -150,7 +172,13 @@ class ProxyNegotiator:
         pending.granted_by.add(grant.forwarder)
         envelope = Envelope(grant.key_id, derive_keys(secret, shared, pending.request.nonce + grant.key_id), Role.PROXY)
         frame = min(self._frame_size, grant.frame_size)
-        return NewSession(self.name, self.instance, grant.forwarder, envelope, frame, grant.window)
+        # The forwarder signed its timestamp after we sent the request, so its clock is at
+        # most this far ahead of ours (the +1 ms covers the timestamp's truncation).
+        ahead = grant.timestamp_ms / 1000 + 0.001 - pending.sent
+        lifetime = min(self._lifetime, grant.lifetime_ms / 1000)
+        messages = min(self._max_messages, grant.max_messages)
+        return NewSession(self.name, self.instance, grant.forwarder, envelope, frame, grant.window, lifetime,
+                          messages, ahead, grant.announce_ms / 1000)
 
     def expire(self, now: float) -> list[bytes]:
         """Forget requests past their lifetime (and their ephemeral keys); their channels."""
@@ -170,13 +198,13 @@ class ProxyNegotiator:
             if not p.granted_by and now - p.sent < ANSWER_WAIT
         }
 
-    def verify_announce(self, data: bytes, now: float) -> bytes:
-        """The forwarder id of a valid, fresh announcement."""
+    def verify_announce(self, data: bytes, now: float) -> Announce:
+        """A valid, fresh announcement."""
         announce, body, signature = decode_signed(data, Announce)
         _check_skew(announce.timestamp_ms, now, self._skew)
         if not keys.verify(self._forwarder_key, signature, LABEL_ANNOUNCE + self._channels.announce + body):
             raise BusMessageError("bad-signature", "announcement not signed by the pinned forwarder key")
-        return announce.forwarder
+        return announce
 
 
 class ForwarderNegotiator:
@@ -191,8 +219,12 @@ class ForwarderNegotiator:
         frame_size: int,
         window: int,
         max_clock_skew: float,
+        max_lifetime: float = 86400.0,
+        announce_interval: float = 15.0,
     ) -> None:
         self.forwarder = forwarder
+        self._max_lifetime = max_lifetime
+        self._announce_interval = announce_interval
         self._signing_key = signing_key
         self._proxy_keys = proxy_keys
         self._channels = channels
@@ -213,6 +245,8 @@ class ForwarderNegotiator:
         if not self._channels.is_negotiation_temp(request.reply_channel):
             raise BusMessageError("malformed", "reply channel outside the negotiation namespace")
         _check_skew(request.timestamp_ms, now, self._skew)
+        if request.nonce in self._seen:  # before the (costlier) signature check
+            raise BusMessageError("replay", "key request seen before")
         if not keys.verify(public, signature, LABEL_REQUEST + self._channels.negotiate + body):
             raise BusMessageError("bad-signature", f"key request not signed by proxy {request.proxy!r}")
         self._remember(request.nonce, now)
@@ -221,8 +255,6 @@ class ForwarderNegotiator:
     def _remember(self, nonce: bytes, now: float) -> None:
         for old in [n for n, t in self._seen.items() if t < now - 2 * self._skew]:
             del self._seen[old]
-        if nonce in self._seen:
-            raise BusMessageError("replay", "key request seen before")
         self._seen[nonce] = now
 
     def _grant(self, request: KeyRequest, public: rsa.RSAPublicKey, now: float) -> tuple[bytes, bytes, NewSession]:
@@ -233,18 +265,22 @@ class ForwarderNegotiator:
         except ValueError:
             raise BusMessageError("bad-ephemeral", "unusable X25519 key") from None
         key_id = os.urandom(ID_SIZE)
+        lifetime_ms = max(MIN_LIFETIME_MS, min(request.lifetime_ms, int(self._max_lifetime * 1000)))
+        messages = max(1, request.max_messages)
         grant = KeyGrant(
             self.forwarder, request.nonce, key_id, keys.wrap(public, secret), _raw_public(ephemeral),
-            self._frame_size, self._window, _ms(now),
+            self._frame_size, self._window, _ms(now), lifetime_ms, messages, int(self._announce_interval * 1000),
         )
         body = grant.encode_body()
         signature = keys.sign(self._signing_key, _grant_signed_data(request.reply_channel, request, body))
         envelope = Envelope(key_id, derive_keys(secret, shared, request.nonce + key_id), Role.FORWARDER)
         frame = min(self._frame_size, request.frame_size)
-        session = NewSession(request.proxy, request.instance, self.forwarder, envelope, frame, request.window)
+        session = NewSession(request.proxy, request.instance, self.forwarder, envelope, frame, request.window,
+                             lifetime_ms / 1000, messages, 0.0, self._announce_interval)
         return request.reply_channel, encode_signed(body, signature), session
 
     def announce(self, now: float) -> bytes:
         """A signed announcement of this forwarder, for ``ns:announce``."""
-        body = Announce(self.forwarder, os.urandom(NONCE_SIZE), _ms(now)).encode_body()
+        body = Announce(self.forwarder, os.urandom(NONCE_SIZE), _ms(now),
+                        int(self._announce_interval * 1000)).encode_body()
         return encode_signed(body, keys.sign(self._signing_key, LABEL_ANNOUNCE + self._channels.announce + body))

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from ppbridge.bus import Bus
 from ppbridge.errors import BusMessageError
 from ppbridge.keyring import KeyEntry, Keyring
+from ppbridge.logsafe import escape
 from ppbridge.metrics import Metrics
 from ppbridge.wire import OVERHEAD, Header, MsgType, unpack_header
 
@@ -47,7 +48,7 @@ class DropLog:
         self._window[err.reason] = (start, count)
         if count <= LOG_BURST:
             log.warn("{side}: dropped a bus message on {channel}: {err}", side=self._side,
-                     channel=channel[:96].decode("ascii", "replace"), err=str(err))
+                     channel=escape(channel), err=escape(str(err), 200))
 
 
 class SessionNode:
@@ -75,14 +76,21 @@ class SessionNode:
             self.metrics.dropped.labels("internal-error").inc()
             log.failure("{side}: error handling a bus message", side=self.side)
 
+    def oversized(self, channel: bytes, size: int) -> None:
+        """The bus skipped a message too long for its channel as it streamed in."""
+        self.drop(BusMessageError("oversized", f"{size} bytes"), channel)
+
     def open(self, channel: bytes, data: bytes) -> tuple[KeyEntry, Header, bytes]:
         """Authenticate and decrypt; raises BusMessageError for anything we must not accept."""
         if len(data) > self.max_message:
             raise BusMessageError("oversized", f"{len(data)} bytes")
         header = unpack_header(data)
-        entry = self.keyring.get(header.key_id, self.clock.seconds())
+        now = self.clock.seconds()
+        entry = self.keyring.get(header.key_id, now)
         if entry is None:
             raise BusMessageError("unknown-key", header.key_id.hex())
+        if entry.expired(now):
+            raise BusMessageError("key-expired", "past its hard lifetime or message budget")
         plaintext = entry.session.envelope.open(header, data, channel)
         self.messages += 1
         self.metrics.opened.inc()

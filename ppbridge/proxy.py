@@ -20,8 +20,8 @@ from twisted.web.iweb import IAgent
 from ppbridge.bus import Bus
 from ppbridge.channels import Channels
 from ppbridge.config import ProxySettings
-from ppbridge.errors import BusMessageError
-from ppbridge.keyring import Keyring
+from ppbridge.errors import BusMessageError, GatewayTimeout, ProtocolFailure
+from ppbridge.keyring import KeyEntry, Keyring
 from ppbridge.metrics import Metrics
 from ppbridge.negotiation import ANY_FORWARDER, ProxyNegotiator
 from ppbridge.node import SessionNode
@@ -35,6 +35,8 @@ log = Logger()
 TICK = 0.25  # the negotiation, rekey and expiry timer
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0
 NO_STREAM = bytes(STREAM_ID_SIZE)
+SILENCE = 3  # announce intervals: a forwarder not heard from is forgotten, one not acknowledging
+# our heartbeats is asked for a new key, and /healthz counts only acknowledged forwarders
 
 
 class ProxyService(MultiService):
@@ -49,21 +51,27 @@ class ProxyService(MultiService):
         self.instance = instance or os.urandom(ID_SIZE)
         self.channels = Channels(settings.redis.namespace)
         self.metrics = Metrics()
-        self.keyring = Keyring(settings.rekey.grace)
+        self.keyring = Keyring(settings.rekey.grace, clock.seconds)
         self.node = SessionNode(self.keyring, bus, clock, self.metrics, settings.frame_size + OVERHEAD, "proxy")
         self.negotiator = ProxyNegotiator(
             settings.name, self.instance, settings.private_key, settings.forwarder_key, self.channels,
-            settings.frame_size, settings.window, settings.max_clock_skew,
+            settings.frame_size, settings.window, settings.max_clock_skew, settings.rekey.key_lifetime,
+            settings.rekey.messages_per_key,
         )
-        self.schedule = RekeySchedule(make_policy(settings.rekey), settings.rekey.messages_per_key)
+        self.schedule = RekeySchedule(make_policy(settings.rekey), settings.rekey.messages_per_key,
+                                      settings.rekey.key_lifetime)
         self.upstream = Upstream(settings.upstream, reactor if reactor is not None else clock,
                                  settings.upstream_connect_timeout, agent)
         self.data_channel = self.channels.proxy_data(settings.name, self.instance)
         self.calls: dict[tuple[bytes, bytes], UpstreamCall] = {}
         self.closed = RecentlyClosed()
         self.last_error: str | None = None
+        self.heard: dict[bytes, float] = {}  # forwarder -> last valid message from it
+        self.acked: dict[bytes, float] = {}  # forwarder -> last acknowledgement that it routes to us
         self._retry_at = 0.0
         self._retry_delay = RETRY_FIRST
+        self._rekey_at = 0.0
+        self._rekey_delay = RETRY_FIRST
         self._tick = Periodic(clock, TICK, self._on_tick, "negotiation and rekey timer")
 
     # lifecycle
@@ -71,6 +79,8 @@ class ProxyService(MultiService):
     def startService(self) -> None:
         super().startService()
         self.bus.on_message = self._on_message
+        self.bus.max_message = self.node.max_message
+        self.bus.on_oversized = self.node.oversized
         self.bus.on_state = self._on_state
         for channel in (self.data_channel, self.channels.announce):
             self.bus.subscribe(channel).addErrback(log_failure("subscribing failed"))
@@ -104,20 +114,57 @@ class ProxyService(MultiService):
         for channel in self.negotiator.expire(now):
             self.bus.unsubscribe(channel).addErrback(log_failure("unsubscribing failed"))
         self.keyring.expire(now)
+        self._forget_silent(now)
         self.schedule.policy.observe(now, self.node.messages)
         if not self.keyring.peers():
             if now >= self._retry_at:
                 self._negotiate(ANY_FORWARDER)
             return
-        # A rotation due within half a tick is done now, or a 1 s period would slip a tick.
-        reason = self.schedule.due(now + TICK / 2, self._messages_on_current())
-        if reason is not None and ANY_FORWARDER not in self.negotiator.unanswered_targets(now):
-            log.debug("rekeying ({reason})", reason=reason)
-            self._negotiate(ANY_FORWARDER)
+        self._rekey(now)
 
-    def _messages_on_current(self) -> int:
-        entries = [self.keyring.current(p) for p in self.keyring.peers()]
-        return max((e.session.envelope.messages for e in entries if e is not None), default=0)
+    def _current(self) -> dict[bytes, KeyEntry]:
+        entries = {p: self.keyring.current(p) for p in self.keyring.peers()}
+        return {p: e for p, e in entries.items() if e is not None}
+
+    def _forget_silent(self, now: float) -> None:
+        """Forget forwarders not heard from for SILENCE announce intervals (a forwarder that
+        died), so their keys neither linger nor show in /status."""
+        for peer, entry in self._current().items():
+            if now - self.heard.get(peer, entry.created) > SILENCE * entry.session.announce_interval:
+                log.info("forwarder {id} silent for {n} announce intervals; forgetting its key", id=peer.hex(),
+                         n=SILENCE)
+                self._forget(peer, "the forwarder went silent")
+
+    def _forget(self, forwarder: bytes, why: str) -> None:
+        self.keyring.drop_peer(forwarder)
+        self.heard.pop(forwarder, None)
+        self.acked.pop(forwarder, None)
+        for call in [c for c in self.calls.values() if c.forwarder == forwarder]:
+            call.cancel(why)
+
+    def _rekey(self, now: float) -> None:
+        """Rotate each key due (half its lifetime or message budget, or the policy's period),
+        retrying with backoff while a rotation does not complete; ask a forwarder that stopped
+        acknowledging our heartbeats for a new key."""
+        current = self._current()
+        # A rotation due within half a tick is done now, or a 1 s period would slip a tick.
+        due = [p for p, e in current.items()
+               if self.schedule.due(now + TICK / 2, e.created, e.session.envelope.messages) is not None]
+        unacked = [p for p, e in current.items()
+                   if now - self.acked.get(p, e.created) > SILENCE * e.session.announce_interval]
+        if not due and not unacked:
+            self._rekey_at, self._rekey_delay = 0.0, RETRY_FIRST
+            return
+        if now < self._rekey_at:
+            return
+        targets = [ANY_FORWARDER] if len(due) == len(current) else sorted(set(due) | set(unacked))
+        waiting = self.negotiator.unanswered_targets(now)
+        for target in targets:
+            if target not in waiting:
+                log.debug("rekeying with {target}", target=target.hex())
+                self._negotiate(target)
+        self._rekey_at = now + self._rekey_delay * random.uniform(0.8, 1.2)
+        self._rekey_delay = min(RETRY_MAX, self._rekey_delay * 2)
 
     def _negotiate(self, target: bytes) -> None:
         if not self.bus.connected:
@@ -126,8 +173,6 @@ class ProxyService(MultiService):
         if not self.keyring.peers():
             self._retry_at = now + self._retry_delay * random.uniform(0.8, 1.2)
             self._retry_delay = min(RETRY_MAX, self._retry_delay * 2)
-        else:
-            self.schedule.rotated(now)  # a failed rekey is retried after a whole period, not every tick
         channel, message = self.negotiator.make_request(now, target)
 
         def publish(_: object) -> Deferred[int]:
@@ -158,11 +203,18 @@ class ProxyService(MultiService):
             raise BusMessageError("unexpected-channel", "")
 
     def _on_announce(self, data: bytes) -> None:
-        forwarder = self.negotiator.verify_announce(data, self.clock.seconds())
-        known = self.keyring.current(forwarder) is not None
+        now = self.clock.seconds()
+        forwarder = self.negotiator.verify_announce(data, now).forwarder
+        entry = self.keyring.current(forwarder)
+        if entry is not None:
+            # Our heartbeat: a forwarder that evicted us on a false report (Redis may lie about
+            # subscriber counts) routes to us again when it opens this; it acknowledges.
+            self.heard[forwarder] = now
+            self.node.send(entry, self.channels.forwarder_control(forwarder), MsgType.CONFIRM, NO_STREAM, 0,
+                           b"").addErrback(log_failure("sending a heartbeat failed"))
         # A broadcast request still pending may predate this forwarder, so only a request
         # addressed to it counts (at worst one spare key when both arrive).
-        if not known and forwarder not in self.negotiator.unanswered_targets(self.clock.seconds()):
+        elif forwarder not in self.negotiator.unanswered_targets(now):
             log.info("forwarder {id} announced itself; negotiating a key", id=forwarder.hex())
             self._negotiate(forwarder)
 
@@ -170,8 +222,7 @@ class ProxyService(MultiService):
         now = self.clock.seconds()
         session = self.negotiator.handle_grant(channel, data, now)
         entry = self.keyring.add(session, session.forwarder, now, confirmed=True)
-        if self.schedule.keyed_at is None:
-            self.schedule.rotated(now)  # the first key; rotations count from their request
+        self.heard[session.forwarder] = now
         self._retry_delay = RETRY_FIRST
         self.last_error = None
         self.metrics.negotiations.labels("granted").inc()
@@ -182,9 +233,11 @@ class ProxyService(MultiService):
     def _on_data(self, channel: bytes, data: bytes) -> None:
         entry, header, payload = self.node.open(channel, data)
         forwarder = entry.session.forwarder
+        now = self.clock.seconds()
+        self.heard[forwarder] = now
         key = (forwarder, header.stream_id)
         if header.type is MsgType.REQ_HEAD:
-            if header.seq != 0 or key in self.calls:
+            if header.seq != 0 or key in self.calls or key in self.closed:
                 raise BusMessageError("duplicate-stream", "a second head for one stream")
             head, body = RequestHead.decode(payload)
             if not self.channels.is_reply_of(forwarder, head.reply_channel):
@@ -192,14 +245,30 @@ class ProxyService(MultiService):
             new = UpstreamCall(self, forwarder, header.stream_id, head)
             self.calls[key] = new
             self.metrics.active_streams.inc()
-            new.start(body, header.end)
+            # How long until the forwarder's clock passes the deadline, by our most pessimistic
+            # estimate of its clock: nothing may start after the client got its 504.
+            left = head.deadline_ms / 1000 - (now + entry.session.clock_ahead)
+            if left <= 0:
+                new.refuse(GatewayTimeout("ppbridge: the request reached the proxy after its deadline"))
+                raise BusMessageError("expired", f"request head {-left:.3f} s past its deadline")
+            new.start(body, header.end, left)
+            return
+        if header.type is MsgType.CONFIRM and header.stream_id == NO_STREAM:
+            self.acked[forwarder] = now  # the forwarder routes to us
             return
         call = self.calls.get(key)
         if call is None:
             if key in self.closed:
                 return  # a frame that crossed the stream's end: expected, not hostile
             raise BusMessageError("unknown-stream", f"{header.type.name} for a stream that is over")
-        call.on_message(header, payload)
+        try:
+            call.on_message(header, payload)
+        except BusMessageError as err:
+            # A stream violation after authentication (a gap, data beyond credit or after END):
+            # the upload can no longer be trusted to be whole, so the upstream call stops now.
+            self.metrics.aborted.labels(err.reason).inc()
+            call.refuse(ProtocolFailure("ppbridge: the request stream broke its rules"))
+            raise
 
     # used by UpstreamCall
 
@@ -244,10 +313,15 @@ class ProxyService(MultiService):
         newest = min(forwarders.values(), key=lambda f: f["key_age_s"], default={"key_fingerprint": None})
         return {
             "proxy": self.settings.name, "instance": self.instance.hex(), "redis_connected": self.bus.connected,
-            **newest, "period_s": round(self.schedule.policy.period(), 3),
+            **newest, "period_s": round(self.schedule.period(), 3),
             "rekey_mode": self.settings.rekey.mode, "streams": len(self.calls), "last_error": self.last_error,
             "forwarders": forwarders,
         }
 
     def healthy(self) -> bool:
-        return self.bus.connected and bool(self.keyring.peers())
+        """Connected, and some forwarder acknowledged (recently) that it routes to us."""
+        now = self.clock.seconds()
+        return self.bus.connected and any(
+            now - self.acked.get(p, float("-inf")) <= SILENCE * e.session.announce_interval
+            for p, e in self._current().items()
+        )

@@ -9,9 +9,11 @@ Two policies decide the period:
   min_period, max_period)``: under a steady rate a key is rotated by time after about a quarter
   of its message budget, ten times the traffic gives a tenth of the period.
 
-Independently of time, :class:`RekeySchedule` rotates as soon as a key has protected
-``messages_per_key`` messages (far below the 2^32 AES-GCM bound; the counter nonce itself
-would allow 2^64).
+Independently of time, :class:`RekeySchedule` rotates as soon as a key has protected half of
+``messages_per_key`` messages, or reached half of its hard lifetime: ``messages_per_key`` and
+the lifetime are hard limits (past them the key neither seals nor opens, see
+:mod:`ppbridge.keyring`), and the other half is the time a rotation has to complete.
+Each key is judged by its own age, so a negotiation with one forwarder postpones no other.
 """
 
 from __future__ import annotations
@@ -80,22 +82,22 @@ def make_policy(settings: RekeySettings) -> Policy:
 
 
 class RekeySchedule:
-    """Says when the current keys are due for rotation: by period or by message cap."""
+    """Says when a key is due for rotation: by period (at most half its lifetime) or by
+    messages (half its budget)."""
 
-    def __init__(self, policy: Policy, messages_per_key: int) -> None:
+    def __init__(self, policy: Policy, messages_per_key: int, lifetime: float) -> None:
         self.policy = policy
         self.messages_per_key = messages_per_key
-        self.keyed_at: float | None = None
+        self.lifetime = lifetime
 
-    def rotated(self, now: float) -> None:
-        self.keyed_at = now
+    def period(self) -> float:
+        """Seconds between rotations now."""
+        return min(self.policy.period(), self.lifetime / 2)
 
-    def due(self, now: float, messages_on_key: int) -> str | None:
-        """Why a rotation is due now ("period" or "messages"), or None."""
-        if self.keyed_at is None:
-            return None
-        if messages_on_key >= self.messages_per_key:
+    def due(self, now: float, keyed_at: float, messages_on_key: int) -> str | None:
+        """Why the key made at ``keyed_at`` is due now ("period" or "messages"), or None."""
+        if messages_on_key >= max(1, self.messages_per_key // 2):
             return "messages"
-        if now - self.keyed_at >= self.policy.period():
+        if now - keyed_at >= self.period():
             return "period"
         return None

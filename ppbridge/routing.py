@@ -30,18 +30,33 @@ def _strip(prefix: str, path: bytes) -> bytes | None:
     return None
 
 
-def origin_form(uri: bytes) -> bytes | None:
-    """``/path?query`` from a request target; absolute-form is reduced; anything else is None."""
+def request_target(uri: bytes) -> tuple[bytes | None, bytes] | None:
+    """(authority, ``/path?query``) of a request target, or None for anything but these two forms.
+
+    Origin-form gives no authority. Absolute-form (``http(s)://host[:port]/path``) gives its
+    ``host[:port]`` without user info: RFC 9112 section 3.2.2 has a server route such a
+    request by this authority and ignore the Host header. An empty host is invalid
+    (RFC 9110 section 4.2.1) and gives None. A fragment is left off.
+    """
     if uri.startswith(b"/"):
-        return uri
+        return None, uri
     for scheme in (b"http://", b"https://"):
         if uri[: len(scheme)].lower() == scheme:
             rest = uri[len(scheme) :]
             ends = [i for i in (rest.find(b"/"), rest.find(b"?"), rest.find(b"#")) if i >= 0]
-            tail = rest[min(ends) :] if ends else b""  # the authority ends at / ? or #
-            tail = tail.split(b"#", 1)[0]
-            return tail if tail.startswith(b"/") else b"/" + tail
+            end = min(ends) if ends else len(rest)  # the authority ends at / ? or #
+            authority = rest[:end].rpartition(b"@")[2]
+            if not authority or authority.startswith(b":"):
+                return None
+            tail = rest[end:].split(b"#", 1)[0]
+            return authority, tail if tail.startswith(b"/") else b"/" + tail
     return None
+
+
+def origin_form(uri: bytes) -> bytes | None:
+    """``/path?query`` from a request target; absolute-form is reduced; anything else is None."""
+    parsed = request_target(uri)
+    return None if parsed is None else parsed[1]
 
 
 class Router:

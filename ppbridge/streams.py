@@ -56,7 +56,6 @@ class Outbound:
         self.credit = credit
         self.max_chunk = max_chunk
         self.sent_bytes = 0
-        self.frames_sent = 0
         self._send = send
         self._pause = pause
         self._resume = resume
@@ -97,15 +96,6 @@ class Outbound:
         self.credit += increment
         self._flush(force=True)
 
-    def handover(self) -> tuple[bytes, bool]:
-        """Nothing was sent yet and the stream moves to another peer: what was queued, and
-        whether the source had finished. This Outbound is stopped."""
-        if self.frames_sent:
-            raise RuntimeError("frames were sent already")
-        queued, finishing = b"".join(self._queue), self._finishing
-        self.stop()
-        return queued, finishing
-
     def stop(self) -> None:
         """The stream is over (aborted or done): drop what waits, cancel the timer."""
         if self._timer is not None and self._timer.active():
@@ -120,11 +110,9 @@ class Outbound:
             self.credit -= len(chunk)
             self.sent_bytes += len(chunk)
             last = self._finishing and not self._queue
-            self.frames_sent += 1
             self._send(chunk, last)
             self.finished = last
         if self._finishing and not self._queue and not self.finished:
-            self.frames_sent += 1
             self._send(b"", True)
             self.finished = True
         if self.finished or not self._queue:

@@ -7,7 +7,9 @@ untouched, no cookies remembered between clients, redirects passed back and not 
 Tests drive the same code with ``treq.testing.RequestTraversalAgent``.
 
 Only the configured base URL is ever called: the request target from the forwarder is an
-origin-form path appended to it, so nothing a message says can point the proxy elsewhere.
+origin-form path appended to it, so nothing a message says can point the proxy elsewhere; and
+a target that would climb out of the base path (``/../``, ``%2e%2e``, ``//``) is refused
+(:func:`ppbridge.targets.confined`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from zope.interface import implementer
 
 from ppbridge.errors import (
     CANCEL_CODE,
+    BadTarget,
     BusMessageError,
+    GatewayTimeout,
     RequestError,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -47,6 +51,7 @@ from ppbridge.errors import (
 )
 from ppbridge.httpheaders import end_to_end, upstream_request_headers
 from ppbridge.streams import INLINE_MAX, Inbound, Outbound
+from ppbridge.targets import confined
 from ppbridge.timers import Deadline
 from ppbridge.wire import (
     FLAG_END,
@@ -209,10 +214,24 @@ class UpstreamCall:
         self._idle_timer = Deadline(proxy.clock, self._idle)
         self._headers_timer = Deadline(proxy.clock, self._too_slow)
         self.timed_out = False
+        self._timeout_error: RequestError = UpstreamTimeout()
 
-    def start(self, body: bytes, end: bool) -> None:
-        """Call the upstream; ``body``/``end`` are what came inline with the head."""
+    def start(self, body: bytes, end: bool, left: float | None = None) -> None:
+        """Call the upstream; ``body``/``end`` are what came inline with the head, ``left``
+        the seconds until the request's deadline (by the forwarder's clock).
+
+        A request whose body came whole with its head is given up at its deadline: the
+        forwarder answers its client 504 then, so the upstream call must not go on.
+
+        A target that would leave the upstream's base path is refused with a RESET (bad-target)
+        and the upstream is never called: the forwarder checks this too, but the proxy does
+        not trust what it is told to call.
+        """
         head = self.head
+        if not confined(head.target):
+            log.warn("refused a request target outside the upstream's base path")  # the path itself is not logged
+            self._reset(BadTarget())
+            return
         producer = None
         if head.content_length is not None or not end or body:
             producer = StreamBody(self.inbound, head.content_length)
@@ -225,7 +244,11 @@ class UpstreamCall:
         d = self.proxy.upstream.agent.request(head.method, self.proxy.upstream.url(head.target), headers, producer)
         # Not addTimeout: the Agent turns the cancellation into ResponseNeverReceived, which
         # addTimeout does not recognise; the flag says it was our timeout.
-        self._headers_timer.arm(self.proxy.settings.upstream_timeout)
+        limit = self.proxy.settings.upstream_timeout
+        if end and left is not None and left < limit:
+            limit = left
+            self._timeout_error = GatewayTimeout("ppbridge: the upstream did not answer before the deadline")
+        self._headers_timer.arm(limit)
         self._request = d
         d.addCallbacks(self._got_response, self._failed)
         d.addErrback(self._bug)
@@ -292,7 +315,7 @@ class UpstreamCall:
         self._headers_timer.cancel()
         if self.done:
             return
-        error = UpstreamTimeout() if self.timed_out else classify(failure)
+        error = self._timeout_error if self.timed_out else classify(failure)
         if not failure.check(defer.CancelledError, TimeoutError, ConnectError, ResponseFailed, RequestTransmissionFailed):
             log.failure("upstream request failed", failure)
         self._reset(error)
@@ -392,6 +415,11 @@ class UpstreamCall:
     def _send_window(self, increment: int) -> None:
         if not self.done:
             self._send(MsgType.WINDOW, 0, encode_window(increment))
+
+    def refuse(self, error: RequestError) -> None:
+        """End the call with ``error``: the forwarder gets a RESET naming it, the upstream
+        connection (if any) is closed at once."""
+        self._reset(error)
 
     def _reset(self, error: RequestError) -> None:
         if self.done:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.logger import Logger
@@ -23,6 +24,7 @@ from ppbridge.errors import (
     CANCEL_CODE,
     RESET_CODES,
     BadRequest,
+    BadTarget,
     BodyTooLarge,
     BusLost,
     BusMessageError,
@@ -34,8 +36,9 @@ from ppbridge.errors import (
 )
 from ppbridge.httpheaders import end_to_end, forwarded_request_headers
 from ppbridge.keyring import KeyEntry
-from ppbridge.routing import origin_form
+from ppbridge.routing import request_target
 from ppbridge.streams import INLINE_MAX, Inbound, Outbound
+from ppbridge.targets import confined
 from ppbridge.timers import Deadline
 from ppbridge.wire import (
     FLAG_END,
@@ -56,6 +59,7 @@ if TYPE_CHECKING:
     from ppbridge.forwarder import ForwarderService
 
 log = Logger()
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))  # RFC 9110 §9.2.2
 LINGER = 5.0  # seconds a refused upload may go on being sent (and dropped) before we close
 
 
@@ -136,7 +140,7 @@ class ClientStream:
         self.inline = not chunked and (head.content_length or 0) <= INLINE_MAX
         self.state = "new"
         self.rendered = False
-        self.instance: bytes | None = None
+        self.peer: bytes | None = None  # the proxy process (name:instance) the head went to
         self.seq = 0
         self.uploaded = 0
         self._held: list[bytes] = []
@@ -155,20 +159,23 @@ class ClientStream:
         limit = bridge.settings.max_body_size
         if limit and length is not None and length > limit:
             raise BodyTooLarge(f"ppbridge: request body of {length} bytes is over max_body_size ({limit})")
-        target = origin_form(uri)
-        if target is None:
+        parsed = request_target(uri)
+        if parsed is None:
             raise BadRequest()
-        host = request.requestHeaders.getRawHeaders(b"host", [None])[0]
+        authority, target = parsed  # absolute-form: route by its authority, not Host (RFC 9112 3.2.2)
+        host = authority or request.requestHeaders.getRawHeaders(b"host", [None])[0]
         route, target = bridge.route(host, target)
+        if not confined(target):
+            raise BadTarget()  # nothing is published: rejected, never normalised
         if not bridge.bus.connected:
             raise BusUnavailable()
         if not bridge.candidates(route.name):
-            raise ProxyUnavailable(f"ppbridge: proxy {route.name!r} is not connected or has no key yet")
+            raise bridge.unavailable(route.name)
         headers = [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
         client = request.getClientAddress()
         headers = forwarded_request_headers(
             headers, str(getattr(client, "host", "unknown")).encode("ascii"), host,
-            b"https" if request.isSecure() else b"http",
+            b"https" if request.isSecure() else b"http", bridge.settings.trusted_proxies,
         )
         # gotLength says 0 both for "Content-Length: 0" and for no body at all; only the
         # former is passed on as a length.
@@ -234,24 +241,28 @@ class ClientStream:
         the body follows as DATA frames."""
         candidates = self.bridge.pick(self.proxy)
         if not candidates:
-            self._fail(ProxyUnavailable(), notify=False)
+            self._fail(self.bridge.unavailable(self.proxy), notify=False)
             return
         entry = candidates[0]
-        self.instance = entry.session.instance
+        self.peer = entry.session.proxy_peer
         self.state = "sent"
         frame = entry.session.frame_size
+        timeout = self.bridge.settings.request_timeout
+        # The head carries the moment this stream answers 504 (the timer armed below): a proxy
+        # refuses it after that, so a head Redis held back never runs late.
+        head = replace(self.head, deadline_ms=int((self.bridge.clock.seconds() + timeout) * 1000))
         try:
-            payload, rest = self.head.encode(body), b""
+            payload, rest = head.encode(body), b""
         except ValueError:  # more headers than wire.MAX_HEADERS (NULs never get past twisted.web)
             self._fail(BadRequest("ppbridge: too many request headers"), notify=False)
             return
         if len(payload) + OVERHEAD > frame and body:
-            payload, rest = self.head.encode(), body
+            payload, rest = head.encode(), body
         if len(payload) + OVERHEAD > frame:
             self._fail(RequestError("ppbridge: request headers too large for one frame"), notify=False)
             return
         head_ends = end and not rest
-        self._arm(self.bridge.settings.request_timeout)
+        self._arm(timeout)
         d = self.bridge.node.send(entry, self.bridge.data_channel(entry), MsgType.REQ_HEAD, self.id, 0, payload,
                                   FLAG_END if head_ends else 0)
         d.addCallbacks(self._head_published, self._publish_failed, callbackArgs=(body, end))
@@ -264,27 +275,25 @@ class ClientStream:
                 self._outbound.finish()
 
     def _head_published(self, receivers: int, body: bytes, end: bool) -> None:
-        if receivers or self.state != "sent" or self.instance is None:
+        """PUBLISH said how many received the head. Zero may be a lie (Redis is untrusted;
+        the head may have been delivered), so the request moves to another instance only
+        when running it twice is harmless: an idempotent method (RFC 9110 §9.2.2) with no
+        body. Anything else is answered 503: at most once."""
+        if receivers or self.state != "sent" or self.peer is None:
             return
-        dead, self.instance = self.instance, None  # detach first: eviction fails its streams
+        dead, self.peer = self.peer, None  # detach first: eviction fails its streams
         self.bridge.evict(dead, "PUBLISH reached no subscriber")
-        if self._outbound is not None and self._outbound.frames_sent:
-            self._fail(ProxyUnavailable(), notify=False)
+        if not (self.head.method in IDEMPOTENT and end and not body and not self.uploaded):
+            self._fail(ProxyUnavailable("ppbridge: the proxy instance did not receive the request; "
+                                        "not retried elsewhere (it is not idempotent)"), notify=False)
             return
-        # Nothing reached the dead instance: try the next one, with what waited to be sent.
-        queued, finishing = self._outbound.handover() if self._outbound is not None else (b"", False)
-        self._outbound = None
         self._send_head(body, end)
-        if self._outbound is not None:
-            self._outbound.write(queued)
-            if finishing and not end:
-                self._outbound.finish()
 
     def _publish_failed(self, failure: Failure) -> None:
         self._fail(BusUnavailable() if failure.check(BusUnavailable) else BusLost(), notify=False)
 
     def _current(self) -> KeyEntry | None:
-        return self.bridge.keyring.current(self.instance) if self.instance is not None else None
+        return self.bridge.keyring.current(self.peer) if self.peer is not None else None
 
     def _send(self, mtype: MsgType, seq: int, payload: bytes, flags: int = 0) -> None:
         entry = self._current()

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from ppbridge.errors import BusMessageError
 
-VERSION = 1
+VERSION = 2  # 2: request deadlines, key limits in the negotiation, announce interval
 
 
 class MsgType(enum.IntEnum):
@@ -228,7 +228,7 @@ HeaderList = list[tuple[bytes, bytes]]
 
 MAX_HEADER_BLOCK = 256 * 1024
 _CONTROL = re.compile(rb"[\x00-\x20\x7f]")
-_REQ_FIXED = struct.Struct(">HBIIQ")  # reply, method, target, header block lengths; Content-Length
+_REQ_FIXED = struct.Struct(">HBIIQQ")  # reply, method, target, header block lengths; Content-Length; deadline
 _RESP_FIXED = struct.Struct(">HHIQ")  # status, reason and header block lengths; Content-Length
 
 
@@ -281,24 +281,29 @@ def _cut(data: bytes, pos: int, n: int, limit: int) -> tuple[bytes, int]:
 
 @dataclass(frozen=True, slots=True)
 class RequestHead:
-    """What the proxy needs to call its upstream. ``target`` is origin-form (``/path?query``)."""
+    """What the proxy needs to call its upstream. ``target`` is origin-form (``/path?query``).
+
+    ``deadline_ms`` is the forwarder's clock (ms since the epoch) at which it answers the
+    client 504 if nothing came back: a proxy never starts a request past it.
+    """
 
     method: bytes
     target: bytes
     headers: HeaderList
     reply_channel: bytes
     content_length: int | None
+    deadline_ms: int = 0
 
     def encode(self, body: bytes = b"") -> bytes:
         block = _header_block(self.headers)
         fixed = _REQ_FIXED.pack(len(self.reply_channel), len(self.method), len(self.target), len(block),
-                                _length_out(self.content_length))
+                                _length_out(self.content_length), self.deadline_ms)
         return b"".join((fixed, self.reply_channel, self.method, self.target, block, body))
 
     @classmethod
     def decode(cls, data: bytes) -> tuple[RequestHead, bytes]:
         """The head and the inline body bytes that follow it."""
-        (n_reply, n_method, n_target, n_block, length), pos = _fields(data, _REQ_FIXED)
+        (n_reply, n_method, n_target, n_block, length, deadline), pos = _fields(data, _REQ_FIXED)
         reply, pos = _cut(data, pos, n_reply, MAX_CHANNEL)
         method, pos = _cut(data, pos, n_method, MAX_METHOD)
         target, pos = _cut(data, pos, n_target, MAX_TARGET)
@@ -307,7 +312,7 @@ class RequestHead:
             raise BusMessageError("malformed", "bad method")
         if not target.startswith(b"/") or _CONTROL.search(target):
             raise BusMessageError("malformed", "target is not origin-form")
-        return cls(method, target, _parse_header_block(block), reply, _length_in(length)), data[pos:]
+        return cls(method, target, _parse_header_block(block), reply, _length_in(length), deadline), data[pos:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,12 +392,15 @@ class KeyRequest:
     frame_size: int
     window: int
     target: bytes  # a forwarder id, or eight zero bytes for every forwarder
+    lifetime_ms: int = 86_400_000  # the key's hard lifetime the proxy asks for
+    max_messages: int = 1_000_000  # and its hard message budget
 
     def encode_body(self) -> bytes:
         return (
             Writer().u8(VERSION).u8(MsgType.KEY_REQUEST).blob16(self.proxy.encode("ascii")).raw(self.instance)
             .blob16(self.reply_channel).raw(self.nonce).u64(self.timestamp_ms).raw(self.ephemeral)
-            .u32(self.frame_size).u32(self.window).raw(self.target).bytes()
+            .u32(self.frame_size).u32(self.window).raw(self.target).u32(self.lifetime_ms).u64(self.max_messages)
+            .bytes()
         )
 
     @classmethod
@@ -400,7 +408,7 @@ class KeyRequest:
         proxy = _check_name(r.blob16(64))
         return cls(
             proxy, r.raw(ID_SIZE), r.blob16(MAX_CHANNEL), r.raw(NONCE_SIZE), r.u64(), r.raw(X25519_SIZE),
-            r.u32(), r.u32(), r.raw(ID_SIZE),
+            r.u32(), r.u32(), r.raw(ID_SIZE), r.u32(), r.u64(),
         )
 
 
@@ -416,36 +424,42 @@ class KeyGrant:
     frame_size: int
     window: int
     timestamp_ms: int
+    lifetime_ms: int = 86_400_000  # the hard lifetime both sides enforce (the smaller of both limits)
+    max_messages: int = 1_000_000  # the hard message budget both sides enforce
+    announce_ms: int = 15_000  # how often this forwarder announces itself
 
     def encode_body(self) -> bytes:
         return (
             Writer().u8(VERSION).u8(MsgType.KEY_GRANT).raw(self.forwarder).raw(self.request_nonce).raw(self.key_id)
             .blob16(self.wrapped).raw(self.ephemeral).u32(self.frame_size).u32(self.window)
-            .u64(self.timestamp_ms).bytes()
+            .u64(self.timestamp_ms).u32(self.lifetime_ms).u64(self.max_messages).u32(self.announce_ms).bytes()
         )
 
     @classmethod
     def decode_body(cls, r: Reader) -> KeyGrant:
         return cls(
             r.raw(ID_SIZE), r.raw(NONCE_SIZE), r.raw(ID_SIZE), r.blob16(1024), r.raw(X25519_SIZE),
-            r.u32(), r.u32(), r.u64(),
+            r.u32(), r.u32(), r.u64(), r.u32(), r.u64(), r.u32(),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class Announce:
-    """A forwarder saying it is alive; a proxy with no key for it negotiates at once."""
+    """A forwarder saying it is alive (every ``interval_ms``); a proxy with no key for it
+    negotiates at once, one with a key answers with a sealed CONFIRM (its heartbeat)."""
 
     forwarder: bytes
     nonce: bytes
     timestamp_ms: int
+    interval_ms: int = 15_000
 
     def encode_body(self) -> bytes:
-        return Writer().u8(VERSION).u8(MsgType.ANNOUNCE).raw(self.forwarder).raw(self.nonce).u64(self.timestamp_ms).bytes()
+        return (Writer().u8(VERSION).u8(MsgType.ANNOUNCE).raw(self.forwarder).raw(self.nonce).u64(self.timestamp_ms)
+                .u32(self.interval_ms).bytes())
 
     @classmethod
     def decode_body(cls, r: Reader) -> Announce:
-        return cls(r.raw(ID_SIZE), r.raw(NONCE_SIZE), r.u64())
+        return cls(r.raw(ID_SIZE), r.raw(NONCE_SIZE), r.u64(), r.u32())
 
 
 SignedT = TypeVar("SignedT", KeyRequest, KeyGrant, Announce)

@@ -125,26 +125,32 @@ class Stack:
               proxy: Mapping[str, TomlValue] | None = None,
               rekey: Mapping[str, TomlValue] | None = None,
               upstreams: Mapping[str, str] | None = None,
-              without: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+              without: tuple[str, ...] = (),
+              forwarder_redis: str | None = None,
+              proxy_redis: str | None = None):  # type: ignore[no-untyped-def]
         """Start the upstream, one forwarder and one proxy per route (except ``without``),
-        each calling ``upstreams[name]`` or the sample app; wait until all have keys."""
+        each calling ``upstreams[name]`` or the sample app; wait until all have keys.
+        ``forwarder_redis``/``proxy_redis``: a Redis URL that side connects to instead of
+        the stack's own (e.g. a hostile Redis in the middle of it)."""
         routes = routes or {"alpha": {"path_prefix": "/"}}
         site, self.app = make_site()
         self.upstream = yield listen(self.case, site)
-        yield self.add_forwarder(routes, forwarder)
+        yield self.add_forwarder(routes, forwarder, redis_url=forwarder_redis)
         running = [name for name in routes if name not in without]
         for name in running:
-            self.add_proxy(name, (upstreams or {}).get(name, self.upstream), proxy, rekey)
+            self.add_proxy(name, (upstreams or {}).get(name, self.upstream), proxy, rekey, redis_url=proxy_redis)
         yield self.ready(*running)
         return self
 
     @defer.inlineCallbacks
     def add_forwarder(self, routes: Mapping[str, Mapping[str, TomlValue]],
-                      overrides: Mapping[str, TomlValue] | None = None):  # type: ignore[no-untyped-def]
+                      overrides: Mapping[str, TomlValue] | None = None,
+                      redis_url: str | None = None):  # type: ignore[no-untyped-def]
+        """A forwarder for ``routes``, on the stack's Redis or ``redis_url``."""
         for name in routes:
             key_pair(self.folder, name)
         n = len(self.forwarders)
-        path = write_forwarder_config(self.folder, self.redis.url, "tcp:0", routes, forwarder=overrides,
+        path = write_forwarder_config(self.folder, redis_url or self.redis.url, "tcp:0", routes, forwarder=overrides,
                                       name=f"forwarder{n}.toml")
         settings = load_forwarder_config(path)
         service = ForwarderService(settings, RedisBus(settings.redis, reactor), reactor)
@@ -155,9 +161,10 @@ class Stack:
         return service
 
     def add_proxy(self, name: str, upstream: str, overrides: Mapping[str, TomlValue] | None = None,
-                  rekey: Mapping[str, TomlValue] | None = None) -> ProxyService:
+                  rekey: Mapping[str, TomlValue] | None = None, redis_url: str | None = None) -> ProxyService:
+        """A proxy process ``name`` calling ``upstream``, on the stack's Redis or ``redis_url``."""
         key_pair(self.folder, name)
-        settings = load_proxy_config(write_proxy_config(self.folder, name, self.redis.url, upstream,
+        settings = load_proxy_config(write_proxy_config(self.folder, name, redis_url or self.redis.url, upstream,
                                                         settings=overrides, rekey=rekey))
         service = ProxyService(settings, RedisBus(settings.redis, reactor), reactor, reactor)
         self.run(service)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import shutil
@@ -48,7 +49,8 @@ EXAMPLE_KEYS = {
     "forwarder.example.toml": {
         "redis": _REDIS_KEYS, "admin": ("listen",), "proxies.": ("public_key", "path_prefix", "hosts"),
         "forwarder": ("listen", "signing_key", "request_timeout", "stream_idle_timeout", "max_body_size",
-                      "frame_size", "window", "announce_interval", "max_clock_skew", "key_grace"),
+                      "frame_size", "window", "announce_interval", "max_clock_skew", "key_grace",
+                      "trusted_proxies"),
     },
     "proxy.example.toml": {
         "redis": _REDIS_KEYS, "admin": ("listen",),
@@ -408,6 +410,37 @@ class ListenTests(ConfigTestCase):
         for line, fragment in [("listen = ''", "must not be empty"), ("listen = []", "non-empty array"),
                                ("listen = ['tcp:1', '']", "item 2"), ("listen = 8080", "got integer 8080")]:
             self.assertFileKeyError(self.fails(self.forwarder, line + "\n"), "forwarder.listen", fragment)
+
+
+class TrustedProxiesTests(ConfigTestCase):
+    def test_default_trusts_nobody(self) -> None:
+        """Without trusted_proxies, and with an empty array, no peer is trusted."""
+        self.assertEqual(self.forwarder().trusted_proxies, ())
+        self.assertEqual(self.forwarder("trusted_proxies = []\n").trusted_proxies, ())
+
+    def test_networks_parsed(self) -> None:
+        """IPv4 and IPv6 CIDRs are parsed (host bits ignored, a bare address is one host),
+        in order, duplicates dropped."""
+        settings = self.forwarder("trusted_proxies = ['10.0.0.0/8', '192.168.1.7/24', '2001:db8::1/32', "
+                                  "'127.0.0.1', '::1', '10.0.0.0/8']\n")
+        self.assertEqual(settings.trusted_proxies, (
+            ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("192.168.1.0/24"),
+            ipaddress.ip_network("2001:db8::/32"), ipaddress.ip_network("127.0.0.1/32"),
+            ipaddress.ip_network("::1/128")))
+
+    def test_errors(self) -> None:
+        """A value that is not an array of network strings, or an item that is not an IPv4
+        or IPv6 network, is one line naming the file, forwarder.trusted_proxies and the item."""
+        for line, fragments in [
+            ("trusted_proxies = '10.0.0.0/8'", ("expected an array of networks", "got string '10.0.0.0/8'")),
+            ("trusted_proxies = ['10.0.0.0/8', 10]", ("item 2", "got integer 10")),
+            ("trusted_proxies = ['10.0.0.0/33']", ("item 1", "not an IPv4 or IPv6 network", "'10.0.0.0/33'")),
+            ("trusted_proxies = ['lb.example']", ("item 1", "not an IPv4 or IPv6 network")),
+            ("trusted_proxies = ['']", ("item 1", "not an IPv4 or IPv6 network")),
+            ("trusted_proxies = ['10.0.0.1 ']", ("item 1", "not an IPv4 or IPv6 network")),
+            ("trusted_proxies = ['2001:db8::/129']", ("item 1", "not an IPv4 or IPv6 network")),
+        ]:
+            self.assertFileKeyError(self.fails(self.forwarder, line + "\n"), "forwarder.trusted_proxies", *fragments)
 
 
 class UpstreamTests(ConfigTestCase):

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from twisted.trial.unittest import TestCase
 
-from ppbridge.httpheaders import end_to_end, forwarded_request_headers, upstream_request_headers
+import ipaddress
+
+from ppbridge.httpheaders import end_to_end, forwarded_request_headers, trusted_peer, upstream_request_headers
+
+FRONT = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))  # a trusted load balancer
 
 
 def names(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
@@ -55,11 +59,59 @@ class ForwardedTests(TestCase):
         self.assertEqual(values(out, b"X-Forwarded-Proto"), [b"https"])
         self.assertEqual(values(out, b"Accept"), [b"*/*"])
 
-    def test_chain_appended(self) -> None:
-        """An incoming X-Forwarded-For chain (one or several headers) is extended with the client address."""
+    def test_untrusted_chain_replaced(self) -> None:
+        """By default (no trusted proxies) a client's own X-Forwarded-For (one or several
+        headers) is dropped: the upstream sees only the address the forwarder saw."""
         headers = [(b"X-Forwarded-For", b"198.51.100.1, 10.0.0.1"), (b"x-forwarded-for", b"10.0.0.2")]
         out = forwarded_request_headers(headers, b"203.0.113.7", b"h", b"http")
-        self.assertEqual(values(out, b"X-Forwarded-For"), [b"198.51.100.1, 10.0.0.1, 10.0.0.2, 203.0.113.7"])
+        self.assertEqual(values(out, b"X-Forwarded-For"), [b"203.0.113.7"])
+
+    def test_untrusted_client_cannot_spoof_any_forwarding_header(self) -> None:
+        """From a peer outside trusted_proxies, X-Forwarded-For, Forwarded, X-Forwarded-Host
+        and X-Forwarded-Proto (any case) are all replaced by the forwarder's own values."""
+        headers = [(b"forwarded", b"for=127.0.0.1;proto=https;host=admin.internal"),
+                   (b"X-FORWARDED-FOR", b"127.0.0.1"), (b"X-Forwarded-Host", b"admin.internal"),
+                   (b"X-Forwarded-Proto", b"https"), (b"Accept", b"*/*")]
+        out = forwarded_request_headers(headers, b"203.0.113.7", b"public.example", b"http", FRONT)
+        self.assertEqual(out, [(b"Accept", b"*/*"), (b"X-Forwarded-For", b"203.0.113.7"),
+                               (b"X-Forwarded-Host", b"public.example"), (b"X-Forwarded-Proto", b"http")])
+
+    def test_trusted_proxy_chain_appended_and_headers_kept(self) -> None:
+        """From a peer inside trusted_proxies, the X-Forwarded-For chain (one or several
+        headers) is extended with the peer, and Forwarded, X-Forwarded-Host and
+        X-Forwarded-Proto are kept as they came, not duplicated."""
+        headers = [(b"X-Forwarded-For", b"198.51.100.1, 10.9.9.9"), (b"x-forwarded-for", b"10.0.0.2"),
+                   (b"Forwarded", b"for=198.51.100.1;proto=https"), (b"X-Forwarded-Host", b"www.example"),
+                   (b"X-Forwarded-Proto", b"https")]
+        out = forwarded_request_headers(headers, b"10.1.2.3", b"forwarder.internal", b"http", FRONT)
+        self.assertEqual(values(out, b"X-Forwarded-For"), [b"198.51.100.1, 10.9.9.9, 10.0.0.2, 10.1.2.3"])
+        self.assertEqual(values(out, b"Forwarded"), [b"for=198.51.100.1;proto=https"])
+        self.assertEqual(values(out, b"X-Forwarded-Host"), [b"www.example"])
+        self.assertEqual(values(out, b"X-Forwarded-Proto"), [b"https"])
+
+    def test_trusted_proxy_without_host_or_proto_gets_ours(self) -> None:
+        """A trusted proxy that sent no X-Forwarded-Host/-Proto gets the forwarder's, as any client does."""
+        out = forwarded_request_headers([], b"2001:db8::5", b"forwarder.internal", b"https", FRONT)
+        self.assertEqual(out, [(b"X-Forwarded-For", b"2001:db8::5"), (b"X-Forwarded-Host", b"forwarder.internal"),
+                               (b"X-Forwarded-Proto", b"https")])
+
+    def test_trusted_peer(self) -> None:
+        """Trust is by the peer's address in a network, IPv4 or IPv6; an IPv4-mapped IPv6 peer
+        (a dual-stack listener) counts as its IPv4 address; no networks, or a peer that is not
+        an IP address, is never trusted."""
+        for peer in (b"10.0.0.1", b"10.255.255.255", b"2001:db8::1", b"::ffff:10.1.2.3"):
+            self.assertTrue(trusted_peer(peer, FRONT), peer)
+        for peer in (b"11.0.0.1", b"127.0.0.1", b"2001:db9::1", b"::ffff:11.0.0.1", b"unknown", b"", b"10.0.0.1/8"):
+            self.assertFalse(trusted_peer(peer, FRONT), peer)
+        self.assertFalse(trusted_peer(b"10.0.0.1", ()))
+
+    def test_host_header_is_the_routing_host(self) -> None:
+        """The Host passed on is the host the request was routed by (an absolute-form target's
+        authority), once, in the Host header's place; X-Forwarded-Host says the same."""
+        headers = [(b"Accept", b"*/*"), (b"Host", b"a.example"), (b"host", b"c.example"), (b"X-A", b"1")]
+        out = forwarded_request_headers(headers, b"203.0.113.7", b"b.example", b"http")
+        self.assertEqual(out[:3], [(b"Accept", b"*/*"), (b"Host", b"b.example"), (b"X-A", b"1")])
+        self.assertEqual(values(out, b"X-Forwarded-Host"), [b"b.example"])
 
     def test_client_cannot_set_host_or_proto(self) -> None:
         """Client-sent X-Forwarded-Host/-Proto are replaced by what the forwarder saw, not duplicated."""

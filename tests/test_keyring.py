@@ -8,26 +8,29 @@ from twisted.trial.unittest import TestCase
 
 from ppbridge.envelope import Envelope, derive_keys
 from ppbridge.keyring import Keyring
-from ppbridge.negotiation import PENDING_LIFETIME, NewSession
+from ppbridge.negotiation import PENDING_LIFETIME, NewSession, proxy_peer
 from ppbridge.wire import Role
 
 T0 = 1_700_000_000.0
 GRACE = 60.0
-PROXY_A, PROXY_B = b"A" * 8, b"B" * 8  # proxy instances, the forwarder's peers
+INSTANCE_A, INSTANCE_B = b"A" * 8, b"B" * 8
+PROXY_A, PROXY_B = proxy_peer("alpha", INSTANCE_A), proxy_peer("alpha", INSTANCE_B)  # the forwarder's peers
 FORWARDER = b"F" * 8
 
 
-def session(instance: bytes = PROXY_A, role: Role = Role.FORWARDER, forwarder: bytes = FORWARDER) -> NewSession:
+def session(instance: bytes = INSTANCE_A, role: Role = Role.FORWARDER, forwarder: bytes = FORWARDER,
+            lifetime: float = 86400.0, max_messages: int = 1_000_000) -> NewSession:
     """A fresh session as the forwarder (default) or a proxy holds it."""
     keys = derive_keys(os.urandom(32), os.urandom(32), b"salt")
-    return NewSession("alpha", instance, forwarder, Envelope(os.urandom(8), keys, role), 262144, 1048576)
+    return NewSession("alpha", instance, forwarder, Envelope(os.urandom(8), keys, role), 262144, 1048576,
+                      lifetime, max_messages)
 
 
 class KeyringTests(TestCase):
     """One Keyring as the forwarder uses it (peers are proxy instances)."""
 
     def setUp(self) -> None:
-        self.ring = Keyring(GRACE)
+        self.ring = Keyring(GRACE, lambda: T0)
 
     def test_confirmed_key_is_current(self) -> None:
         """A key added as confirmed is at once the one used to seal, and opens messages."""
@@ -88,27 +91,47 @@ class KeyringTests(TestCase):
         self.assertIsNone(self.ring.get(entry.key_id, T0 + PENDING_LIFETIME + 1))
         self.assertFalse(self.ring.confirm(entry.key_id, PROXY_A, T0 + PENDING_LIFETIME + 2))
 
-    def test_confirmed_keys_do_not_expire(self) -> None:
-        """A current key lives as long as it is current, however old."""
-        entry = self.ring.add(session(), PROXY_A, T0, confirmed=True)
-        self.assertEqual(self.ring.expire(T0 + 10**6), 0)
-        self.assertIs(self.ring.get(entry.key_id, T0 + 10**6), entry)
+    def test_current_key_lives_until_its_hard_lifetime(self) -> None:
+        """A current key is current and opens until its lifetime ends; from then on it neither
+        seals (not current, no peer) nor opens (expired), and expire() drops it."""
+        now = [T0]
+        ring = Keyring(GRACE, lambda: now[0])
+        entry = ring.add(session(lifetime=100.0), PROXY_A, T0, confirmed=True)
+        now[0] = T0 + 99.9
+        self.assertEqual(ring.expire(now[0]), 0)
+        self.assertIs(ring.current(PROXY_A), entry)
+        self.assertFalse(entry.expired(now[0]))
+        now[0] = T0 + 100
+        self.assertIsNone(ring.current(PROXY_A))
+        self.assertEqual(ring.peers(), [])
+        self.assertTrue(entry.expired(now[0]))
+        self.assertEqual(ring.expire(now[0]), 1)
+        self.assertIsNone(ring.get(entry.key_id, now[0]))
+
+    def test_current_key_stops_at_its_message_budget(self) -> None:
+        """A key that has protected max_messages messages is no longer current nor usable."""
+        entry = self.ring.add(session(max_messages=3), PROXY_A, T0, confirmed=True)
+        entry.session.envelope.sent = 2
+        self.assertIs(self.ring.current(PROXY_A), entry)
+        entry.session.envelope.received = 1
+        self.assertIsNone(self.ring.current(PROXY_A))
+        self.assertTrue(entry.expired(T0))
 
     def test_peers_are_independent(self) -> None:
         """Rotating one proxy instance's key retires nothing of another's."""
-        a = self.ring.add(session(PROXY_A), PROXY_A, T0, confirmed=True)
-        b = self.ring.add(session(PROXY_B), PROXY_B, T0, confirmed=True)
-        self.ring.add(session(PROXY_A), PROXY_A, T0 + 10, confirmed=True)
+        a = self.ring.add(session(INSTANCE_A), PROXY_A, T0, confirmed=True)
+        b = self.ring.add(session(INSTANCE_B), PROXY_B, T0, confirmed=True)
+        self.ring.add(session(INSTANCE_A), PROXY_A, T0 + 10, confirmed=True)
         self.assertIs(self.ring.current(PROXY_B), b)
         self.assertIs(self.ring.get(b.key_id, T0 + 10 * GRACE), b)
         self.assertIsNone(self.ring.get(a.key_id, T0 + 10 + GRACE))
 
     def test_drop_peer(self) -> None:
         """drop_peer forgets every key of that peer (current, retiring, unconfirmed) and nothing else."""
-        old = self.ring.add(session(PROXY_A), PROXY_A, T0, confirmed=True)
-        current = self.ring.add(session(PROXY_A), PROXY_A, T0 + 1, confirmed=True)
-        pending = self.ring.add(session(PROXY_A), PROXY_A, T0 + 2, confirmed=False)
-        other = self.ring.add(session(PROXY_B), PROXY_B, T0, confirmed=True)
+        old = self.ring.add(session(INSTANCE_A), PROXY_A, T0, confirmed=True)
+        current = self.ring.add(session(INSTANCE_A), PROXY_A, T0 + 1, confirmed=True)
+        pending = self.ring.add(session(INSTANCE_A), PROXY_A, T0 + 2, confirmed=False)
+        other = self.ring.add(session(INSTANCE_B), PROXY_B, T0, confirmed=True)
         self.ring.drop_peer(PROXY_A)
         self.assertIsNone(self.ring.current(PROXY_A))
         for entry in (old, current, pending):
@@ -120,7 +143,7 @@ class KeyringTests(TestCase):
 
     def test_drop_peer_on_proxy_side(self) -> None:
         """On a proxy the peers are forwarders: drop_peer forgets that forwarder's keys only."""
-        ring = Keyring(GRACE)
+        ring = Keyring(GRACE, lambda: T0)
         other_forwarder = b"G" * 8
         gone = ring.add(session(role=Role.PROXY), FORWARDER, T0, confirmed=True)
         kept = ring.add(session(role=Role.PROXY, forwarder=other_forwarder), other_forwarder, T0, confirmed=True)

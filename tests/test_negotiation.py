@@ -27,6 +27,7 @@ from ppbridge.negotiation import (
     NewSession,
     ProxyNegotiator,
     _grant_signed_data,
+    proxy_peer,
 )
 from ppbridge.proxy import RETRY_MAX, ProxyService
 from ppbridge.wire import KeyGrant, KeyRequest, MsgType, Role, decode_signed, encode_signed, unpack_header
@@ -280,7 +281,7 @@ class NegotiatorTests(TestCase):
 
     def test_announce(self) -> None:
         """A fresh announcement signed with the pinned key yields the forwarder id."""
-        self.assertEqual(self.proxy.verify_announce(self.forwarder.announce(T0), T0 + 1), FORWARDER_ID)
+        self.assertEqual(self.proxy.verify_announce(self.forwarder.announce(T0), T0 + 1).forwarder, FORWARDER_ID)
 
     def test_announce_rejections(self) -> None:
         """Announcements from a rogue key, out of skew, or made for another namespace are rejected."""
@@ -502,7 +503,7 @@ class ServiceNegotiationTests(TestCase):
         second = fingerprint_on_proxy(proxy, forwarder)
         self.assertNotEqual(second, first)
         self.assertEqual(forwarder.candidates("alpha")[0].session.envelope.fingerprint, second)
-        self.assertEqual(forwarder.keyring.stats[proxy.instance].rotations, 1)
+        self.assertEqual(forwarder.keyring.stats[proxy_peer("alpha", proxy.instance)].rotations, 1)
 
     def test_backoff_without_forwarder(self) -> None:
         """With no forwarder listening the proxy keeps asking, ever less often, up to a bounded delay."""

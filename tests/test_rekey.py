@@ -138,42 +138,41 @@ class AdaptivePolicyTests(TestCase):
 
 
 class RekeyScheduleTests(TestCase):
-    """When a rotation is due."""
+    """When a key is due for rotation: by period, by half its lifetime, by half its budget."""
 
     def setUp(self) -> None:
-        self.schedule = RekeySchedule(FixedPolicy(600.0), 1000)
-
-    def test_nothing_before_first_key(self) -> None:
-        """Without a key there is nothing to rotate."""
-        self.assertIsNone(self.schedule.due(T0, 10**9))
+        self.schedule = RekeySchedule(FixedPolicy(600.0), 1000, 86400.0)
 
     def test_period(self) -> None:
-        """Rotation is due "period" once the period has passed since the last rotation, not before."""
-        self.schedule.rotated(T0)
-        self.assertIsNone(self.schedule.due(T0, 0))
-        self.assertIsNone(self.schedule.due(T0 + 599.9, 999))
-        self.assertEqual(self.schedule.due(T0 + 600, 0), "period")
-        self.assertEqual(self.schedule.due(T0 + 5000, 0), "period")
+        """Rotation is due "period" once the period has passed since the key was made, not before."""
+        self.assertIsNone(self.schedule.due(T0, T0, 0))
+        self.assertIsNone(self.schedule.due(T0 + 599.9, T0, 499))
+        self.assertEqual(self.schedule.due(T0 + 600, T0, 0), "period")
+        self.assertEqual(self.schedule.due(T0 + 5000, T0, 0), "period")
 
-    def test_messages_cap(self) -> None:
-        """At messages_per_key rotation is due "messages" at once, whatever the time."""
-        self.schedule.rotated(T0)
-        self.assertEqual(self.schedule.due(T0, 1000), "messages")
-        self.assertEqual(self.schedule.due(T0 + 1, 5000), "messages")
-        self.assertEqual(self.schedule.due(T0 + 10_000, 1000), "messages")
+    def test_messages_at_half_the_budget(self) -> None:
+        """At half of messages_per_key (the hard budget) rotation is due "messages" at once,
+        whatever the time; one message fewer is not due."""
+        self.assertIsNone(self.schedule.due(T0, T0, 499))
+        self.assertEqual(self.schedule.due(T0, T0, 500), "messages")
+        self.assertEqual(self.schedule.due(T0 + 10_000, T0, 5000), "messages")
 
-    def test_rotated_restarts_the_period(self) -> None:
-        """After a rotation the period counts from the new key."""
-        self.schedule.rotated(T0)
-        self.schedule.rotated(T0 + 500)
-        self.assertIsNone(self.schedule.due(T0 + 700, 0))
-        self.assertEqual(self.schedule.due(T0 + 1100, 0), "period")
+    def test_each_key_by_its_own_age(self) -> None:
+        """The period counts from the key judged: a newer key is not due when an older one is."""
+        self.assertEqual(self.schedule.due(T0 + 700, T0, 0), "period")
+        self.assertIsNone(self.schedule.due(T0 + 700, T0 + 500, 0))
+
+    def test_half_the_lifetime_caps_the_period(self) -> None:
+        """A hard lifetime shorter than twice the period brings rotation forward to half of it."""
+        schedule = RekeySchedule(FixedPolicy(600.0), 1000, 100.0)
+        self.assertEqual(schedule.period(), 50.0)
+        self.assertIsNone(schedule.due(T0 + 49.9, T0, 0))
+        self.assertEqual(schedule.due(T0 + 50, T0, 0), "period")
 
     def test_follows_adaptive_policy(self) -> None:
         """With an adaptive policy the period used is the one the traffic gives."""
         policy = AdaptivePolicy(MIN, MAX, BUDGET)
-        schedule = RekeySchedule(policy, BUDGET)
+        schedule = RekeySchedule(policy, BUDGET, 86400.0)
         Traffic(policy, self).run(1000, 10 * SMOOTHING)  # period about 250 s
-        schedule.rotated(T0)
-        self.assertIsNone(schedule.due(T0 + 200, 0))
-        self.assertEqual(schedule.due(T0 + 300, 0), "period")
+        self.assertIsNone(schedule.due(T0 + 200, T0, 0))
+        self.assertEqual(schedule.due(T0 + 300, T0, 0), "period")

@@ -23,6 +23,7 @@ from ppbridge import keys, negotiation
 from ppbridge.admin import admin_site
 from ppbridge.envelope import Envelope
 from ppbridge.errors import BusMessageError
+from ppbridge.negotiation import proxy_peer
 from ppbridge.sampleapp import pattern_sha256
 from ppbridge.wire import HEADER_SIZE, KeyGrant, KeyRequest, MsgType, Role, decode_signed, unpack_header
 from tests.support import Client, Stack, error_of, listen, poll
@@ -332,7 +333,7 @@ class AdminEndpoints(TestCase):
         self.assertTrue(p_doc["redis_connected"])
         self.assertEqual(alpha["key_fingerprint"], p_doc["key_fingerprint"])
         self.assertEqual(p_doc["period_s"], 1.0)
-        current = forwarder.keyring.current(proxy.instance)
+        current = forwarder.keyring.current(proxy_peer("alpha", proxy.instance))
         self.assertEqual(alpha["key_fingerprint"], current.session.envelope.fingerprint)
 
     @defer.inlineCallbacks

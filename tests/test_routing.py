@@ -9,7 +9,7 @@ from twisted.trial.unittest import TestCase
 
 from ppbridge import keys
 from ppbridge.config import Route
-from ppbridge.routing import Router, origin_form
+from ppbridge.routing import Router, origin_form, request_target
 
 _KEY: list[rsa.RSAPublicKey] = []
 
@@ -128,3 +128,37 @@ class OriginFormTests(TestCase):
         """Asterisk-form, authority-form, other schemes and relative paths give None."""
         for target in (b"*", b"intranet.example:443", b"ftp://intranet.example/x", b"a/b", b"", b"http:/x"):
             self.assertIsNone(origin_form(target), target)
+
+
+class RequestTargetTests(TestCase):
+    """The authority of an absolute-form target, which routes the request (RFC 9112 section 3.2.2)."""
+
+    def test_origin_form_has_no_authority(self) -> None:
+        """An origin-form target gives no authority (the Host header routes it) and itself."""
+        self.assertEqual(request_target(b"/a/b?c=d"), (None, b"/a/b?c=d"))
+
+    def test_absolute_form_gives_its_authority(self) -> None:
+        """An absolute-form target gives host[:port] exactly as written (case kept: matching
+        ignores it), without user info, and its path and query."""
+        self.assertEqual(request_target(b"http://b.example/echo"), (b"b.example", b"/echo"))
+        self.assertEqual(request_target(b"HTTPS://B.Example:8443/x?y=1"), (b"B.Example:8443", b"/x?y=1"))
+        self.assertEqual(request_target(b"http://user:pw@b.example/x"), (b"b.example", b"/x"))
+        self.assertEqual(request_target(b"http://a@b@c.example/x"), (b"c.example", b"/x"))
+        self.assertEqual(request_target(b"http://[::1]:8080/x"), (b"[::1]:8080", b"/x"))
+        self.assertEqual(request_target(b"http://b.example"), (b"b.example", b"/"))
+        self.assertEqual(request_target(b"http://b.example?next=/admin"), (b"b.example", b"/?next=/admin"))
+        self.assertEqual(request_target(b"http://b.example#frag/x"), (b"b.example", b"/"))
+
+    def test_empty_host_rejected(self) -> None:
+        """An http(s) URI with an empty host is invalid (RFC 9110 section 4.2.1): None, so the
+        forwarder answers 400 bad-request instead of routing it by the Host header."""
+        for target in (b"http:///x", b"http://user@/x", b"http://:80/x", b"https://?q", b"http://"):
+            self.assertIsNone(request_target(target), target)
+            self.assertIsNone(origin_form(target), target)
+
+    def test_authority_routes_not_host(self) -> None:
+        """Routed with the authority of an absolute-form target, a request whose Host names
+        another route goes where its authority says."""
+        router = Router([route("a", "", ("a.example",)), route("b", "", ("b.example",))])
+        authority, target = request_target(b"http://b.example/echo")  # sent with Host: a.example
+        self.assertEqual(chosen(router, authority, target), ("b", b"/echo"))

@@ -468,23 +468,3 @@ class CoalescingTests(TestCase):
         other.write(b"y")
         other.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
-
-
-class HandoverTests(TestCase):
-    """Moving an unsent stream to another peer keeps its bytes and its end."""
-
-    def test_handover_returns_what_was_queued_and_finishing(self) -> None:
-        """Queued data (coalescing, no credit) and a finish() come back; nothing is lost."""
-        from twisted.internet.task import Clock
-
-        out = Outbound(0, 1024, lambda c, e: None, lambda: None, lambda: None, Clock())
-        out.write(b"abc")
-        out.write(b"def")
-        out.finish()
-        self.assertEqual(out.handover(), (b"abcdef", True))
-
-    def test_handover_refused_once_a_frame_went_out(self) -> None:
-        """A stream whose first frame was sent cannot move: the peer may have it."""
-        out = Outbound(100, 1024, lambda c, e: None, lambda: None, lambda: None)
-        out.write(b"x")
-        self.assertRaises(RuntimeError, out.handover)
