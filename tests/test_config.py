@@ -50,13 +50,13 @@ EXAMPLE_KEYS = {
         "redis": _REDIS_KEYS, "admin": ("listen",), "proxies.": ("public_key", "path_prefix", "hosts"),
         "forwarder": ("listen", "signing_key", "request_timeout", "stream_idle_timeout", "max_body_size",
                       "frame_size", "window", "announce_interval", "max_clock_skew", "key_grace",
-                      "trusted_proxies"),
+                      "max_key_age", "trusted_proxies"),
     },
     "proxy.example.toml": {
         "redis": _REDIS_KEYS, "admin": ("listen",),
         "proxy": ("name", "private_key", "forwarder_key", "upstream", "upstream_connect_timeout",
                   "upstream_timeout", "stream_idle_timeout", "frame_size", "window", "max_clock_skew"),
-        "rekey": ("mode", "period", "min_period", "max_period", "messages_per_key", "grace"),
+        "rekey": ("mode", "period", "min_period", "max_period", "messages_per_key", "grace", "max_key_age"),
     },
 }
 
@@ -244,6 +244,21 @@ class TypeAndRangeTests(ConfigTestCase):
                                 "rekey.max_period", "at least min_period (600)")
         self.assertEqual(self.proxy("[rekey]\nmode = 'adaptive'\nmessages_per_key = 2147483648\n").rekey,
                          RekeySettings(mode="adaptive", messages_per_key=2**31))
+
+    def test_key_lifetime(self) -> None:
+        """max_key_age 0 (the default) means twice the period (fixed) or max_period (adaptive),
+        at most a day; a value in (0, 2) is an error naming the key; the forwarder's cap is
+        bounded to 2 s .. 7 days."""
+        self.assertEqual(self.proxy("").rekey.key_lifetime, 7200.0)
+        self.assertEqual(self.proxy("[rekey]\nperiod = 100\n").rekey.key_lifetime, 200.0)
+        self.assertEqual(self.proxy("[rekey]\nperiod = 86400\n").rekey.key_lifetime, 86400.0)
+        self.assertEqual(self.proxy("[rekey]\nmode = 'adaptive'\nmax_period = 500\n").rekey.key_lifetime, 1000.0)
+        self.assertEqual(self.proxy("[rekey]\nmax_key_age = 30\n").rekey.key_lifetime, 30.0)
+        self.assertFileKeyError(self.fails(self.proxy, "[rekey]\nmax_key_age = 1\n"),
+                                "rekey.max_key_age", "must be 0 (twice the period) or at least 2")
+        self.assertEqual(self.forwarder("").max_key_age, 86400.0)
+        self.assertFileKeyError(self.fails(self.forwarder, "max_key_age = 1\n"),
+                                "forwarder.max_key_age", "between 2 and 604800")
 
 
 class RequiredAndNameTests(ConfigTestCase):
