@@ -21,6 +21,7 @@ from ppbridge.channels import Channels
 from ppbridge.config import ForwarderSettings, Route
 from ppbridge.errors import BusMessageError, KeyExpired, NoRoute, ProxyUnavailable, RequestError
 from ppbridge.keyring import KeyEntry, Keyring
+from ppbridge.logsafe import Throttle
 from ppbridge.metrics import Metrics
 from ppbridge.negotiation import ForwarderNegotiator, proxy_peer
 from ppbridge.node import SessionNode
@@ -65,6 +66,7 @@ class ForwarderService(MultiService):
         self.evicted: dict[bytes, tuple[str, float]] = {}  # peer -> (name, when), keys kept a while
         self.key_expired: set[str] = set()  # names whose every key passed its hard limits
         self._announced = 0.0
+        self.refusals = Throttle()  # log lines for refused client requests (bad-target)
         self.last_error: dict[str, str] = {}
         self.streams: dict[bytes, ClientStream] = {}
         self.closed = RecentlyClosed()

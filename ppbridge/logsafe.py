@@ -1,12 +1,16 @@
-"""Attacker-chosen text made safe to log: no control characters, bounded length.
+"""Logging what an attacker controls: its text escaped, its volume throttled.
 
 Channel names, and anything else a hostile Redis or client chooses, may hold CR, LF, ANSI
-escapes or NULs that would forge or garble log lines; they are shown escaped instead.
+escapes or NULs that would forge or garble log lines; they are shown escaped instead. And an
+attacker decides how often we refuse something, so refusals are logged through a
+:class:`Throttle`: a few lines per reason per minute, then a count.
 """
 
 from __future__ import annotations
 
 MAX_SHOWN = 96
+BURST = 10  # log lines per reason per PERIOD
+PERIOD = 60.0
 
 
 def escape(value: bytes | str, limit: int = MAX_SHOWN) -> str:
@@ -16,3 +20,23 @@ def escape(value: bytes | str, limit: int = MAX_SHOWN) -> str:
     cut = data[:limit]
     shown = "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in cut)
     return shown + ("..." if len(data) > limit else "")
+
+
+class Throttle:
+    """Which refusals of a reason get a log line: the first ``BURST`` per ``PERIOD`` seconds."""
+
+    def __init__(self, burst: int = BURST, period: float = PERIOD) -> None:
+        self._burst = burst
+        self._period = period
+        self._window: dict[str, tuple[float, int]] = {}
+
+    def allow(self, reason: str, now: float) -> tuple[bool, int]:
+        """(log this one?, how many went unlogged in the window that just closed)."""
+        start, count = self._window.get(reason, (now, 0))
+        unlogged = 0
+        if now - start > self._period:
+            unlogged = max(0, count - self._burst)
+            start, count = now, 0
+        count += 1
+        self._window[reason] = (start, count)
+        return count <= self._burst, unlogged

@@ -17,13 +17,11 @@ from twisted.logger import Logger
 from ppbridge.bus import Bus
 from ppbridge.errors import BusMessageError
 from ppbridge.keyring import KeyEntry, Keyring
-from ppbridge.logsafe import escape
+from ppbridge.logsafe import Throttle, escape
 from ppbridge.metrics import Metrics
 from ppbridge.wire import OVERHEAD, Header, MsgType, unpack_header
 
 log = Logger()
-LOG_BURST = 10  # log lines per drop reason per LOG_PERIOD
-LOG_PERIOD = 60.0
 
 
 class DropLog:
@@ -33,20 +31,15 @@ class DropLog:
         self._metrics = metrics
         self._clock = clock
         self._side = side
-        self._window: dict[str, tuple[float, int]] = {}
+        self._throttle = Throttle()
 
     def __call__(self, err: BusMessageError, channel: bytes) -> None:
         self._metrics.dropped.labels(err.reason).inc()
-        now = self._clock.seconds()
-        start, count = self._window.get(err.reason, (now, 0))
-        if now - start > LOG_PERIOD:
-            if count > LOG_BURST:
-                log.warn("{side}: {n} more bus messages dropped ({reason})", side=self._side,
-                         n=count - LOG_BURST, reason=err.reason)
-            start, count = now, 0
-        count += 1
-        self._window[err.reason] = (start, count)
-        if count <= LOG_BURST:
+        show, unlogged = self._throttle.allow(err.reason, self._clock.seconds())
+        if unlogged:
+            log.warn("{side}: {n} more bus messages dropped ({reason})", side=self._side, n=unlogged,
+                     reason=err.reason)
+        if show:
             log.warn("{side}: dropped a bus message on {channel}: {err}", side=self._side,
                      channel=escape(channel), err=escape(str(err), 200))
 

@@ -25,6 +25,7 @@ from ppbridge.keyring import KeyEntry, Keyring
 from ppbridge.metrics import Metrics
 from ppbridge.negotiation import ANY_FORWARDER, ProxyNegotiator
 from ppbridge.node import SessionNode
+from ppbridge.ratelimit import ANNOUNCE_BURST, ANNOUNCE_RATE, TokenBucket
 from ppbridge.rekey import RekeySchedule, make_policy
 from ppbridge.streams import RecentlyClosed
 from ppbridge.timers import Periodic, log_failure
@@ -58,6 +59,8 @@ class ProxyService(MultiService):
             settings.frame_size, settings.window, settings.max_clock_skew, settings.rekey.key_lifetime,
             settings.rekey.messages_per_key,
         )
+        # Signature checks of announcements, a second (a forged one costs as much as a real one).
+        self.announce_budget = TokenBucket(ANNOUNCE_RATE, ANNOUNCE_BURST, clock.seconds())
         self.schedule = RekeySchedule(make_policy(settings.rekey), settings.rekey.messages_per_key,
                                       settings.rekey.key_lifetime)
         self.upstream = Upstream(settings.upstream, reactor if reactor is not None else clock,
@@ -204,6 +207,8 @@ class ProxyService(MultiService):
 
     def _on_announce(self, data: bytes) -> None:
         now = self.clock.seconds()
+        if not self.announce_budget.take(now):  # before decoding: a flood must not cost RSA verifies
+            raise BusMessageError("rate-limited", "announcements over budget")
         forwarder = self.negotiator.verify_announce(data, now).forwarder
         entry = self.keyring.current(forwarder)
         if entry is not None:
@@ -309,6 +314,8 @@ class ProxyService(MultiService):
                     "key_age_s": round(now - stats.current_since, 3),
                     "messages": entry.session.envelope.messages,
                     "rotations": stats.rotations,
+                    # seconds since this forwarder last confirmed it routes to us (None: never)
+                    "acknowledged_s_ago": None if peer not in self.acked else round(now - self.acked[peer], 3),
                 }
         newest = min(forwarders.values(), key=lambda f: f["key_age_s"], default={"key_fingerprint": None})
         return {

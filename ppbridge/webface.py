@@ -36,6 +36,7 @@ from ppbridge.errors import (
 )
 from ppbridge.httpheaders import end_to_end, forwarded_request_headers
 from ppbridge.keyring import KeyEntry
+from ppbridge.logsafe import escape
 from ppbridge.routing import request_target
 from ppbridge.streams import INLINE_MAX, Inbound, Outbound
 from ppbridge.targets import confined
@@ -469,6 +470,9 @@ class BridgeRequest(Request):
         except RequestError as err:
             self.early_error = err
             bridge.metrics.requests.labels("-", err.cause).inc()
+            if isinstance(err, BadTarget) and bridge.refusals.allow(err.cause, bridge.clock.seconds())[0]:
+                log.warn("refused a request path that would leave the upstream's base path, from {client}",
+                         client=escape(str(getattr(self.getClientAddress(), "host", "?"))))
             if isinstance(err, BodyTooLarge) or (length is None or length > INLINE_MAX):
                 refuse_early(self, err)  # don't read a body only to throw it away
 
