@@ -12,45 +12,16 @@ import json
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from ppbridge.sampleapp import make_site
 from tests.support import Client, Stack, listen
-
-
-class RawExchange(Protocol):
-    """Writes one request exactly as given; ``done`` fires with every byte of the reply once
-    the server closes the connection."""
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.received: list[bytes] = []
-        self.done: Deferred[bytes] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received.append(data)
-
-    def connectionLost(self, reason: Failure) -> None:
-        self.done.callback(b"".join(self.received))
+from tests.test_streaming import raw_exchange, split_response
 
 
 def parse_response(raw: bytes) -> tuple[int, dict[bytes, list[bytes]], bytes]:
     """(status, {lowercase name: [values]}, body) of one HTTP/1.1 response (length or chunked)."""
-    head, sep, body = raw.partition(b"\r\n\r\n")
-    if not sep:
-        raise AssertionError(f"no complete response head in {raw[:200]!r}")
-    status_line, *lines = head.split(b"\r\n")
-    headers: dict[bytes, list[bytes]] = {}
-    for line in lines:
-        name, _, value = line.partition(b":")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    status_line, headers, body = split_response(raw)
     if headers.get(b"transfer-encoding") == [b"chunked"]:
         chunks, rest = [], body
         while True:
@@ -73,11 +44,8 @@ def raw_request(case: TestCase, url: str, method: bytes, target: bytes,
     at ``url`` over a plain TCP connection: no client library normalises the target."""
     lines = [method + b" " + target + b" HTTP/1.1"] + [n + b": " + v for n, v in headers]
     request = b"\r\n".join(lines + [b"Connection: close", b"", b""])
-    protocol = RawExchange(request)
-    port = int(url.rsplit(":", 1)[1])
-    yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
-    case.addCleanup(lambda: protocol.transport.abortConnection() if not protocol.done.called else None)
-    raw = yield protocol.done.addTimeout(15, reactor)
+    exchange = yield raw_exchange(case, url, request)
+    raw = yield exchange.closed.addTimeout(15, reactor)
     return parse_response(raw)
 
 
@@ -138,11 +106,8 @@ class PathConfinement(TestCase):
         body = b"x" * (1 << 20)
         lines = (b"POST /office/%2e%2e/admin HTTP/1.1\r\nHost: public.example\r\n"
                  b"Content-Length: " + str(len(body)).encode("ascii") + b"\r\nConnection: close\r\n\r\n")
-        protocol = RawExchange(lines + body)
-        port = int(self.stack.url.rsplit(":", 1)[1])
-        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
-        self.addCleanup(lambda: protocol.transport.abortConnection() if not protocol.done.called else None)
-        status, headers, _ = parse_response((yield protocol.done.addTimeout(15, reactor)))
+        exchange = yield raw_exchange(self, self.stack.url, lines + body)
+        status, headers, _ = parse_response((yield exchange.closed.addTimeout(15, reactor)))
         self.assertEqual((status, headers.get(b"x-ppbridge-error")), (400, [b"bad-target"]))
         self.assertEqual(sum(self.office_app.hits.values()), 0)
 
