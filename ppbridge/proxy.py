@@ -38,6 +38,7 @@ RETRY_FIRST, RETRY_MAX = 1.0, 30.0
 NO_STREAM = bytes(STREAM_ID_SIZE)
 SILENCE = 3  # announce intervals: a forwarder not heard from is forgotten, one not acknowledging
 # our heartbeats is asked for a new key, and /healthz counts only acknowledged forwarders
+RENEW_AFTER = 4  # key requests heard by a forwarder but never granted before we take a new instance id
 
 
 class ProxyService(MultiService):
@@ -73,6 +74,7 @@ class ProxyService(MultiService):
         self.acked: dict[bytes, float] = {}  # forwarder -> last acknowledgement that it routes to us
         self._retry_at = 0.0
         self._retry_delay = RETRY_FIRST
+        self._ungranted = 0  # key requests in a row, made without a key, that forwarders heard but did not grant
         self._rekey_at = 0.0
         self._rekey_delay = RETRY_FIRST
         self._tick = Periodic(clock, TICK, self._on_tick, "negotiation and rekey timer")
@@ -125,6 +127,20 @@ class ProxyService(MultiService):
             return
         self._rekey(now)
 
+    def _renew_instance(self) -> None:
+        """Take a new instance id. Forwarders hear our requests and grant nothing: our id (it
+        is public, in our data channel's name) may have been claimed at a forwarder by another
+        proxy name while we were away, which makes that forwarder refuse it to us."""
+        old = self.data_channel
+        self.instance = os.urandom(ID_SIZE)
+        self.negotiator.instance = self.instance
+        self.data_channel = self.channels.proxy_data(self.settings.name, self.instance)
+        self.bus.subscribe(self.data_channel).addErrback(log_failure("subscribing failed"))
+        self.bus.unsubscribe(old).addErrback(log_failure("unsubscribing failed"))
+        self._ungranted = 0
+        log.warn("proxy {name}: {n} key requests were heard but not granted; now instance {instance}",
+                 name=self.settings.name, n=RENEW_AFTER, instance=self.instance.hex())
+
     def _current(self) -> dict[bytes, KeyEntry]:
         entries = {p: self.keyring.current(p) for p in self.keyring.peers()}
         return {p: e for p, e in entries.items() if e is not None}
@@ -176,6 +192,8 @@ class ProxyService(MultiService):
         if not self.keyring.peers():
             self._retry_at = now + self._retry_delay * random.uniform(0.8, 1.2)
             self._retry_delay = min(RETRY_MAX, self._retry_delay * 2)
+            if self._ungranted >= RENEW_AFTER:
+                self._renew_instance()
         channel, message = self.negotiator.make_request(now, target)
 
         def publish(_: object) -> Deferred[int]:
@@ -186,6 +204,8 @@ class ProxyService(MultiService):
 
     def _request_published(self, receivers: int) -> None:
         self.metrics.negotiations.labels("requested").inc()
+        if receivers and not self.keyring.peers():
+            self._ungranted += 1
         if receivers == 0:
             self.last_error = "no forwarder is listening on the negotiation channel"
             log.warn("key request reached no forwarder; retrying")
@@ -229,6 +249,7 @@ class ProxyService(MultiService):
         entry = self.keyring.add(session, session.forwarder, now, confirmed=True)
         self.heard[session.forwarder] = now
         self._retry_delay = RETRY_FIRST
+        self._ungranted = 0
         self.last_error = None
         self.metrics.negotiations.labels("granted").inc()
         log.info("key {fp} from forwarder {id}", fp=session.envelope.fingerprint, id=session.forwarder.hex())

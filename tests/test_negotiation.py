@@ -614,3 +614,108 @@ class ServiceNegotiationTests(TestCase):
         self.assertEqual(beta.calls, {})
         entry, header, payload = alpha.node.open(alpha_channel, data)
         self.assertEqual((header.type, payload), (MsgType.RESET, b"\x00\x06\x00\x00"))
+
+
+class KeyLifeTests(TestCase):
+    """Each key's own rotation schedule and hard lifetime, both services over the in-memory bus."""
+
+    def setUp(self) -> None:
+        self.bridge = Bridge(self)
+
+    def test_targeted_negotiation_does_not_postpone_other_keys(self) -> None:
+        """A proxy rotating every 100 s holds keys with two forwarders from t=0. At t=60 a third
+        forwarder starts and announces itself, and the proxy negotiates a key with it alone.
+        That negotiation must not restart the others' clocks: the keys with the first two
+        forwarders are still unchanged at t=99, rotated (on both sides) by t=101, not at
+        t=160, while the third forwarder's key, 40 s old, stays as it is."""
+        bridge = self.bridge
+        first, second = bridge.forwarder(), bridge.forwarder()
+        proxy = bridge.proxy(proxy_settings(rekey=RekeySettings(period=100.0)))
+        before = {f.id: fingerprint_on_proxy(proxy, f) for f in (first, second)}
+        bridge.advance(60, step=0.25)
+        third = bridge.forwarder()
+        bridge.advance(1, step=0.25)
+        third_key = fingerprint_on_proxy(proxy, third)
+        targeted, _, _ = decode_signed(bridge.published(MsgType.KEY_REQUEST)[-1][1], KeyRequest)
+        self.assertEqual(targeted.target, third.id)
+        bridge.advance(38, step=0.25)  # t = 99
+        self.assertEqual({f.id: fingerprint_on_proxy(proxy, f) for f in (first, second)}, before)
+        bridge.advance(2, step=0.25)  # t = 101
+        for forwarder in (first, second):
+            rotated = fingerprint_on_proxy(proxy, forwarder)
+            self.assertNotEqual(rotated, before[forwarder.id], "a key was not rotated at its period")
+            self.assertEqual(forwarder.candidates("alpha")[0].session.envelope.fingerprint, rotated)
+        self.assertEqual(fingerprint_on_proxy(proxy, third), third_key)
+
+    def test_keys_stop_at_their_hard_lifetime_on_both_sides(self) -> None:
+        """A proxy whose keys may live 100 s (``max_key_age``) gets its first key at t=0; from
+        then on the broker loses every KEY_REQUEST, so no rotation completes. Until t=99 both
+        sides keep using that key; past t=100 neither can seal with it (the forwarder has no
+        candidate for the proxy and answers ``key-expired``, the proxy holds no peer and
+        sends nothing), and a message sealed under it afterwards is refused on opening, on
+        each side, as ``key-expired`` or ``unknown-key`` (the key is forgotten)."""
+        from ppbridge.errors import KeyExpired
+        from ppbridge.wire import encode_window
+
+        bridge = self.bridge
+        forwarder = bridge.forwarder()
+        proxy = bridge.proxy(proxy_settings(rekey=RekeySettings(period=60.0, max_key_age=100.0)))
+        [forwarder_side] = forwarder.candidates("alpha")
+        proxy_side = proxy.keyring.current(forwarder.id)
+        assert proxy_side is not None
+        bridge.broker.drop = lambda channel, message: message[1] == MsgType.KEY_REQUEST
+        bridge.advance(99, step=0.25)
+        self.assertEqual(forwarder.candidates("alpha"), [forwarder_side])
+        self.assertIs(proxy.keyring.current(forwarder.id), proxy_side)
+        self.assertGreater(len(bridge.published(MsgType.KEY_REQUEST)), 1, "the proxy never tried to rotate")
+
+        bridge.advance(2, step=0.25)
+        self.assertEqual(forwarder.candidates("alpha"), [])
+        self.assertIsInstance(forwarder.unavailable("alpha"), KeyExpired)
+        self.assertEqual(proxy.keyring.peers(), [])
+        self.assertIsNone(proxy.send(forwarder.id, forwarder.channels.reply(forwarder.id), MsgType.WINDOW,
+                                     b"s" * 16, 0, encode_window(1)))
+
+        def refused(service: Any) -> float:
+            return dropped(service.metrics, "key-expired") + dropped(service.metrics, "unknown-key")
+
+        before = refused(proxy), refused(forwarder)
+        late = forwarder_side.session.envelope.seal(MsgType.WINDOW, b"s" * 16, 0, proxy.data_channel,
+                                                    encode_window(1))
+        bridge.broker.publish(proxy.data_channel, bytes(late))
+        reply_channel = forwarder.channels.reply(forwarder.id)
+        late = proxy_side.session.envelope.seal(MsgType.WINDOW, b"s" * 16, 0, reply_channel, encode_window(1))
+        bridge.broker.publish(reply_channel, bytes(late))
+        self.assertEqual((refused(proxy), refused(forwarder)), (before[0] + 1, before[1] + 1))
+
+
+class ClaimedInstanceTests(TestCase):
+    """A compromised proxy host cannot lock another proxy out by claiming its instance id."""
+
+    def test_claimed_instance_is_abandoned_for_a_new_one(self) -> None:
+        """Proxy alpha is keyed, then cut off from Redis for 60 s: the forwarder evicts it and,
+        three announce intervals later, forgets its keys. Meanwhile the owner of proxy host
+        beta, holding beta's valid key, negotiates under alpha's instance id (public: it is in
+        alpha's data channel name), so the forwarder files that id as beta's and refuses it to
+        alpha (instance-claimed) when alpha comes back. Alpha must not stay locked out: after a
+        few requests heard but never granted it takes a new instance id, gets a key under it,
+        and the forwarder routes alpha's requests to that new instance (never to beta)."""
+        bridge = Bridge(self)
+        forwarder = bridge.forwarder(forwarder_settings(proxies=("alpha", "beta")))
+        alpha = bridge.proxy()
+        claimed = alpha.instance
+        alpha.bus.set_connected(False)
+        bridge.advance(60, step=0.25)
+        self.assertEqual(forwarder.candidates("alpha"), [])
+        clock = bridge.clock
+        impostor = ProxyService(proxy_settings(name="beta"), bridge.broker.client(), clock, reactor=clock,
+                                agent=RequestTraversalAgent(Intranet()), instance=claimed)
+        bridge._run(impostor)
+        bridge.advance(2, step=0.25)
+        self.assertEqual(forwarder.owners.get(claimed), "beta")
+        alpha.bus.set_connected(True)
+        bridge.advance(60, step=0.25)
+        self.assertGreater(dropped(forwarder.metrics, "instance-claimed"), 0)
+        self.assertNotEqual(alpha.instance, claimed)
+        [entry] = forwarder.candidates("alpha")
+        self.assertEqual((entry.session.proxy, entry.session.instance), ("alpha", alpha.instance))
