@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from ppbridge.bus import Bus
@@ -66,6 +66,7 @@ class ForwarderService(MultiService):
         self.evicted: dict[bytes, tuple[str, float]] = {}  # peer -> (name, when), keys kept a while
         self.key_expired: set[str] = set()  # names whose every key passed its hard limits
         self._announced = 0.0
+        self._reannounce: IDelayedCall | None = None  # an announcement an eviction asked for
         self.refusals = Throttle()  # log lines for refused client requests (bad-target)
         self.last_error: dict[str, str] = {}
         self.streams: dict[bytes, ClientStream] = {}
@@ -96,6 +97,8 @@ class ForwarderService(MultiService):
     def stopService(self) -> Deferred[None]:
         for loop in self._loops:
             loop.stop()
+        if self._reannounce is not None and self._reannounce.active():
+            self._reannounce.cancel()
         for stream in list(self.streams.values()):
             stream.shutdown()
         d = defer.maybeDeferred(super().stopService)
@@ -291,8 +294,11 @@ class ForwarderService(MultiService):
                 log.info("proxy instance {peer} is gone: {reason}", peer=peer.decode("ascii"), reason=reason)
         for stream in [s for s in self.streams.values() if s.peer == peer]:
             stream.instance_gone()
-        if now - self._announced >= REANNOUNCE_MIN:
+        wait = self._announced + REANNOUNCE_MIN - now
+        if wait <= 0:
             self._announce()
+        elif self._reannounce is None or not self._reannounce.active():
+            self._reannounce = self.clock.callLater(wait, self._announce)  # soon, never skipped
 
     def wait_for_proxy(self, name: str) -> Deferred[None]:
         """Fires once ``name`` has a confirmed key (at once if it has one now)."""
