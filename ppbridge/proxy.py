@@ -72,6 +72,7 @@ class ProxyService(MultiService):
         self.last_error: str | None = None
         self.heard: dict[bytes, float] = {}  # forwarder -> last valid message from it
         self.acked: dict[bytes, float] = {}  # forwarder -> last acknowledgement that it routes to us
+        self._beat: dict[bytes, float] = {}  # forwarder -> when we last sent it a heartbeat
         self._retry_at = 0.0
         self._retry_delay = RETRY_FIRST
         self._ungranted = 0  # key requests in a row, made without a key, that forwarders heard but did not grant
@@ -120,6 +121,9 @@ class ProxyService(MultiService):
             self.bus.unsubscribe(channel).addErrback(log_failure("unsubscribing failed"))
         self.keyring.expire(now)
         self._forget_silent(now)
+        for peer, entry in self._current().items():
+            if now - self._beat.get(peer, entry.created) >= entry.session.announce_interval:
+                self._heartbeat(peer, entry, now)
         self.schedule.policy.observe(now, self.node.messages)
         if not self.keyring.peers():
             if now >= self._retry_at:
@@ -154,10 +158,21 @@ class ProxyService(MultiService):
                          n=SILENCE)
                 self._forget(peer, "the forwarder went silent")
 
+    def _heartbeat(self, forwarder: bytes, entry: KeyEntry, now: float) -> None:
+        """A CONFIRM under our current key, to the forwarder's control channel: a forwarder
+        that evicted us on a false report (Redis may lie about subscriber counts) routes to us
+        again when it opens this, and it acknowledges every one on our data channel. Sent on
+        each of its announcements and, should those not come through (a flood of forged ones
+        uses up their budget), once per announce interval anyway."""
+        self._beat[forwarder] = now
+        self.node.send(entry, self.channels.forwarder_control(forwarder), MsgType.CONFIRM, NO_STREAM, 0,
+                       b"").addErrback(log_failure("sending a heartbeat failed"))
+
     def _forget(self, forwarder: bytes, why: str) -> None:
         self.keyring.drop_peer(forwarder)
         self.heard.pop(forwarder, None)
         self.acked.pop(forwarder, None)
+        self._beat.pop(forwarder, None)
         for call in [c for c in self.calls.values() if c.forwarder == forwarder]:
             call.cancel(why)
 
@@ -232,11 +247,8 @@ class ProxyService(MultiService):
         forwarder = self.negotiator.verify_announce(data, now).forwarder
         entry = self.keyring.current(forwarder)
         if entry is not None:
-            # Our heartbeat: a forwarder that evicted us on a false report (Redis may lie about
-            # subscriber counts) routes to us again when it opens this; it acknowledges.
             self.heard[forwarder] = now
-            self.node.send(entry, self.channels.forwarder_control(forwarder), MsgType.CONFIRM, NO_STREAM, 0,
-                           b"").addErrback(log_failure("sending a heartbeat failed"))
+            self._heartbeat(forwarder, entry, now)  # at once: it may have just evicted us
         # A broadcast request still pending may predate this forwarder, so only a request
         # addressed to it counts (at worst one spare key when both arrive).
         elif forwarder not in self.negotiator.unanswered_targets(now):
