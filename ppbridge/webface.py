@@ -285,8 +285,9 @@ class ClientStream:
         dead, self.peer = self.peer, None  # detach first: eviction fails its streams
         self.bridge.evict(dead, "PUBLISH reached no subscriber")
         if not (self.head.method in IDEMPOTENT and end and not body and not self.uploaded):
-            self._fail(ProxyUnavailable("ppbridge: the proxy instance did not receive the request; "
-                                        "not retried elsewhere (it is not idempotent)"), notify=False)
+            self._fail(ProxyUnavailable("ppbridge: the proxy instance may not have received the request; not "
+                                        "retried elsewhere (only idempotent requests without a body are)"),
+                       notify=False)
             return
         self._send_head(body, end)
 
