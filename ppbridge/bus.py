@@ -1,4 +1,4 @@
-"""The pub/sub bus: the interface, RedisBus (txredisapi) and MemoryBus (unit tests).
+"""The pub/sub bus: the interface and RedisBus (txredisapi); MemoryBus is in ppbridge.memorybus.
 
 This is the only module that imports txredisapi. Everything that works around txredisapi
 1.6.0 lives here, each in one clearly named place:
@@ -7,9 +7,13 @@ This is the only module that imports txredisapi. Everything that works around tx
   (:func:`_binary_safe`), or payloads come back as str/int;
 * no automatic resubscription: :class:`_Subscriber` resubscribes on every connection;
 * subscribe/unsubscribe replies can be mismatched when fired concurrently: they are
-  serialised with a lock (:meth:`RedisBus._subscription`);
+  serialised with a lock per subscriber connection (:meth:`RedisBus._subscription`);
 * a failed AUTH/SELECT during a reconnect stops reconnecting for good: the watchdog
   (:meth:`RedisBus._watch`) replaces a factory that gave up;
+* no CLIENT SETNAME option: :class:`_Guarded` names each connection (``ppbridge-publisher``,
+  ``-subscriber``, ``-public``) so an operator can tell them apart in CLIENT LIST;
+* Twisted's ClientService logs a line per reconnection, which a flood would turn into
+  several a second for the public subscriber: :func:`_quiet_reconnects` silences that one;
 * commands issued while disconnected wait instead of failing: :meth:`RedisBus.publish`
   fails at once when the link is down, and a health-check PING with a timeout detects a
   dead link that TCP has not noticed.
@@ -17,9 +21,7 @@ This is the only module that imports txredisapi. Everything that works around tx
 
 from __future__ import annotations
 
-import fnmatch
-from collections import deque
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, TypeVar
 
 import txredisapi
 from twisted.internet import defer
@@ -27,14 +29,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
-from twisted.logger import Logger
+from twisted.logger import Logger, LogPublisher
 from twisted.python.failure import Failure
 
 from ppbridge.channels import Channels
 from ppbridge.config import MAX_FRAME_SIZE, RedisSettings
 from ppbridge.errors import BusUnavailable
 from ppbridge.respguard import RespGuard, RespProtocolError
-from ppbridge.timers import Periodic
+from ppbridge.timers import Periodic, log_failure
 from ppbridge.wire import OVERHEAD
 
 log = Logger()
@@ -45,15 +47,22 @@ OversizedHandler = Callable[[bytes, int], None]
 HEALTH_INTERVAL = 5.0
 HEALTH_TIMEOUT = 5.0
 SMALL_MESSAGE = 64 * 1024  # the limit on the negotiation and announcement channels
+LOSS_LOG_PERIOD = 60.0  # seconds between log lines about the public subscriber's losses
 
 
 class Bus(Protocol):
-    """What the services need from pub/sub."""
+    """What the services need from pub/sub.
+
+    ``connected``/``on_state`` say whether the bus can publish and receive what is addressed
+    to this process. The public channels (``ns:negotiate``, ``ns:announce``: anyone may flood
+    them) may be read on a connection of their own, whose loss loses only their messages and
+    is counted in ``public_losses``, not reported as a state change."""
 
     on_message: MessageHandler
     on_state: StateHandler
     on_oversized: OversizedHandler  # (channel, size) of a message refused for its size, unread
     max_message: int  # the longest message accepted (the negotiation channels: 64 KiB at most)
+    public_losses: int  # times the connection for ns:negotiate/ns:announce was lost (not "Redis down")
 
     @property
     def connected(self) -> bool: ...
@@ -96,6 +105,9 @@ def _binary_safe(factory: txredisapi.RedisFactory, settings: RedisSettings) -> N
     factory.dbid = settings.db
 
 
+_FactoryT = TypeVar("_FactoryT", bound=txredisapi.RedisFactory)
+
+
 class _Backoff:
     """Reconnect quickly: 0.1 s doubling to 2 s, with txredisapi's jitter."""
 
@@ -109,18 +121,29 @@ class _Guarded:
     (hiredis or not) buffers any bulk string whole: a reply the guard refuses costs one log
     line and the connection, which the factory re-establishes. Checked against txredisapi
     1.6.0: ``dataReceived(data, unpause)`` is the reader's only entry, and its non-hiredis
-    reader calls it again with ``unpause=True`` for bytes it has already been given."""
+    reader calls it again with ``unpause=True`` for bytes it has already been given.
+
+    Once AUTH/SELECT passed, the connection names itself (CLIENT SETNAME ``ppbridge-<role>``,
+    sent ahead of anything else; a refusal, e.g. by an ACL, is ignored)."""
 
     guard: RespGuard | None = None  # None before the connection and after a refusal
     transport: Any  # the protocol's; declared for the type checker
+    connected: int
     name = "connection"
+    role = b"connection"
 
     def new_guard(self) -> RespGuard:
         return RespGuard()
 
     def connectionMade(self):  # type: ignore[no-untyped-def]
         self.guard = self.new_guard()
-        return super().connectionMade()  # type: ignore[misc]
+        return super().connectionMade().addCallback(self._set_name)  # type: ignore[misc]
+
+    def _set_name(self, result: object) -> object:
+        if self.connected:
+            name = b"ppbridge-" + self.role
+            self.execute_command(b"CLIENT", b"SETNAME", name).addErrback(_ignore)  # type: ignore[attr-defined]
+        return result
 
     def dataReceived(self, data: bytes, unpause: bool = False) -> None:
         if not unpause:
@@ -144,6 +167,7 @@ class _Publisher(_Guarded, txredisapi.RedisProtocol):
     small (no bulk over 64 KiB: :class:`_Guarded`)."""
 
     name = "publisher"
+    role = b"publisher"
 
     def _build_command(self, *args: bytes | bytearray | str | int, **kwargs: object) -> bytes:
         parts: list[bytes | bytearray] = [b"*%d\r\n" % len(args)]
@@ -173,16 +197,33 @@ class _PublisherFactory(_Backoff, txredisapi.RedisFactory):
         self.bus._publisher_down(conn)
 
 
+class _Slot:
+    """One subscriber connection of a :class:`RedisBus` and what it must be subscribed to;
+    owns the lock that serialises its (un)subscriptions and its current factory and
+    protocol (None while down). ``limit_for`` gives the longest message accepted per channel.
+    """
+
+    def __init__(self, name: str, role: bytes, limit_for: Callable[[bytes], int]) -> None:
+        self.name = name
+        self.role = role
+        self.limit_for = limit_for
+        self.channels: set[bytes] = set()
+        self.patterns: set[bytes] = set()
+        self.lock = defer.DeferredLock()
+        self.factory: _SubscriberFactory | None = None
+        self.proto: _Subscriber | None = None
+        self.joining: _Subscriber | None = None  # connected, being resubscribed
+
+
 class _Subscriber(_Guarded, txredisapi.SubscriberProtocol):
     """Delivers messages to the bus and resubscribes after every (re)connection. A message
-    over the bus's limit for its channel is skipped as it streams in and reported to
+    over the slot's limit for its channel is skipped as it streams in and reported to
     ``bus.on_oversized``; the empty message the guard leaves in its place is not delivered."""
 
     factory: _SubscriberFactory
-    name = "subscriber"
 
     def new_guard(self) -> RespGuard:
-        return RespGuard(self.factory.bus.limit_for, self._oversized)
+        return RespGuard(self.factory.slot.limit_for, self._oversized)
 
     def _oversized(self, channel: bytes, size: int) -> None:
         try:
@@ -198,11 +239,11 @@ class _Subscriber(_Guarded, txredisapi.SubscriberProtocol):
     def connectionMade(self):  # type: ignore[no-untyped-def]
         # Twisted ignores what connectionMade returns, so nothing may escape from here.
         try:
-            yield super().connectionMade()  # AUTH and SELECT
+            yield super().connectionMade()  # AUTH, SELECT, SETNAME
             if self.connected and self._ready:
                 yield self.factory.bus._subscriber_up(self)
         except Exception as err:
-            log.info("Redis subscriber connection failed while starting: {err}", err=err)
+            log.info("Redis {name} connection failed while starting: {err}", name=self.name, err=err)
 
     def messageReceived(self, pattern: bytes | None, channel: bytes, message: bytes) -> None:
         self.factory.bus.on_message(channel, message)
@@ -215,13 +256,29 @@ class _Subscriber(_Guarded, txredisapi.SubscriberProtocol):
 class _SubscriberFactory(_Backoff, txredisapi.SubscriberFactory):
     protocol = _Subscriber
 
-    def __init__(self, bus: RedisBus) -> None:
+    def __init__(self, bus: RedisBus, slot: _Slot | None = None) -> None:
         txredisapi.SubscriberFactory.__init__(self, isLazy=True)
         self.bus = bus
+        self.slot = slot if slot is not None else bus._main
+
+    def buildProtocol(self, addr: object) -> _Subscriber:
+        proto: _Subscriber = super().buildProtocol(addr)
+        proto.name, proto.role = self.slot.name, self.slot.role
+        return proto
 
 
 class RedisBus:
-    """Two Redis connections: one publishes, one subscribes; both reconnect with backoff."""
+    """Three Redis connections: one publishes, one subscribes to everything addressed to this
+    process, one to the namespace's public channels; each reconnects with backoff.
+
+    Anyone who can publish on Redis can flood ``ns:negotiate`` and ``ns:announce``; at a rate
+    beyond what this process reads, Redis drops the connection subscribed to them (its output
+    buffer limit). Those channels therefore have a connection of their own (the *public*
+    subscriber, opened once one of them is subscribed): losing it loses only their messages,
+    is logged (one line a minute at most) and counted (:attr:`public_losses`), and is not
+    "Redis down": :attr:`connected` and ``on_state`` follow the publisher and the main
+    subscriber only.
+    """
 
     def __init__(self, settings: RedisSettings, clock: IReactorTime, reactor: object = None) -> None:
         self.settings = settings
@@ -232,24 +289,27 @@ class RedisBus:
         # limit; until then the largest frame the configuration allows.
         self.on_oversized: OversizedHandler = _ignore
         self.max_message = MAX_FRAME_SIZE + OVERHEAD
+        self.public_losses = 0  # times the public subscriber's connection was lost
         channels = Channels(settings.namespace)
-        self._small_channels = frozenset((channels.negotiate, channels.announce))
+        self.public_channels = frozenset((channels.negotiate, channels.announce))
         self._clock = clock
         self._reactor = reactor if reactor is not None else clock
-        self._channels: set[bytes] = set()
-        self._patterns: set[bytes] = set()
-        self._lock = defer.DeferredLock()
+        self._main = _Slot("subscriber", b"subscriber", self.limit_for)
+        self._public = _Slot("public subscriber", b"public", lambda channel: SMALL_MESSAGE)
         self._pub: txredisapi.RedisProtocol | None = None
-        self._sub: _Subscriber | None = None
         self._pub_factory: _PublisherFactory | None = None
-        self._sub_factory: _SubscriberFactory | None = None
         self._watchdog = Periodic(clock, HEALTH_INTERVAL, self._watch, "Redis watchdog")
         self._running = False
         self._was_connected = False
+        self._losses_logged = 0
+        self._loss_log_at = float("-inf")
 
     def limit_for(self, channel: bytes) -> int:
         """The longest message accepted on ``channel``."""
-        return SMALL_MESSAGE if channel in self._small_channels else self.max_message
+        return SMALL_MESSAGE if channel in self.public_channels else self.max_message
+
+    def _slot_for(self, channel: bytes) -> _Slot:
+        return self._public if channel in self.public_channels else self._main
 
     # lifecycle
 
@@ -264,27 +324,36 @@ class RedisBus:
     def start(self) -> None:
         self._running = True
         self._pub_factory = self._connect(_PublisherFactory(self))
-        self._sub_factory = self._connect(_SubscriberFactory(self))
+        self._main.factory = self._connect(_SubscriberFactory(self, self._main))
+        self._open_public()
         self._watchdog.start()
 
-    def _connect(self, factory: txredisapi.RedisFactory) -> txredisapi.RedisFactory:
+    def _open_public(self) -> None:
+        """Connect the public subscriber, once running and subscribed to a public channel."""
+        if self._running and self._public.factory is None and self._public.channels:
+            self._public.factory = self._connect(_SubscriberFactory(self, self._public))
+
+    def _connect(self, factory: _FactoryT) -> _FactoryT:
         _binary_safe(factory, self.settings)
         # The factory's first-connection Deferred fails when Redis refuses AUTH/SELECT; the
         # watchdog deals with that, this only keeps the failure from going unhandled.
         factory.deferred.addErrback(lambda f: log.warn("Redis refused the connection: {err}",
                                                        err=f.getErrorMessage()))
         factory.startConnecting(self._endpoint())
+        if isinstance(factory, _SubscriberFactory) and factory.slot is self._public:
+            _quiet_reconnects(factory)  # its losses have a line of their own, once a minute
         return factory
 
     def stop(self) -> Deferred[None]:
         self._running = False
         self._watchdog.stop()
-        factories = [f for f in (self._pub_factory, self._sub_factory) if f is not None]
+        factories = [f for f in (self._pub_factory, self._main.factory, self._public.factory) if f is not None]
         return defer.gatherResults([f.disconnect() for f in factories], consumeErrors=True).addBoth(_ignore)
 
     @property
     def connected(self) -> bool:
-        return self._pub is not None and self._sub is not None
+        """The publisher and the main subscriber are up (the public subscriber does not count)."""
+        return self._pub is not None and self._main.proto is not None
 
     # connection events
 
@@ -299,28 +368,52 @@ class RedisBus:
 
     @defer.inlineCallbacks
     def _subscriber_up(self, proto: _Subscriber):  # type: ignore[no-untyped-def]
+        slot = proto.factory.slot
+        slot.joining = proto
         try:
-            with_lock = self._lock.run(self._resubscribe, proto)
-            yield with_lock
+            yield slot.lock.run(self._resubscribe, slot, proto)
+        except txredisapi.ConnectionError:
+            return  # lost while resubscribing: counted and retried like any loss
         except Exception:
-            log.failure("resubscribing failed; dropping the connection to retry")
+            log.failure("resubscribing the Redis {name} failed; dropping the connection to retry", name=slot.name)
             proto.transport.loseConnection()
             return
+        finally:
+            if slot.joining is proto:
+                slot.joining = None
         if proto.connected:
-            self._sub = proto
-            self._changed()
+            slot.proto = proto
+            if slot is self._main:
+                self._changed()
 
     @defer.inlineCallbacks
-    def _resubscribe(self, proto: _Subscriber):  # type: ignore[no-untyped-def]
-        if self._channels:
-            yield proto.subscribe(sorted(self._channels))
-        if self._patterns:
-            yield proto.psubscribe(sorted(self._patterns))
+    def _resubscribe(self, slot: _Slot, proto: _Subscriber):  # type: ignore[no-untyped-def]
+        if slot.channels:
+            yield proto.subscribe(sorted(slot.channels))
+        if slot.patterns:
+            yield proto.psubscribe(sorted(slot.patterns))
 
     def _subscriber_down(self, proto: _Subscriber) -> None:
-        if self._sub is proto:
-            self._sub = None
-            self._changed()
+        slot = proto.factory.slot
+        if slot.proto is proto:
+            slot.proto = None
+            if slot is self._main:
+                self._changed()
+        if slot is self._public and not proto.factory.disconnectCalled:  # not by stop()
+            self.public_losses += 1
+            self._log_public_losses(self._clock.seconds())
+
+    def _log_public_losses(self, now: float) -> None:
+        """One line for the public subscriber's losses not yet logged, at most once a minute
+        (a flood makes Redis drop it several times a second)."""
+        new = self.public_losses - self._losses_logged
+        if new and now - self._loss_log_at >= LOSS_LOG_PERIOD:
+            log.warn("Redis dropped the public subscriber ({channels}) {n} time(s) since the last report"
+                     " ({total} in all; a flood there? Redis closes a subscriber that reads slower than"
+                     " the channel is published to); it reconnects by itself, other traffic is unaffected",
+                     channels=b", ".join(sorted(self._public.channels)).decode("ascii", "replace"), n=new,
+                     total=self.public_losses)
+            self._losses_logged, self._loss_log_at = self.public_losses, now
 
     def _changed(self) -> None:
         now = self.connected
@@ -333,18 +426,27 @@ class RedisBus:
     # watchdog
 
     def _watch(self) -> Deferred[None]:
-        """Replace factories that gave up (failed AUTH/SELECT) and PING both links."""
-        for attr, make in (("_pub_factory", _PublisherFactory), ("_sub_factory", _SubscriberFactory)):
-            factory = getattr(self, attr)
-            if self._running and factory is not None and factory.stopped and not factory.disconnectCalled:
-                log.warn("Redis refused the connection setup (AUTH/SELECT); retrying")
-                factory.disconnect()
-                setattr(self, attr, self._connect(make(self)))
-        checks = [self._ping(p) for p in (self._pub, self._sub) if p is not None]
+        """Replace factories that gave up (failed AUTH/SELECT), PING every link that is up,
+        and log public-subscriber losses left unreported."""
+        if self._running and _gave_up(self._pub_factory):
+            self._pub_factory = self._replace(self._pub_factory, _PublisherFactory(self))
+        for slot in (self._main, self._public):
+            if self._running and _gave_up(slot.factory):
+                slot.factory = self._replace(slot.factory, _SubscriberFactory(self, slot))
+        self._log_public_losses(self._clock.seconds())
+        checks = [self._ping(p) for p in (self._pub, self._main.proto, self._public.proto) if p is not None]
         return defer.gatherResults(checks, consumeErrors=True).addBoth(_ignore)
 
+    def _replace(self, old: Any, new: _FactoryT) -> _FactoryT:
+        log.warn("Redis refused the {name} connection's setup (AUTH/SELECT); retrying",
+                 name="publisher" if isinstance(new, _PublisherFactory) else new.slot.name)
+        old.disconnect().addErrback(log_failure("closing a Redis factory that gave up failed"))
+        return self._connect(new)
+
     def _ping(self, proto: txredisapi.BaseRedisProtocol) -> Deferred[None]:
-        def dead(failure: object) -> None:
+        def dead(failure: Failure) -> None:
+            if failure.check(txredisapi.ConnectionError):
+                return  # lost meanwhile: it reconnects by itself
             log.warn("Redis did not answer a health check; reconnecting")
             if proto.transport is not None:
                 proto.transport.abortConnection()
@@ -371,127 +473,50 @@ class RedisBus:
         d = pub.execute_command(b"PUBSUB", b"NUMSUB", *channels).addErrback(_as_unavailable)
         return d.addCallback(lambda r: {bytes(r[i]): int(r[i + 1]) for i in range(0, len(r), 2)})
 
-    def _subscription(self, command: str, name: bytes) -> Deferred[None]:
+    def _subscription(self, slot: _Slot, command: str, name: bytes) -> Deferred[None]:
         def run() -> Deferred[None]:
-            sub = self._sub
+            # A connection being resubscribed takes it too: its snapshot may predate the change.
+            sub = slot.proto or slot.joining
             if sub is None or not sub.connected:
                 return defer.succeed(None)  # applied by _resubscribe on the next connection
             d: Deferred[None] = getattr(sub, command)([name]).addCallbacks(_ignore, _as_unavailable)
             return d
 
-        return self._lock.run(run)
+        return slot.lock.run(run)
 
     def subscribe(self, channel: bytes) -> Deferred[None]:
-        self._channels.add(channel)
-        return self._subscription("subscribe", channel)
+        """SUBSCRIBE, now and after every reconnection; a public channel (``ns:negotiate``,
+        ``ns:announce``) on the public subscriber."""
+        slot = self._slot_for(channel)
+        slot.channels.add(channel)
+        self._open_public()
+        return self._subscription(slot, "subscribe", channel)
 
     def unsubscribe(self, channel: bytes) -> Deferred[None]:
-        self._channels.discard(channel)
-        return self._subscription("unsubscribe", channel)
+        slot = self._slot_for(channel)
+        slot.channels.discard(channel)
+        return self._subscription(slot, "unsubscribe", channel)
 
     def psubscribe(self, pattern: bytes) -> Deferred[None]:
-        self._patterns.add(pattern)
-        return self._subscription("psubscribe", pattern)
+        """PSUBSCRIBE, on the main subscriber (a pattern is never one of the public channels)."""
+        self._main.patterns.add(pattern)
+        return self._subscription(self._main, "psubscribe", pattern)
 
 
-# --- in memory ----------------------------------------------------------------------------
+def _quiet_reconnects(factory: txredisapi.RedisFactory) -> None:
+    """Silence the "Scheduling retry 1 to connect ..." line Twisted's ClientService logs each
+    time ``factory``'s connection is lost. Checked against Twisted 26.10 (the line's Logger is
+    the ``log`` field of the automat core of ``ClientService._machine``) and txredisapi 1.6.0
+    (``factory.slots[i].service``); when they differ this does nothing, and
+    ``tests/test_bus.py`` fails (it counts those lines)."""
+    for slot in getattr(factory, "slots", ()):
+        machine = getattr(getattr(slot, "service", None), "_machine", None)
+        core: Any = getattr(machine, "__dict__", {}).get("__automat_core__")
+        retry_log = getattr(core, "log", None)
+        if isinstance(retry_log, Logger):
+            core.log = Logger(namespace=retry_log.namespace, observer=LogPublisher())  # no observers
 
 
-class MemoryBroker:
-    """A pub/sub broker in memory with Redis's ordering: FIFO, delivered to each subscriber.
-
-    For unit tests of the sans-I/O core. ``published`` records everything (an eavesdropper);
-    ``drop`` can be set to a predicate that loses chosen messages.
-    """
-
-    def __init__(self) -> None:
-        self.clients: list[MemoryBus] = []
-        self.published: list[tuple[bytes, bytes]] = []
-        self.drop: Callable[[bytes, bytes], bool] | None = None
-        self._queue: deque[tuple[MemoryBus, bytes, bytes]] = deque()
-        self._delivering = False
-
-    def client(self) -> MemoryBus:
-        bus = MemoryBus(self)
-        self.clients.append(bus)
-        return bus
-
-    def publish(self, channel: bytes, message: bytes) -> int:
-        self.published.append((channel, message))
-        receivers = [c for c in self.clients if c.connected and c.wants(channel)]
-        if self.drop is not None and self.drop(channel, message):
-            return len(receivers)
-        for client in receivers:
-            self._queue.append((client, channel, message))
-        if not self._delivering:
-            self._delivering = True
-            try:
-                while self._queue:
-                    client, ch, msg = self._queue.popleft()
-                    if len(msg) > client.max_message:  # as RedisBus: refused unread
-                        client.on_oversized(ch, len(msg))
-                    else:
-                        client.on_message(ch, msg)
-            finally:
-                self._delivering = False
-        return len(receivers)
-
-
-class MemoryBus:
-    """One client of a :class:`MemoryBroker`; same interface as :class:`RedisBus`."""
-
-    def __init__(self, broker: MemoryBroker) -> None:
-        self._broker = broker
-        self.on_message: MessageHandler = _ignore
-        self.on_state: StateHandler = _ignore
-        self.on_oversized: OversizedHandler = _ignore
-        self.max_message = MAX_FRAME_SIZE + OVERHEAD
-        self.channels: set[bytes] = set()
-        self.patterns: set[bytes] = set()
-        self._connected = False
-
-    @property
-    def connected(self) -> bool:
-        return self._connected
-
-    def start(self) -> None:
-        self.set_connected(True)
-
-    def stop(self) -> Deferred[None]:
-        self.set_connected(False)
-        return defer.succeed(None)
-
-    def set_connected(self, up: bool) -> None:
-        """Simulate the link going down or coming back."""
-        if up != self._connected:
-            self._connected = up
-            self.on_state(up)
-
-    def wants(self, channel: bytes) -> bool:
-        text = channel.decode("latin-1")
-        return channel in self.channels or any(
-            fnmatch.fnmatchcase(text, p.decode("latin-1")) for p in self.patterns
-        )
-
-    def publish(self, channel: bytes, message: bytes | bytearray) -> Deferred[int]:
-        if not self._connected:
-            return defer.fail(BusUnavailable())
-        return defer.succeed(self._broker.publish(channel, bytes(message)))
-
-    def numsub(self, channels: list[bytes]) -> Deferred[dict[bytes, int]]:
-        if not self._connected:
-            return defer.fail(BusUnavailable())
-        live = [c for c in self._broker.clients if c.connected]
-        return defer.succeed({ch: sum(ch in c.channels for c in live) for ch in channels})
-
-    def subscribe(self, channel: bytes) -> Deferred[None]:
-        self.channels.add(channel)
-        return defer.succeed(None)
-
-    def unsubscribe(self, channel: bytes) -> Deferred[None]:
-        self.channels.discard(channel)
-        return defer.succeed(None)
-
-    def psubscribe(self, pattern: bytes) -> Deferred[None]:
-        self.patterns.add(pattern)
-        return defer.succeed(None)
+def _gave_up(factory: txredisapi.RedisFactory | None) -> bool:
+    """A factory that stopped reconnecting on its own (failed AUTH/SELECT), not by stop()."""
+    return factory is not None and factory.stopped and not factory.disconnectCalled

@@ -129,6 +129,9 @@ class ForwarderService(MultiService):
                 self.last_error[name] = "session key expired before rotation (is the proxy negotiating?)"
                 if not live:
                     self.key_expired.add(name)
+                # Their answers would come under that key and be dropped: fail them now.
+                for stream in [s for s in self.streams.values() if s.peer in instances and s.peer not in live]:
+                    stream.instance_gone(KeyExpired("ppbridge: the proxy's session key expired mid-request"))
             instances[:] = live
         keep = EVICTED_KEEP * self.settings.announce_interval
         for peer in [p for p, (_, when) in self.evicted.items() if when + keep < now]:

@@ -20,7 +20,7 @@ class Metrics:
         self.negotiations = Counter("ppbridge_negotiations", "Key negotiations, by result", ["result"], registry=r)
         self.aborted = Counter("ppbridge_streams_aborted", "Streams ended abnormally, by reason", ["reason"], registry=r)
         self.active_streams = Gauge("ppbridge_active_streams", "Streams in flight", registry=r)
-        self.redis_up = Gauge("ppbridge_redis_connected", "1 when both Redis connections are up", registry=r)
+        self.redis_up = Gauge("ppbridge_redis_connected", "1 when the publishing and the main subscribing Redis connections are up", registry=r)
         self.sealed = self.messages.labels("sealed")
         self.opened = self.messages.labels("opened")
         self.bytes_up = self.body_bytes.labels("up")  # client -> upstream

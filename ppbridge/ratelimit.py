@@ -7,6 +7,9 @@ message (the proxy name is at a fixed offset) and admits at most a few requests 
 per configured proxy name, and a bounded number per second overall. A message over budget
 is refused before it is decoded, for the price of a slice and a dict lookup.
 
+A forged ANNOUNCE costs a proxy the same (decode, time check, RSA verify); the proxy takes a
+token from one :class:`TokenBucket` (``ANNOUNCE_RATE``/``ANNOUNCE_BURST``) before decoding.
+
 Memory is bounded: one bucket per configured proxy name and one shared by everything else
 (unknown names, malformed messages). Callers pass ``now`` in seconds; a clock stepping back
 mints no tokens.
@@ -14,7 +17,8 @@ mints no tokens.
 What a gate cannot do: tell a proxy's genuine request from a forgery under its name (so a
 flood under one name also holds back that name's own negotiations until it stops; keys in
 use keep working), or make the process read the bus faster than it can (a flood beyond that
-makes Redis drop the subscriber connection for its output buffer).
+makes Redis drop the subscriber connection for its output buffer: the bus reads ``ns:negotiate``
+and ``ns:announce`` on a connection of their own, so that costs only their messages).
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ PER_NAME_RATE = 5.0
 PER_NAME_BURST = 20.0
 GLOBAL_RATE = 200.0
 GLOBAL_BURST = 400.0
+# Each forwarder announces itself every announce_interval (15 s by default) and at most once a
+# second more on an eviction: 10 a second with a burst of 20 leave room for many forwarders and
+# bound a flood of forged announcements to ten signature checks a second per proxy process.
+ANNOUNCE_RATE = 10.0
+ANNOUNCE_BURST = 20.0
 _NAME_OFFSET = 4  # u8 version, u8 type, u16 name length
 
 

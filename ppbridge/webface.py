@@ -386,9 +386,9 @@ class ClientStream:
 
     # ends
 
-    def instance_gone(self) -> None:
+    def instance_gone(self, err: RequestError | None = None) -> None:
         """The proxy instance serving this stream was evicted (or lost its key)."""
-        self._fail(ProxyUnavailable("ppbridge: the proxy went away mid-request"), notify=False)
+        self._fail(err or ProxyUnavailable("ppbridge: the proxy went away mid-request"), notify=False)
 
     def bus_lost(self) -> None:
         self._fail(BusLost(), notify=False)

@@ -163,7 +163,7 @@ class Failover(TestCase):
         forwarder noticed. A GET sent its way moves to the live instance and succeeds; a POST
         with a body is not retried elsewhere (the count may be a lie and the first instance
         may run it) and gets 503 proxy-unavailable; the silent instance is evicted."""
-        from ppbridge.bus import MemoryBroker
+        from ppbridge.memorybus import MemoryBroker
         from ppbridge.config import load_forwarder_config, load_proxy_config
         from ppbridge.forwarder import ForwarderService
         from ppbridge.proxy import ProxyService

@@ -324,7 +324,7 @@ class WrongPassword(TestCase):
     @defer.inlineCallbacks
     def refused_for_a_while(self, admin: RawRedisClient):  # type: ignore[no-untyped-def]
         """Both services disconnected, answering 503 fast, with reconnects refused by AUTH over
-        more than one watchdog period (at least 8 refusals: two rounds of their 4 connections)."""
+        more than one watchdog period (at least 8 refusals: more than one round of their 6 connections)."""
         buses = (self.forwarder.bus, self.proxy.bus)
         yield poll(lambda: not any(b.connected for b in buses), 10, "both services losing Redis")
         start = reactor.seconds()

@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 
 from ppbridge import keys
-from ppbridge.bus import MemoryBroker
+from ppbridge.memorybus import MemoryBroker
 from ppbridge.channels import Channels
 from ppbridge.config import ForwarderSettings, ProxySettings, RedisSettings, RekeySettings, Route
 from ppbridge.errors import BusMessageError

@@ -101,7 +101,8 @@ class HugeBusMessages(TestCase):
         client = Client(self)
         response, body = yield client.fetch(b"GET", url + "/echo?before").addTimeout(REQUEST_LIMIT, reactor)
         self.assertEqual(response.code, 200, body)
-        self.assertEqual(hostile.connections(), 2, "the proxy's publisher and subscriber, through the attacker")
+        self.assertEqual(hostile.connections(), 3,
+                         "the proxy's publisher, subscriber and public subscriber, through the attacker")
         before = memory_of(pid)
         since = len(proxy.lines[OUT]), len(proxy.lines[ERR])
 
@@ -129,7 +130,7 @@ class HugeBusMessages(TestCase):
         self.assertEqual(json.loads(body)["body_length"], 100_000)
         self.assertFalse(proxy.ended, describe(proxy))
         self.assertEqual(proxy.transport.pid, pid)
-        self.assertEqual(hostile.connections(), 2, "the proxy's connections through the attacker stayed open")
+        self.assertEqual(hostile.connections(), 3, "the proxy's connections through the attacker stayed open")
         output = "\n".join(proxy.lines[OUT][since[0]:] + proxy.lines[ERR][since[1]:])
         self.assertEqual(output.count("dropped a bus message"), 2, describe(proxy))
         for sign in ("refusing the server's reply", "Redis disconnected", "Unhandled error", "Traceback"):

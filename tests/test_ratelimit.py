@@ -1,4 +1,5 @@
-"""Tests for ppbridge.ratelimit: the token bucket and the negotiation gate, with injected time."""
+"""Tests for ppbridge.ratelimit: the token bucket and the negotiation gate, with injected time;
+and the proxy's announcement budget, on the in-memory bus."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from twisted.trial.unittest import TestCase
 from ppbridge.channels import Channels
 from ppbridge.errors import BusMessageError
 from ppbridge.negotiation import ANY_FORWARDER
-from ppbridge.ratelimit import NegotiationGate, TokenBucket, peek_proxy_name
+from ppbridge.ratelimit import ANNOUNCE_BURST, ANNOUNCE_RATE, NegotiationGate, TokenBucket, peek_proxy_name
 from ppbridge.wire import VERSION, Announce, KeyRequest, MsgType, encode_signed
 
 T0 = 1_700_000_000.0
@@ -170,3 +171,34 @@ class NegotiationGateTests(TestCase):
         self.assertIn("'alpha'", str(err))
         err = self.assertRaises(BusMessageError, gate.check, key_request("beta"), T0)
         self.assertIn("global", str(err))
+
+
+class AnnounceBudgetTests(TestCase):
+    """ProxyService takes a token per announcement before decoding it."""
+
+    def test_forged_announcement_flood_costs_at_most_the_budget(self) -> None:
+        """1,000 forged ANNOUNCEs (fresh, signed by a key that is not the forwarder's) at one
+        instant cost a proxy 20 signature checks (the burst), the rest are dropped as
+        "rate-limited"; a second later 10 more are checked. Two seconds after the flood the
+        genuine forwarder's announcement is heard: the proxy asks it for a key."""
+        from tests.test_negotiation import Bridge, dropped, forwarder_negotiator
+
+        bridge = Bridge(self)
+        proxy = bridge.proxy()
+        attacker = bridge.broker.client()
+        attacker.start()
+        rogue = forwarder_negotiator(signing="rogue")
+        now = bridge.clock.seconds()
+        for _ in range(1000):
+            attacker.publish(CHANNELS.announce, rogue.announce(now))
+        self.assertEqual(dropped(proxy.metrics, "bad-signature"), ANNOUNCE_BURST)
+        self.assertEqual(dropped(proxy.metrics, "rate-limited"), 1000 - ANNOUNCE_BURST)
+        bridge.clock.advance(1)
+        for _ in range(100):
+            attacker.publish(CHANNELS.announce, rogue.announce(now + 1))
+        self.assertEqual(dropped(proxy.metrics, "bad-signature"), ANNOUNCE_BURST + ANNOUNCE_RATE)
+        bridge.clock.advance(2)
+        genuine = forwarder_negotiator()
+        before = len(bridge.published(MsgType.KEY_REQUEST))
+        attacker.publish(CHANNELS.announce, genuine.announce(bridge.clock.seconds()))
+        self.assertEqual(len(bridge.published(MsgType.KEY_REQUEST)), before + 1)

@@ -28,7 +28,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from ppbridge.bus import MemoryBroker
+from ppbridge.memorybus import MemoryBroker
 from ppbridge.config import load_forwarder_config, load_proxy_config
 from ppbridge.errors import BusMessageError
 from ppbridge.forwarder import ForwarderService
