@@ -63,6 +63,7 @@ class Bus(Protocol):
     on_oversized: OversizedHandler  # (channel, size) of a message refused for its size, unread
     max_message: int  # the longest message accepted (the negotiation channels: 64 KiB at most)
     public_losses: int  # times the connection for ns:negotiate/ns:announce was lost (not "Redis down")
+    on_public: Callable[[], None]  # that connection is (back) up and subscribed
 
     @property
     def connected(self) -> bool: ...
@@ -290,6 +291,7 @@ class RedisBus:
         self.on_oversized: OversizedHandler = _ignore
         self.max_message = MAX_FRAME_SIZE + OVERHEAD
         self.public_losses = 0  # times the public subscriber's connection was lost
+        self.on_public: Callable[[], None] = _ignore
         channels = Channels(settings.namespace)
         self.public_channels = frozenset((channels.negotiate, channels.announce))
         self._clock = clock
@@ -385,6 +387,8 @@ class RedisBus:
             slot.proto = proto
             if slot is self._main:
                 self._changed()
+            else:
+                self.on_public()
 
     @defer.inlineCallbacks
     def _resubscribe(self, slot: _Slot, proto: _Subscriber):  # type: ignore[no-untyped-def]

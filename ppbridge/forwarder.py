@@ -86,6 +86,8 @@ class ForwarderService(MultiService):
         self.bus.on_message = self._on_message
         self.bus.max_message = self.node.max_message
         self.bus.on_oversized = self.node.oversized
+        # Key requests sent while our negotiate subscription was down were lost: ask again.
+        self.bus.on_public = self._announce_soon
         self.bus.on_state = self._on_state
         self.bus.subscribe(self.channels.negotiate).addErrback(log_failure("subscribing failed"))
         self.bus.psubscribe(self.channels.forwarder_pattern(self.id)).addErrback(log_failure("subscribing failed"))
@@ -297,11 +299,16 @@ class ForwarderService(MultiService):
                 log.info("proxy instance {peer} is gone: {reason}", peer=peer.decode("ascii"), reason=reason)
         for stream in [s for s in self.streams.values() if s.peer == peer]:
             stream.instance_gone()
-        wait = self._announced + REANNOUNCE_MIN - now
+        self._announce_soon()
+
+    def _announce_soon(self) -> None:
+        """Announce now, or at the end of the second since the last announcement (never
+        skipped, never more than once a second)."""
+        wait = self._announced + REANNOUNCE_MIN - self.clock.seconds()
         if wait <= 0:
             self._announce()
         elif self._reannounce is None or not self._reannounce.active():
-            self._reannounce = self.clock.callLater(wait, self._announce)  # soon, never skipped
+            self._reannounce = self.clock.callLater(wait, self._announce)
 
     def wait_for_proxy(self, name: str) -> Deferred[None]:
         """Fires once ``name`` has a confirmed key (at once if it has one now)."""

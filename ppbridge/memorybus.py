@@ -71,6 +71,7 @@ class MemoryBus:
         self.on_message: MessageHandler = _ignore
         self.on_state: StateHandler = _ignore
         self.on_oversized: OversizedHandler = _ignore
+        self.on_public: Callable[[], None] = _ignore  # never: one connection here
         self.max_message = MAX_FRAME_SIZE + OVERHEAD
         self.public_losses = 0  # one connection in memory, never lost on its own
         self.channels: set[bytes] = set()

@@ -52,13 +52,18 @@ class Watched:
         self.bus = RedisBus(settings, reactor)
         self.messages: list[tuple[bytes, bytes]] = []
         self.states: list[bool] = []
+        self.publics = 0  # times the public subscriber said it is up and subscribed
         self.bus.on_message = lambda channel, data: self.messages.append((channel, data))
         self.bus.on_state = self.states.append
+        self.bus.on_public = self._public_up
         for channel in channels:
             self.bus.subscribe(channel)
         self.bus.psubscribe(PATTERN)
         self.bus.start()
         case.addCleanup(self.bus.stop)
+
+    def _public_up(self) -> None:
+        self.publics += 1
 
     def got(self, channel: bytes, data: bytes) -> bool:
         return (channel, data) in self.messages
@@ -103,7 +108,8 @@ class PublicSubscriberTests(TestCase):
         loss, ``connected`` stays true and ``on_state`` is never called again; the main
         subscriber, untouched, keeps delivering; the public one reconnects by itself and
         delivers ``ns:negotiate`` again, without Twisted's "Scheduling retry" line (which a
-        flood would repeat several times a second)."""
+        flood would repeat several times a second); ``on_public`` said it was up once at the
+        start and once more when it was back (a forwarder announces itself again then)."""
         retries: list[dict[str, Any]] = []
 
         def observer(event: dict[str, Any]) -> None:
@@ -130,6 +136,7 @@ class PublicSubscriberTests(TestCase):
         self.assertTrue(watched.bus.connected)
         self.assertEqual(watched.bus.public_losses, 1)
         self.assertEqual(retries, [])
+        self.assertEqual(watched.publics, 2)
 
     @defer.inlineCallbacks
     def test_public_subscriber_back_after_refused_auth(self):

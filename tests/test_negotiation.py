@@ -719,3 +719,25 @@ class ClaimedInstanceTests(TestCase):
         self.assertNotEqual(alpha.instance, claimed)
         [entry] = forwarder.candidates("alpha")
         self.assertEqual((entry.session.proxy, entry.session.instance), ("alpha", alpha.instance))
+
+
+class PublicSubscriptionTests(TestCase):
+    """What the forwarder does when its subscription to the public channels comes back."""
+
+    def test_forwarder_announces_again_when_its_negotiate_subscription_is_back(self) -> None:
+        """Key requests sent while the forwarder's negotiate subscription was down are lost, so
+        when the bus says it is back the forwarder announces itself again (proxies then ask
+        again): at once if its last announcement is a second old, else at the end of that
+        second, and only once for several such reports within the second."""
+        bridge = Bridge(self)
+        forwarder = bridge.forwarder()
+        announced = len(bridge.published(MsgType.ANNOUNCE))
+        bridge.advance(5)
+        forwarder.bus.on_public()
+        self.assertEqual(len(bridge.published(MsgType.ANNOUNCE)), announced + 1)
+        bridge.clock.advance(0.2)
+        forwarder.bus.on_public()
+        forwarder.bus.on_public()
+        self.assertEqual(len(bridge.published(MsgType.ANNOUNCE)), announced + 1)
+        bridge.clock.advance(0.8)
+        self.assertEqual(len(bridge.published(MsgType.ANNOUNCE)), announced + 2)
