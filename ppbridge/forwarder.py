@@ -83,9 +83,7 @@ class ForwarderService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        self.bus.on_message = self._on_message
-        self.bus.max_message = self.node.max_message
-        self.bus.on_oversized = self.node.oversized
+        self.node.attach(self._dispatch)
         # Key requests sent while our negotiate subscription was down were lost: ask again.
         self.bus.on_public = self._announce_soon
         self.bus.on_state = self._on_state
@@ -164,9 +162,6 @@ class ForwarderService(MultiService):
         return self.bus.numsub(list(channels)).addCallback(check)
 
     # bus input
-
-    def _on_message(self, channel: bytes, data: bytes) -> None:
-        self.node.receive(self._dispatch, channel, data)
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         if channel == self.channels.negotiate:

@@ -21,6 +21,10 @@ class Metrics:
         self.aborted = Counter("ppbridge_streams_aborted", "Streams ended abnormally, by reason", ["reason"], registry=r)
         self.active_streams = Gauge("ppbridge_active_streams", "Streams in flight", registry=r)
         self.redis_up = Gauge("ppbridge_redis_connected", "1 when the publishing and the main subscribing Redis connections are up", registry=r)
+        self.public_losses = Gauge(
+            "ppbridge_redis_public_subscriber_losses",
+            "Times Redis dropped the connection reading the public channels (a flood there?)", registry=r
+        )
         self.sealed = self.messages.labels("sealed")
         self.opened = self.messages.labels("opened")
         self.bytes_up = self.body_bytes.labels("up")  # client -> upstream

@@ -58,6 +58,15 @@ class SessionNode:
         self.side = side
         self.drop: Callable[[BusMessageError, bytes], None] = DropLog(metrics, clock, side)
 
+    def attach(self, dispatch: Callable[[bytes, bytes], None]) -> None:
+        """Take the bus's input: each message goes to ``dispatch`` through :meth:`receive`, a
+        message too long for its channel is dropped unread, and the public subscriber's
+        losses are exported."""
+        self.bus.on_message = lambda channel, data: self.receive(dispatch, channel, data)
+        self.bus.max_message = self.max_message
+        self.bus.on_oversized = self.oversized
+        self.metrics.public_losses.set_function(lambda: self.bus.public_losses)
+
     def receive(self, handle: Callable[[bytes, bytes], None], channel: bytes, data: bytes) -> None:
         """Run a bus message handler; whatever it rejects is dropped, counted and logged, and
         nothing escapes into the bus adapter."""

@@ -84,9 +84,7 @@ class ProxyService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        self.bus.on_message = self._on_message
-        self.bus.max_message = self.node.max_message
-        self.bus.on_oversized = self.node.oversized
+        self.node.attach(self._dispatch)
         self.bus.on_state = self._on_state
         for channel in (self.data_channel, self.channels.announce):
             self.bus.subscribe(channel).addErrback(log_failure("subscribing failed"))
@@ -226,9 +224,6 @@ class ProxyService(MultiService):
             log.warn("key request reached no forwarder; retrying")
 
     # bus input
-
-    def _on_message(self, channel: bytes, data: bytes) -> None:
-        self.node.receive(self._dispatch, channel, data)
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         if channel == self.data_channel:

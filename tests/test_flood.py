@@ -143,6 +143,8 @@ class FullSpeedFlood(TestCase):
         self.assertLess(percentile(latencies, 0.99), P99_BOUND, report)
         self.assertEqual(state_changes, [], f"a service saw Redis go down: {report}")
         self.assertGreater(victim.bus.public_losses, 0, f"the flood never outpaced the victim: {report}")
+        self.assertEqual(victim.metrics.registry.get_sample_value("ppbridge_redis_public_subscriber_losses"),
+                         victim.bus.public_losses, "the losses are not in /metrics")
         self.assertGreater(self.dropped(victim, "rate-limited"), 0, report)
         return victim, elapsed, report
 
@@ -155,9 +157,10 @@ class FullSpeedFlood(TestCase):
         """While one Redis client floods ``ppbridge:negotiate`` for 10 s with forged
         KEY_REQUESTs for the known name "alpha" (fresh timestamp, new nonce, a key that is not
         alpha's) as fast as it can (at least 250,000 a second, far past what the forwarder
-        reads, so Redis drops the forwarder's public subscriber), sequential GETs through the
-        forwarder all answer 200 with p99 latency under 1 s, neither service sees Redis go
-        down, and no more than alpha's budget of forged requests reach the signature check."""
+        reads, so Redis drops the forwarder's public subscriber, which /metrics counts),
+        sequential GETs through the forwarder all answer 200 with p99 latency under 1 s,
+        neither service sees Redis go down, and no more than alpha's budget of forged requests
+        reach the signature check."""
         forwarder, elapsed, report = yield self.under_flood("negotiate")
         self.assertLessEqual(self.dropped(forwarder, "bad-signature"), PER_NAME_BURST + PER_NAME_RATE * (elapsed + 1),
                              report)
@@ -166,7 +169,8 @@ class FullSpeedFlood(TestCase):
     def test_announce_flood_does_not_stop_requests(self):
         """While one Redis client floods ``ppbridge:announce`` for 10 s with forged ANNOUNCEs
         (fresh timestamp, new nonce, a key that is not the forwarder's) as fast as it can (at
-        least 250,000 a second, so Redis drops the proxy's public subscriber), sequential GETs
+        least 250,000 a second, so Redis drops the proxy's public subscriber, which /metrics
+        counts), sequential GETs
         through the bridge all answer 200 with p99 latency under 1 s, neither service sees
         Redis go down, and no more than the announcement budget (10 a second, bursts of 20)
         reach the proxy's signature check."""
