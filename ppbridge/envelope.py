@@ -5,7 +5,7 @@ RSA-wrapped secret and the ephemeral X25519 secret (so a message reflected back 
 fails to open, and later theft of the RSA keys opens nothing recorded).
 
 Each sealed message is ``header || AES-GCM(ciphertext || tag)`` where the associated data is
-the 44-byte cleartext header *and the channel it is published on*, so a message moved to
+the 40-byte cleartext header *and the channel it is published on*, so a message moved to
 another channel fails to open. The nonce is the sender's message counter (never repeated
 under one key; keys are never persisted, so a counter never restarts under a live key). The
 receiver accepts only strictly increasing counters: Redis delivers one publisher's messages to
@@ -70,7 +70,7 @@ class Envelope:
             raise RuntimeError("message counter exhausted; the key must be rotated")
         self.sent = counter + 1
         header = pack_header(mtype, flags, self.role, self.key_id, counter, stream_id, seq)
-        # Header and ciphertext in one buffer: a 256 KiB frame is not copied to prepend 44 bytes.
+        # Header and ciphertext in one buffer: a 256 KiB frame is not copied to prepend 40 bytes.
         message = bytearray(HEADER_SIZE + len(payload) + TAG_SIZE)
         message[:HEADER_SIZE] = header
         self._seal.encrypt_into(_nonce(self.role, counter), payload, header + channel, memoryview(message)[HEADER_SIZE:])

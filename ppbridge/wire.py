@@ -3,7 +3,7 @@
 Two families travel on the bus:
 
 * **Session messages** (requests, responses, body frames, flow control) are AEAD envelopes:
-  a fixed 44-byte cleartext :class:`Header`, bound as associated data, then AES-256-GCM
+  a fixed 40-byte cleartext :class:`Header`, bound as associated data, then AES-256-GCM
   ciphertext (see :mod:`ppbridge.envelope`). Their payloads are encoded here.
 * **Negotiation messages** (key request, key grant, announcement) are signed, not encrypted;
   their only secret, the key material, is RSA-OAEP-wrapped inside the grant.
@@ -53,7 +53,7 @@ class Role(enum.IntEnum):
 FLAG_END = 0x01  # last frame of this stream in this direction
 
 _HEADER = struct.Struct(">BBBB8sQ16sI")
-HEADER_SIZE = _HEADER.size  # 44
+HEADER_SIZE = _HEADER.size  # 40
 TAG_SIZE = 16
 OVERHEAD = HEADER_SIZE + TAG_SIZE
 ID_SIZE = 8
@@ -120,7 +120,7 @@ def unpack_header(data: bytes) -> Header:
 
 
 def pack_header(mtype: MsgType, flags: int, sender: Role, key_id: bytes, counter: int, stream_id: bytes, seq: int) -> bytes:
-    """The 44 header bytes of a session message."""
+    """The 40 header bytes of a session message."""
     return _HEADER.pack(VERSION, mtype, flags, sender, key_id, counter, stream_id, seq)
 
 

@@ -3,7 +3,7 @@
 The attacker owns the network between one side (the forwarder, or a proxy) and a real
 ``redis-server`` (:class:`tests.hostile.HostileRedis`): it reads every PUBLISH, lies about
 receiver and subscriber counts, and drops, holds back and later releases messages. It cannot
-open or forge them: it picks its victims by the 44-byte cleartext header of each message
+open or forge them: it picks its victims by the 40-byte cleartext header of each message
 (type, stream id, seq). Everything else is real: HTTP over loopback, the sample upstream app,
 the forwarder and proxy services as users configure them.
 

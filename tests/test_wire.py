@@ -156,7 +156,7 @@ DECODERS: dict[str, Callable[[bytes], object]] = {
 
 
 class HeaderTests(TestCase):
-    """The 44-byte cleartext header of session messages."""
+    """The 40-byte cleartext header of session messages."""
 
     def test_round_trip(self) -> None:
         """Every field packed by pack_header comes back from unpack_header unchanged."""
