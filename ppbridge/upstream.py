@@ -316,7 +316,8 @@ class UpstreamCall:
         if self.done:
             return
         error = self._timeout_error if self.timed_out else classify(failure)
-        if not failure.check(defer.CancelledError, TimeoutError, ConnectError, ResponseFailed, RequestTransmissionFailed):
+        if not failure.check(defer.CancelledError, TimeoutError, ConnectError, DNSLookupError, ResponseFailed,
+                             RequestTransmissionFailed):
             log.failure("upstream request failed", failure)
         self._reset(error)
 
@@ -343,6 +344,7 @@ class UpstreamCall:
         elif self._outbound is not None:
             self._outbound.write(data)
         self.proxy.metrics.bytes_down.inc(len(data))
+        self._arm()  # the upstream is making progress: a slow response (SSE, long poll) is not idle
 
     def body_end(self, reason: Failure) -> None:
         if self.done:
@@ -380,7 +382,9 @@ class UpstreamCall:
 
     def _published(self, receivers: int) -> None:
         if receivers == 0 and not self.done:
-            self.cancel("the forwarder stopped listening")
+            # Most likely the forwarder gave up on the stream; but Redis may have lied about
+            # the count, so the forwarder is told too (reaching nobody costs nothing).
+            self._reset(UpstreamUnreachable("ppbridge: the proxy's answer reached no forwarder"))
 
     def _send_head(self, body: bytes, end: bool) -> None:
         """Publish the response head, with ``body`` inside when both fit one frame; otherwise

@@ -387,8 +387,9 @@ class ClientStream:
     # ends
 
     def instance_gone(self, err: RequestError | None = None) -> None:
-        """The proxy instance serving this stream was evicted (or lost its key)."""
-        self._fail(err or ProxyUnavailable("ppbridge: the proxy went away mid-request"), notify=False)
+        """The proxy instance serving this stream was evicted (or lost its key). It is told
+        to cancel while its key lasts: Redis may have lied, and it may be working on it."""
+        self._fail(err or ProxyUnavailable("ppbridge: the proxy went away mid-request"), notify=True)
 
     def bus_lost(self) -> None:
         self._fail(BusLost(), notify=False)
@@ -425,6 +426,11 @@ class ClientStream:
             log.warn("aborting a response to the client: {cause}", cause=err.cause)
             connection(request).abortConnection()
         elif self.rendered:
+            if request.producer is not None:
+                request.unregisterProducer()
+            # An upstream head may have been applied already (no body byte went out): its
+            # headers (Content-Encoding, Cache-Control...) must not dress our error.
+            request.responseHeaders = Headers()
             render_error(request, err)
         else:
             refuse_early(request, err)
