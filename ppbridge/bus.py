@@ -302,6 +302,7 @@ class RedisBus:
         self._pub_factory: _PublisherFactory | None = None
         self._watchdog = Periodic(clock, HEALTH_INTERVAL, self._watch, "Redis watchdog")
         self._running = False
+        self._stopped: Deferred[Any] | None = None
         self._was_connected = False
         self._losses_logged = 0
         self._loss_log_at = float("-inf")
@@ -347,10 +348,17 @@ class RedisBus:
         return factory
 
     def stop(self) -> Deferred[None]:
-        self._running = False
-        self._watchdog.stop()
-        factories = [f for f in (self._pub_factory, self._main.factory, self._public.factory) if f is not None]
-        return defer.gatherResults([f.disconnect() for f in factories], consumeErrors=True).addBoth(_ignore)
+        """Disconnect for good; a second call waits for the first (disconnecting a factory
+        twice re-enters Twisted's reconnecting client and raises)."""
+        if self._stopped is None:
+            self._running = False
+            self._watchdog.stop()
+            factories = [f for f in (self._pub_factory, self._main.factory, self._public.factory) if f is not None]
+            self._stopped = defer.gatherResults([f.disconnect() for f in factories], consumeErrors=True)
+            self._stopped.addBoth(_ignore)
+        waiter: Deferred[None] = Deferred()  # one per call: the first call's chain stays its own
+        self._stopped.addBoth(lambda _: waiter.callback(None))
+        return waiter
 
     @property
     def connected(self) -> bool:

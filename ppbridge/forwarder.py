@@ -121,6 +121,7 @@ class ForwarderService(MultiService):
     def _tidy(self) -> Deferred[None] | None:
         now = self.clock.seconds()
         self.keyring.expire(now)
+        self.node.drop_log.flush()
         for name, instances in self.instances.items():
             live = [i for i in instances if self.keyring.current(i) is not None]
             if len(live) < len(instances):

@@ -40,3 +40,12 @@ class Throttle:
         count += 1
         self._window[reason] = (start, count)
         return count <= self._burst, unlogged
+
+    def flush(self, now: float) -> list[tuple[str, int]]:
+        """(reason, how many went unlogged) for each window that has closed with some left
+        unlogged, so a summary is written even when no refusal of that reason follows."""
+        closed = [(r, count - self._burst) for r, (start, count) in self._window.items()
+                  if now - start > self._period and count > self._burst]
+        for reason, _ in closed:
+            del self._window[reason]
+        return closed

@@ -43,6 +43,12 @@ class DropLog:
             log.warn("{side}: dropped a bus message on {channel}: {err}", side=self._side,
                      channel=escape(channel), err=escape(str(err), 200))
 
+    def flush(self) -> None:
+        """Write the summary of every window that closed with drops left unlogged (called from
+        the services' timers, so a flood that stops still gets its line)."""
+        for reason, unlogged in self._throttle.flush(self._clock.seconds()):
+            log.warn("{side}: {n} more bus messages dropped ({reason})", side=self._side, n=unlogged, reason=reason)
+
 
 class SessionNode:
     """Seals and opens session messages under the keys of one keyring."""
@@ -56,7 +62,8 @@ class SessionNode:
         self.max_message = max_message
         self.messages = 0  # sealed + opened, for the traffic-driven rekey period
         self.side = side
-        self.drop: Callable[[BusMessageError, bytes], None] = DropLog(metrics, clock, side)
+        self.drop_log = DropLog(metrics, clock, side)
+        self.drop: Callable[[BusMessageError, bytes], None] = self.drop_log
 
     def attach(self, dispatch: Callable[[bytes, bytes], None]) -> None:
         """Take the bus's input: each message goes to ``dispatch`` through :meth:`receive`, a

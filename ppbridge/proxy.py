@@ -118,6 +118,7 @@ class ProxyService(MultiService):
         for channel in self.negotiator.expire(now):
             self.bus.unsubscribe(channel).addErrback(log_failure("unsubscribing failed"))
         self.keyring.expire(now)
+        self.node.drop_log.flush()
         self._forget_silent(now)
         for peer, entry in self._current().items():
             if now - self._beat.get(peer, entry.created) >= entry.session.announce_interval:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -160,6 +161,23 @@ class PublicSubscriberTests(TestCase):
                    interval=0.2)
         yield poll(lambda: watched.got(PUBLIC, b"after"), WAIT, "delivered again")
         self.assertEqual(watched.states, [True])
+
+
+class StopTests(TestCase):
+    @defer.inlineCallbacks
+    def test_stop_twice_even_from_the_first_stops_callback(self):
+        """stop() called again while the first stop() is firing (from its callback) and once
+        more afterwards: each call's Deferred fires, nothing raises (disconnecting a factory
+        twice used to re-enter Twisted's reconnecting client: RuntimeError)."""
+        server = start_redis(self)
+        watched = Watched(self, server, PUBLIC, MAIN)
+        yield poll(lambda: watched.bus.connected, WAIT, "the bus connected")
+        second: list[Deferred[None]] = []
+        first = watched.bus.stop().addCallback(lambda _: second.append(watched.bus.stop()))
+        yield first
+        yield second[0]
+        yield watched.bus.stop()
+        self.assertFalse(watched.bus.connected)
 
 
 class LossLogTests(TestCase):
