@@ -112,6 +112,7 @@ class ExampleFileTests(ConfigTestCase):
         self.assertEqual(settings.name, "intranet")
         self.assertEqual(settings.forwarder_key_path, self.dir / "keys" / "forwarder.pub")
 
+
 class FileErrorTests(ConfigTestCase):
     def test_missing_file(self) -> None:
         """A missing file is reported as '<file>: no such file'."""
