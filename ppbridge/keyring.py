@@ -70,9 +70,10 @@ class Keyring:
         return entry
 
     def confirm(self, key_id: bytes, peer: bytes, now: float) -> bool:
-        """Mark a key confirmed and current for ``peer``; False when it is unknown or already done."""
+        """Mark a key confirmed and current for ``peer``; False when it is unknown, already
+        done, or its confirmation came later than PENDING_LIFETIME after the grant."""
         entry = self._by_id.get(key_id)
-        if entry is None or entry.confirmed:
+        if entry is None or entry.confirmed or entry.created + PENDING_LIFETIME < now:
             return False
         self._make_current(entry, peer, now)
         return True

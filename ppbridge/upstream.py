@@ -60,6 +60,7 @@ from ppbridge.wire import (
     MsgType,
     RequestHead,
     ResponseHead,
+    clean_reason,
     decode_reset,
     decode_window,
     encode_reset,
@@ -304,7 +305,7 @@ class UpstreamCall:
             # The Agent moves Content-Length out of response.headers into response.length
             # (except for HEAD, where it describes the entity); put it back.
             headers.append((b"Content-Length", b"%d" % length))
-        self._response = ResponseHead(response.code, response.phrase, headers, length)
+        self._response = ResponseHead(response.code, clean_reason(response.phrase), headers, length)
         if length is not None and length <= INLINE_MAX:
             self._buffer = []
         else:

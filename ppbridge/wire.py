@@ -228,6 +228,7 @@ HeaderList = list[tuple[bytes, bytes]]
 
 MAX_HEADER_BLOCK = 256 * 1024
 _CONTROL = re.compile(rb"[\x00-\x20\x7f]")
+_REASON_FORBIDDEN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # RFC 9112: HTAB, SP, VCHAR, obs-text only
 _REQ_FIXED = struct.Struct(">HBIIQQ")  # reply, method, target, header block lengths; Content-Length; deadline
 _RESP_FIXED = struct.Struct(">HHIQ")  # status, reason and header block lengths; Content-Length
 
@@ -336,9 +337,15 @@ class ResponseHead:
             raise BusMessageError("malformed", "bad status")
         reason, pos = _cut(data, pos, n_reason, MAX_REASON)
         block, pos = _cut(data, pos, n_block, MAX_HEADER_BLOCK)
-        if b"\r" in reason or b"\n" in reason:
+        if _REASON_FORBIDDEN.search(reason):
             raise BusMessageError("malformed", "bad reason")
         return cls(status, reason, _parse_header_block(block), _length_in(length)), data[pos:]
+
+
+def clean_reason(reason: bytes) -> bytes:
+    """A reason phrase as ResponseHead.decode accepts it: forbidden bytes removed, cut to
+    MAX_REASON (the proxy passes on what any upstream sent)."""
+    return _REASON_FORBIDDEN.sub(b"", reason)[:MAX_REASON]
 
 
 def encode_window(increment: int) -> bytes:

@@ -160,5 +160,5 @@ class KeyringTests(TestCase):
         self.assertEqual((stats.rotations, stats.current_since, stats.period), (1, T0 + 100, 100))
         pending = self.ring.add(session(), PROXY_A, T0 + 200, confirmed=False)
         self.assertEqual(stats.rotations, 1)  # not a rotation until confirmed
-        self.ring.confirm(pending.key_id, PROXY_A, T0 + 250)
-        self.assertEqual((stats.rotations, stats.current_since, stats.period), (2, T0 + 250, 150))
+        self.ring.confirm(pending.key_id, PROXY_A, T0 + 205)
+        self.assertEqual((stats.rotations, stats.current_since, stats.period), (2, T0 + 205, 105))
