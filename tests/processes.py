@@ -27,6 +27,9 @@ START_TIMEOUT = 30.0  # a child becoming ready (imports, key negotiation over Re
 EXIT_TIMEOUT = 20.0  # a child exiting once asked (or once it has nothing to do)
 DEMO_TIMEOUT = 90.0  # the demo makes two RSA-3072 keys before it is ready
 OUT, ERR = 1, 2
+# In a child's output, the marks of an error nobody handled or of a logged failure:
+# log.failure and an unhandled failed Deferred both print a traceback.
+FAILURE_MARKS = ("Traceback (most recent call last)", "Unhandled error in Deferred")
 
 
 class Child(protocol.ProcessProtocol):
@@ -47,6 +50,17 @@ class Child(protocol.ProcessProtocol):
 
     def text(self, fd: int = OUT) -> str:
         return "\n".join(self.lines[fd])
+
+    def failures(self) -> list[str]:
+        """Each line of either stream carrying one of ``FAILURE_MARKS``, with the ten lines
+        after it (what failed and where), joined; empty for a clean output."""
+        found = []
+        for fd in (OUT, ERR):
+            lines = self.lines[fd]
+            for i, line in enumerate(lines):
+                if any(mark in line for mark in FAILURE_MARKS):
+                    found.append("\n".join(lines[i : i + 11]))
+        return found
 
     def describe(self) -> str:
         """Both streams' last lines, for failure messages."""
@@ -143,7 +157,10 @@ class Child(protocol.ProcessProtocol):
 
 
 def child_env() -> dict[str, str]:
-    """The test's environment minus PYTHONPATH (so only the installed package is importable)."""
+    """The test's environment minus PYTHONPATH (so only the installed package is importable).
+
+    Under ``make coverage`` it carries COVERAGE_PROCESS_CONFIG, by which coverage.py measures
+    the child too (see .coveragerc): keep it when filtering the environment."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONUNBUFFERED"] = "1"
     return env

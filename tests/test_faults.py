@@ -4,7 +4,12 @@ restarted, and Redis refusing the services' password for a while.
 The killed programs run as they do in production: ``twistd -n ppforwarder`` / ``twistd -n
 ppproxy`` child processes (see tests/processes.py), configured from TOML files; the upstream is
 the sample app in the test process. Waits are for lines the children print, for Deferreds, or
-short reactor-delay polls with hard deadlines; "within N s" is measured on the reactor clock.
+short reactor-delay polls with hard deadlines.
+
+What is asserted is outcomes: the status and cause of each failed request, being served
+again, no process restarted, no traceback in a child's output. Time bounds appear only where
+the bound is the behaviour ("fails fast rather than hanging", "served again at all"), and are
+at least ten times what it takes; how long recovery takes is logged (a benchmark figure).
 """
 
 from __future__ import annotations
@@ -26,13 +31,25 @@ from ppbridge.redis_server import RawRedisClient, free_port
 from ppbridge.sampleapp import make_site
 from ppbridge.scaffold import TomlValue, write_forwarder_config, write_proxy_config
 from ppbridge.webface import BridgeSite
-from tests.processes import ERR, OUT, TWISTD, Child, spawn
+from tests.processes import TWISTD, Child, spawn
 from tests.support import Client, error_of, key_pair, listen, poll, start_redis, temp_folder
 
 ROUTES = {"alpha": {"path_prefix": "/"}}
-BACK_WITHIN = 5.0  # served again this soon after the restarted part is ready
-FAST_FAILURE = 5.0  # a request that cannot be served is answered this soon (request_timeout is 30 s)
-REQUEST_LIMIT = 30.0  # no single request of these tests waits longer
+REQUEST_TIMEOUT = 60.0  # the forwarder's request_timeout here: what a request waiting on Redis would hit
+# "Fails fast rather than hanging": answered well before request_timeout. A failure takes
+# milliseconds (a reset loopback connection, or a check before anything is sent), so this is
+# far more than ten times that, and a quarter of what a hanging request would take.
+FAIL_FAST = REQUEST_TIMEOUT / 4
+# "Served again at all" after a restart: give up after this. Reconnecting (backoff up to 2 s
+# with jitter) and negotiating a key take a few seconds; this is more than ten times that.
+SERVED_AGAIN = 60.0
+# The same after refused AUTHs: the bus watchdog retries every 5 s, so about 5 to 10 s.
+SERVED_AGAIN_AFTER_AUTH = 100.0
+REQUEST_LIMIT = 90.0  # no single request of these tests waits longer (above REQUEST_TIMEOUT)
+# The causes a request may be answered with while Redis is gone, by status (ppbridge/errors.py):
+# 502 the link dropped with the request in flight; 503 the forwarder is not connected, or it
+# is again but no proxy holds a key yet.
+REDIS_DOWN_CAUSES = {502: {b"redis-connection-lost"}, 503: {b"redis-unavailable", b"proxy-unavailable"}}
 CONFIRMED = r"proxy alpha \(instance ([0-9a-f]+)\) confirmed key"
 PROXY_KEYED = r"key \S+ from forwarder"
 PROXY_STARTED = r"proxy alpha \(instance ([0-9a-f]+)\) calling"
@@ -117,24 +134,41 @@ class ChildBridge:
         return "\n".join(c.describe() for c in (self.forwarder, self.proxy) if c is not None)
 
 
+def assert_clean(case: TestCase, child: Child) -> None:
+    """``child`` has printed no traceback and no "Unhandled error in Deferred" (see
+    ``Child.failures``)."""
+    failures = child.failures()
+    case.assertFalse(failures, f"{child.name} printed {len(failures)} failure(s):\n" + "\n---\n".join(failures))
+
+
 def assert_alive(case: TestCase, child: Child, pid: int) -> None:
-    """``child`` is the same process as before (same pid), still running, and has logged no
-    unhandled error."""
+    """``child`` is the same process as before (same pid), still running, and has printed no
+    traceback and no unhandled error."""
     case.assertFalse(child.ended, child.describe())
     case.assertEqual(child.transport.pid, pid, child.describe())
-    output = child.text(OUT) + child.text(ERR)
-    case.assertNotIn("Unhandled error in Deferred", output, child.describe())
+    assert_clean(case, child)
+
+
+def assert_redis_down_answer(case: TestCase, response: Any, body: bytes, what: str) -> None:
+    """A request Redis's absence failed: 502 or 503, with a cause that belongs to that status
+    and to a missing Redis (``REDIS_DOWN_CAUSES``)."""
+    cause = error_of(response)
+    case.assertIn(response.code, REDIS_DOWN_CAUSES, f"{what}: {response.code} {cause!r} {body[:200]!r}")
+    case.assertIn(cause, REDIS_DOWN_CAUSES[response.code], f"{what}: {response.code} with cause {cause!r}")
 
 
 class RedisRestart(TestCase):
-    timeout = 120
+    timeout = 300
 
     @defer.inlineCallbacks
     def test_redis_killed_and_restarted(self):
-        """Redis SIGKILLed: a request in flight (GET /hang, request_timeout 30 s) fails fast with
-        502/503, requests while it is down get 502/503 fast and never hang; once Redis is back on
-        the same port, traffic is served again within 5 s, with no ppbridge process restarted."""
-        bridge = yield ChildBridge(self, forwarder={"request_timeout": 30.0}).start()
+        """Redis SIGKILLed: a request in flight (GET /hang, request_timeout 60 s) and three
+        requests while it is down are each answered 502 redis-connection-lost or 503
+        redis-unavailable / proxy-unavailable, each within 15 s (fails fast rather than
+        waiting for request_timeout; see FAIL_FAST); once Redis is back on the same port,
+        traffic is served again (a GET, then a 100 kB POST), by the same two processes,
+        neither of which printed a traceback. (How soon it is served again is logged.)"""
+        bridge = yield ChildBridge(self, forwarder={"request_timeout": REQUEST_TIMEOUT}).start()
         pids = {c.name: c.transport.pid for c in (bridge.forwarder, bridge.proxy)}
         client = Client(self)
         response, _ = yield client.fetch(b"GET", bridge.url + "/echo?before")
@@ -147,21 +181,21 @@ class RedisRestart(TestCase):
         response, body = yield in_flight
         took = elapsed_since(killed_at)
         log.info("request in flight answered {code} {took:.2f} s after Redis died", code=response.code, took=took)
-        self.assertIn(response.code, (502, 503), body)
-        self.assertLess(took, FAST_FAILURE, f"the request in flight took {took:.1f} s to fail")
+        assert_redis_down_answer(self, response, body, "the request in flight")
+        self.assertLess(took, FAIL_FAST, f"the request in flight took {took:.1f} s to fail")
 
         for i in range(3):
             start = reactor.seconds()
             response, body = yield client.fetch(b"GET", f"{bridge.url}/echo?down={i}").addTimeout(REQUEST_LIMIT,
                                                                                                   reactor)
             took = elapsed_since(start)
-            self.assertIn(response.code, (502, 503), body)
-            self.assertLess(took, FAST_FAILURE / 2, f"request {i} while Redis is down took {took:.1f} s")
-            self.assertTrue(error_of(response), "an error answer names its cause")
+            assert_redis_down_answer(self, response, body, f"request {i} while Redis is down")
+            self.assertLess(took, FAIL_FAST, f"request {i} while Redis is down took {took:.1f} s")
 
         bridge.redis.restart()
-        took, failed = yield first_success(client, bridge.url + "/echo?after", 30)
-        self.assertLess(took, BACK_WITHIN, f"served again {took:.1f} s after Redis came back; meanwhile {failed[-5:]}")
+        took, failed = yield first_success(client, bridge.url + "/echo?after", SERVED_AGAIN)
+        for code, cause in failed:  # the tries before Redis was fully back: still only its causes
+            self.assertIn(cause, REDIS_DOWN_CAUSES.get(code, set()), f"a try meanwhile got {code} {cause!r}")
         response, _ = yield client.fetch(b"POST", bridge.url + "/echo?again", body=b"x" * 100_000)
         self.assertEqual(response.code, 200)
         for child in (bridge.forwarder, bridge.proxy):
@@ -169,13 +203,15 @@ class RedisRestart(TestCase):
 
 
 class ForwarderRestart(TestCase):
-    timeout = 120
+    timeout = 180
 
     @defer.inlineCallbacks
     def test_forwarder_killed_and_restarted(self):
-        """The forwarder SIGKILLed and started again (a new process, same config): the proxy
-        learns of it from its announcement and renegotiates by itself, and requests are served
-        within 5 s of the new process listening; the proxy process is the same one."""
+        """The forwarder SIGKILLed and started again (a new process, same config): once the new
+        process listens, requests are served again (give-up after 60 s, SERVED_AGAIN), because
+        the proxy learnt of it from its announcement and renegotiated by itself (its log says
+        so for the new forwarder's id, whose log shows the key confirmed); the proxy process
+        is the same one, and neither it nor the new forwarder printed a traceback."""
         bridge = yield ChildBridge(self).start()
         proxy_pid = bridge.proxy.transport.pid
         client = Client(self)
@@ -186,26 +222,26 @@ class ForwarderRestart(TestCase):
         yield bridge.kill(bridge.forwarder)
         new = bridge.forwarder = bridge.spawn_forwarder()
         yield new.wait_for(LISTENING.format(port=bridge.port))
-        listening_at = reactor.seconds()
-        took, failed = yield first_success(Client(self), bridge.url + "/echo?after", 30)
-        self.assertLess(took, BACK_WITHIN, f"served {took:.1f} s after the new forwarder listened;"
-                        f" meanwhile {failed[-5:]}\n{bridge.describe()}")
+        yield first_success(Client(self), bridge.url + "/echo?after", SERVED_AGAIN)
+        # Served: so these lines are printed already (the waits return what was seen).
         forwarder_id = (yield new.wait_for(FORWARDER_STARTED, timeout=1)).group(1)
         yield bridge.proxy.wait_for(rf"forwarder {forwarder_id} announced itself; negotiating", timeout=1)
         yield new.wait_for(CONFIRMED, timeout=1)
-        self.assertLess(elapsed_since(listening_at), REQUEST_LIMIT)
         assert_alive(self, bridge.proxy, proxy_pid)
+        assert_clean(self, new)
 
 
 class ProxyRestart(TestCase):
-    timeout = 120
+    timeout = 180
 
     @defer.inlineCallbacks
     def test_proxy_killed_and_restarted_replaces_the_dead_instance(self):
         """The proxy SIGKILLed and started again while a raw client holds PSUBSCRIBE * (so every
-        PUBLISH has a receiver): the new instance is served within 5 s of starting, and from the
-        moment the forwarder confirms its key no request fails (none goes to the dead instance,
-        which would time out); /status then lists only the new instance."""
+        PUBLISH has a receiver): the forwarder confirms the new instance's key (give-up after
+        60 s, SERVED_AGAIN), and from that moment no request fails (none goes to the dead
+        instance, which would time out): 40 requests, 20 at once then 20 in a row, all 200;
+        /status then lists only the new instance; the forwarder is the same process and
+        neither it nor the new proxy printed a traceback."""
         bridge = ChildBridge(self, forwarder={"request_timeout": 5.0}, admin=True)
         onlooker = RawRedisClient("127.0.0.1", bridge.redis.port)
         self.addCleanup(onlooker.close)
@@ -222,7 +258,8 @@ class ProxyRestart(TestCase):
         instance = (yield new.wait_for(PROXY_STARTED)).group(1)
         started_at = reactor.seconds()
         self.assertNotEqual(instance, old)
-        yield bridge.forwarder.wait_for(CONFIRMED.replace("[0-9a-f]+", instance), timeout=BACK_WITHIN)
+        yield bridge.forwarder.wait_for(CONFIRMED.replace("[0-9a-f]+", instance), timeout=SERVED_AGAIN)
+        log.info("new proxy instance confirmed {took:.2f} s after it started", took=elapsed_since(started_at))
 
         # From here on, every request must be served by the new instance.
         answers: list[tuple[int, bytes | None, float]] = []
@@ -239,8 +276,6 @@ class ProxyRestart(TestCase):
         failures = [a for a in answers if a[0] != 200]
         self.assertEqual(len(failures), 0, f"{len(failures)} of {len(answers)} requests failed after the new instance"
                          f" was confirmed (status, cause, s since it started): {failures[:5]}\n{bridge.describe()}")
-        first = min((a[2] for a in answers if a[0] == 200), default=float("inf"))
-        self.assertLess(first, BACK_WITHIN, f"first answer {first:.1f} s after the new proxy started")
 
         @defer.inlineCallbacks
         def instances():  # type: ignore[no-untyped-def]
@@ -251,6 +286,7 @@ class ProxyRestart(TestCase):
         listed = yield instances()
         self.assertEqual(listed, [instance])
         assert_alive(self, bridge.forwarder, forwarder_pid)
+        assert_clean(self, new)
 
 
 def with_password_file(config: Path, password_file: Path) -> Path:
@@ -276,7 +312,7 @@ class WrongPassword(TestCase):
     """Reconnects refused by AUTH must not stop reconnecting for good (txredisapi gives up
     after one failed AUTH; the bus watchdog must take over). In-process services here."""
 
-    timeout = 120
+    timeout = 300
     RIGHT, WRONG = "right-password-1", "other-password-2"
 
     def collect_refusals(self) -> None:
@@ -301,7 +337,8 @@ class WrongPassword(TestCase):
         site, _ = make_site()
         upstream = yield listen(self, site)
         fsettings = load_forwarder_config(with_password_file(
-            write_forwarder_config(folder, self.redis.url, "tcp:0", ROUTES), secret))
+            write_forwarder_config(folder, self.redis.url, "tcp:0", ROUTES,
+                                   forwarder={"request_timeout": REQUEST_TIMEOUT}), secret))
         psettings = load_proxy_config(with_password_file(
             write_proxy_config(folder, "alpha", self.redis.url, upstream), secret))
         self.assertEqual((fsettings.redis.password, psettings.redis.password), (self.RIGHT, self.RIGHT))
@@ -323,14 +360,16 @@ class WrongPassword(TestCase):
 
     @defer.inlineCallbacks
     def refused_for_a_while(self, admin: RawRedisClient):  # type: ignore[no-untyped-def]
-        """Both services disconnected, answering 503 fast, with reconnects refused by AUTH over
-        more than one watchdog period (at least 8 refusals: more than one round of their 6 connections)."""
+        """Both services disconnected; a request gets 503 redis-unavailable within FAIL_FAST
+        (15 s, a quarter of request_timeout: it fails fast rather than waiting); reconnects are
+        refused by AUTH over more than one watchdog period (at least 8 refusals: more than one
+        round of their 6 connections), and the services stay disconnected."""
         buses = (self.forwarder.bus, self.proxy.bus)
         yield poll(lambda: not any(b.connected for b in buses), 10, "both services losing Redis")
         start = reactor.seconds()
         response, _ = yield self.client.fetch(b"GET", self.url + "/echo?refused").addTimeout(REQUEST_LIMIT, reactor)
         self.assertEqual((response.code, error_of(response)), (503, b"redis-unavailable"))
-        self.assertLess(elapsed_since(start), 2)
+        self.assertLess(elapsed_since(start), FAIL_FAST)
         yield poll(lambda: auth_failures(admin) >= 8, 30, "eight refused AUTHs", interval=0.2)
         self.assertFalse(any(b.connected for b in buses))
 
@@ -338,7 +377,8 @@ class WrongPassword(TestCase):
     def test_password_changed_then_restored(self):
         """CONFIG SET requirepass to another password and CLIENT KILL of every client: the
         services' reconnects fail AUTH for a while; once the right password is set again they
-        serve traffic within 12 s (the watchdog runs every 5 s), nothing restarted."""
+        serve traffic again (give-up after 100 s, SERVED_AGAIN_AFTER_AUTH: the watchdog runs
+        every 5 s), both buses are connected and the proxy is the same instance."""
         yield self.start()
         instance = self.proxy.instance
         admin = self.admin(self.RIGHT)
@@ -347,25 +387,24 @@ class WrongPassword(TestCase):
             admin.command("CLIENT", "KILL", "TYPE", kind)  # SKIPME yes: not the admin itself
         yield self.refused_for_a_while(admin)
         admin.command("CONFIG", "SET", "requirepass", self.RIGHT)
-        took, failed = yield first_success(self.client, self.url + "/echo?after", 40)
-        self.assertLess(took, 12, f"served again {took:.1f} s after the password was restored; meanwhile"
-                        f" {failed[-5:]}")
+        yield first_success(self.client, self.url + "/echo?after", SERVED_AGAIN_AFTER_AUTH)
         self.assertTrue(self.forwarder.bus.connected and self.proxy.bus.connected)
         self.assertEqual(self.proxy.instance, instance)
 
     @defer.inlineCallbacks
     def test_redis_restarted_with_another_password_then_the_right_one(self):
         """Redis restarted with another password: reconnects fail AUTH for a while; Redis
-        restarted with the right one: traffic is served within 12 s, nothing else restarted."""
+        restarted with the right one: traffic is served again (give-up after 100 s,
+        SERVED_AGAIN_AFTER_AUTH), by the same proxy instance."""
         yield self.start()
+        instance = self.proxy.instance
         self.redis.password = self.WRONG
         self.redis.restart()
         yield self.refused_for_a_while(self.admin(self.WRONG))
         self.redis.password = self.RIGHT
         self.redis.restart()
-        took, failed = yield first_success(self.client, self.url + "/echo?after", 40)
-        self.assertLess(took, 12, f"served again {took:.1f} s after Redis took the right password;"
-                        f" meanwhile {failed[-5:]}")
+        yield first_success(self.client, self.url + "/echo?after", SERVED_AGAIN_AFTER_AUTH)
+        self.assertEqual(self.proxy.instance, instance)
 
     @defer.inlineCallbacks
     def test_refused_auth_leaves_no_unhandled_error(self):

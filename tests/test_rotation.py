@@ -14,9 +14,9 @@ import json
 import random
 from typing import Any, Callable
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from twisted.internet import defer, reactor
+from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
 from ppbridge import keys, negotiation
@@ -33,6 +33,9 @@ FAST_REKEY = {"mode": "fixed", "period": 1.0, "grace": 10.0}
 ROUTES = {"alpha": {"path_prefix": "/"}}
 STREAMED = 100_000  # over the 64 KiB a body may travel inline: streamed in frames
 REQUEST_LIMIT = 30.0  # no single request of these tests may take longer
+SOAK_ROTATIONS = 40  # the soak runs until the forwarder has counted this many rotations
+SOAK_GIVE_UP = 600.0 - 60.0  # ... or gives up (40 rotations at period=1 take about 40 s)
+log = Logger()  # figures go to the test log (_trial_temp/test.log under trial)
 
 
 def rotations(forwarder: Any, proxy: str = "alpha") -> int:
@@ -45,16 +48,20 @@ class Traffic:
 
     Kinds: GET /echo, POST /echo with a small body, a streamed download (/bytes, 100 kB) and a
     streamed upload (/upload, 100 kB). Failures are recorded (never raised), so one bad answer
-    does not stop the load and the test can list them all.
+    does not stop the load and the test can list them all. With ``mark``, the value it returns
+    when each request has completed is recorded in ``marks``.
     """
 
-    def __init__(self, case: TestCase, urls: list[str], seed: int = 1) -> None:
+    def __init__(self, case: TestCase, urls: list[str], seed: int = 1,
+                 mark: Callable[[], Any] | None = None) -> None:
         self.client = Client(case)
         self.urls = urls
         self.rng = random.Random(seed)
         self.done = 0
         self.per_url = {url: 0 for url in urls}
         self.failures: list[str] = []
+        self.mark = mark
+        self.marks: list[Any] = []
 
     @defer.inlineCallbacks
     def one(self, url: str, loop: int, i: int):  # type: ignore[no-untyped-def]
@@ -87,6 +94,8 @@ class Traffic:
                 self.failures.append(f"{url} loop {loop} request {i}: {err!r}")
             self.done += 1
             self.per_url[url] += 1
+            if self.mark is not None:
+                self.marks.append(self.mark())
 
     def run(self, loops: int, until: Callable[[], bool], max_requests: int) -> defer.Deferred[Any]:
         """``loops`` concurrent loops, spread over the URLs, until ``until()`` or the cap."""
@@ -97,25 +106,33 @@ class Traffic:
 
 
 class Soak(TestCase):
-    timeout = 300
+    timeout = 600
 
     @defer.inlineCallbacks
-    def test_sixty_seconds_of_traffic_with_a_one_second_key_period(self):
+    def test_traffic_across_forty_rotations_with_a_one_second_key_period(self):
         """With ``[rekey] mode="fixed", period=1``, 8 concurrent client loops of small and
-        streamed (>64 KiB) GETs and POSTs for 60 s all get 200 with the right body, while the
-        forwarder's /status counts at least 50 rotations of the proxy's key."""
+        streamed (>64 KiB) GETs and POSTs run until the forwarder's /status has counted 40
+        rotations of the proxy's key. Every request gets 200 with the right body, and between
+        each two consecutive of those 40 rotations some request completed (the forwarder's
+        count when each request completed takes every value from 1 to 39): the load ran
+        across every rotation, not only before or after them. The run gives up after SOAK_GIVE_UP (40 rotations take about 40 s;
+        that is more than ten times as long); how many rotations a second the bridge manages
+        under load is a benchmark figure, not asserted (it is logged)."""
         stack = yield Stack(self).start(rekey=FAST_REKEY)
-        traffic = Traffic(self, [stack.url])
+        forwarder = stack.forwarder
+        before = rotations(forwarder)
+        traffic = Traffic(self, [stack.url], mark=lambda: rotations(forwarder) - before)
         start = reactor.seconds()
-        before = rotations(stack.forwarder)
-        yield traffic.run(8, lambda: reactor.seconds() - start >= 60.0, max_requests=20_000)
+        yield traffic.run(8, lambda: rotations(forwarder) - before >= SOAK_ROTATIONS
+                          or reactor.seconds() - start >= SOAK_GIVE_UP, max_requests=1_000_000)
         elapsed = reactor.seconds() - start
-        seen = rotations(stack.forwarder) - before
+        seen = rotations(forwarder) - before
+        log.info("{n} rotations and {r} requests in {s:.1f} s under load", n=seen, r=traffic.done, s=elapsed)
         self.assertEqual(traffic.failures[:20], [], f"{len(traffic.failures)} of {traffic.done} requests failed")
-        self.assertGreaterEqual(elapsed, 60.0)
-        self.assertGreater(traffic.done, 8 * 20, "the load hardly ran")
-        self.assertGreaterEqual(seen, 50, f"only {seen} rotations in {elapsed:.1f} s with period=1"
-                                f" ({traffic.done} requests); proxy status: {stack.proxies['alpha'].status()}")
+        self.assertGreaterEqual(seen, SOAK_ROTATIONS, f"only {seen} rotations before the give-up ({elapsed:.1f} s,"
+                                f" {traffic.done} requests); proxy status: {stack.proxies['alpha'].status()}")
+        unserved = sorted(set(range(1, SOAK_ROTATIONS)) - set(traffic.marks))
+        self.assertEqual(unserved, [], "rotation counts during which no request completed")
 
 
 class TwoForwarders(TestCase):
@@ -157,11 +174,20 @@ def aes_ctr_attempt(key: bytes, data: bytes, sender: Role) -> bytes:
 class ForwardSecrecy(TestCase):
     @defer.inlineCallbacks
     def test_both_rsa_keys_do_not_open_recorded_traffic(self):
-        """An eavesdropper who recorded the negotiation and a request with a known body, and
-        later holds BOTH RSA private keys (proxy and forwarder), unwraps the negotiated secret
-        but cannot open the recorded request: every derivation without the ephemeral X25519
-        private keys fails with bad-tag and yields no trace of the body. With the real derived
-        keys the same recording opens and holds the body (so the attempt is a real one)."""
+        """A recorder of every channel who later steals BOTH RSA private keys recovers the
+        negotiated ``secret`` from the recorded grant (the proxy's key unwraps it; the
+        forwarder's key only signs) and still cannot open the recorded request, because the
+        X25519 shared secret is missing.
+
+        Asserted: the unwrapped secret is the one both sides derived their keys from; the
+        real ``derive_keys`` with that secret, the real salt (request nonce || key id, both in
+        clear) and as ``shared`` each value a recorder can form without an ephemeral private
+        key (nothing, 32 zero bytes, either public ephemeral key, both in either order, the
+        secret itself) gives keys under which the recorded request fails with bad-tag and
+        whose keystream shows no trace of the known body, and none of those values is the
+        true shared secret; with the true shared secret (taken from inside the processes,
+        never on the bus) the same call opens the same recording and yields the body, so
+        ``shared`` is the only piece the recorder lacks."""
         derived: list[tuple[bytes, bytes, bytes, dict[Role, bytes]]] = []
         original = negotiation.derive_keys
 
@@ -185,56 +211,48 @@ class ForwardSecrecy(TestCase):
         self.assertEqual(len(heads), 1, "expected exactly the one request on the bus")
         channel, sealed = heads[0]
         self.assertNotIn(body, sealed)
-        key_id = unpack_header(sealed).key_id
+        header = unpack_header(sealed)
+        key_id = header.key_id
         requests = [decode_signed(m, KeyRequest)[0] for ch, m in recorded if ch == b"ppbridge:negotiate"]
-        grants = []
-        for ch, m in recorded:
-            if ch.startswith(b"ppbridge:n:"):
-                grants.append(decode_signed(m, KeyGrant)[0])
+        grants = [decode_signed(m, KeyGrant)[0] for ch, m in recorded if ch.startswith(b"ppbridge:n:")]
         grant = next((g for g in grants if g.key_id == key_id), None)
         self.assertIsNotNone(grant, "the grant of the request's key was not recorded")
         request = next(r for r in requests if r.nonce == grant.request_nonce)
         salt = request.nonce + grant.key_id  # public: both travel in clear
 
-        # The attacker's long-term keys: the proxy's RSA key unwraps the secret.
+        # The stolen long-term keys: the proxy's RSA key unwraps the recorded secret.
         folder = stack.folder / "keys"
         proxy_key = keys.load_private_key(folder / "alpha.key")
-        forwarder_key = keys.load_private_key(folder / "forwarder.key")
+        keys.load_private_key(folder / "forwarder.key")  # stolen too; it signs, it decrypts nothing recorded
         secret = keys.unwrap(proxy_key, grant.wrapped)
         self.assertIsNotNone(secret, "the proxy's RSA key should unwrap the recorded secret")
         real = [d for d in derived if d[2] == salt]
         self.assertEqual(len(real), 2, "both sides derive the session keys once")
-        self.assertEqual(real[0][0], secret)  # the attacker does hold the true wrapped secret
+        self.assertEqual({d[0] for d in real}, {secret}, "the unwrapped secret is not the one the keys came from")
+        self.assertEqual(len({d[1] for d in real}), 1, "both sides computed the same X25519 shared secret")
+        true_shared = real[0][1]
 
-        def x25519_from(rsa_key: Any) -> X25519PrivateKey:
-            d = rsa_key.private_numbers().d
-            return X25519PrivateKey.from_private_bytes(hashlib.sha256(d.to_bytes(512, "big")).digest())
-
+        # Every "shared" a recorder can form from what it holds, without an ephemeral private key.
         guesses: dict[str, bytes] = {
-            "all-zero shared secret": bytes(32),
-            "the secret alone": b"",
-            "both public ephemerals": request.ephemeral + grant.ephemeral,
-            "both public ephemerals, reversed": grant.ephemeral + request.ephemeral,
+            "nothing (the secret alone)": b"",
+            "32 zero bytes": bytes(32),
+            "the proxy's public ephemeral key": request.ephemeral,
+            "the forwarder's public ephemeral key": grant.ephemeral,
+            "both public ephemeral keys": request.ephemeral + grant.ephemeral,
+            "both public ephemeral keys, reversed": grant.ephemeral + request.ephemeral,
             "the secret again": secret,
         }
-        for name, rsa_key in (("proxy", proxy_key), ("forwarder", forwarder_key)):
-            for side, public in (("request", request.ephemeral), ("grant", grant.ephemeral)):
-                guesses[f"{name} RSA key as X25519 with the {side} ephemeral"] = x25519_from(rsa_key).exchange(
-                    X25519PublicKey.from_public_bytes(public))
-        candidates = {name: original(secret, shared, salt) for name, shared in guesses.items()}
-        candidates["the secret as both AES keys"] = {Role.FORWARDER: secret, Role.PROXY: secret}
-        candidates["HKDF of the secret with an empty salt"] = original(secret, bytes(32), b"")
-        header = unpack_header(sealed)
-        for name, attempt in candidates.items():
-            envelope = Envelope(key_id, attempt, Role.PROXY)
+        for name, shared in guesses.items():
+            self.assertNotEqual(shared, true_shared, name)
+            attempt = original(secret, shared, salt)
             with self.assertRaises(BusMessageError, msg=name) as caught:
-                envelope.open(header, sealed, channel)
+                Envelope(key_id, attempt, Role.PROXY).open(header, sealed, channel)
             self.assertEqual(caught.exception.reason, "bad-tag", name)
-            for key in attempt.values():
-                self.assertNotIn(b"KNOWN-BODY", aes_ctr_attempt(key, sealed, Role.FORWARDER), name)
+            self.assertNotIn(b"KNOWN-BODY", aes_ctr_attempt(attempt[Role.FORWARDER], sealed, Role.FORWARDER), name)
 
-        # Control: the real session keys (never on the bus) do open the same recording.
-        true_keys = real[0][3]
+        # Control: the same call with the true shared secret opens the same recording.
+        true_keys = original(secret, true_shared, salt)
+        self.assertEqual(true_keys, real[0][3])
         plaintext = Envelope(key_id, true_keys, Role.PROXY).open(header, sealed, channel)
         self.assertIn(body, plaintext)
         self.assertIn(body, aes_ctr_attempt(true_keys[Role.FORWARDER], sealed, Role.FORWARDER))

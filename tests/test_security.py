@@ -1,13 +1,17 @@
 """What a party with full Redis access can and cannot do, tried against the real thing.
 
 The attacker here is a plain Redis client on the test's Redis: it subscribes to everything,
-republishes what it captured (as is, or altered), and publishes its own messages.
+republishes what it captured (as is, or altered), and publishes its own messages. Where it must
+also hold a message back (so that its counter is still unseen), it is the hostile Redis of
+tests/hostile.py in the middle of the proxy's connection.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import struct
+import time
 from collections import Counter
 from typing import Any
 
@@ -19,20 +23,26 @@ from ppbridge.errors import BusMessageError
 from ppbridge.negotiation import ANY_FORWARDER, ForwarderNegotiator
 from ppbridge.redis_server import RawRedisClient
 from ppbridge.wire import HEADER_SIZE, KeyRequest, MsgType, decode_signed, unpack_header
+from tests.hostile import HOLD, PASS, HostileRedis
 from tests.support import Client, Stack, error_of
+
+WAIT = 10.0  # seconds any single wait for an event may take before the test fails
 
 
 class DropWatcher:
-    """Counts a service's dropped bus messages by reason; lets a test await a condition."""
+    """Counts a service's dropped bus messages by reason (and records the channel of each);
+    lets a test await a condition."""
 
     def __init__(self, service: Any) -> None:
         self.reasons: Counter[str] = Counter()
+        self.dropped: list[tuple[str, bytes]] = []  # (reason, channel), in order
         self._waiters: list[tuple[Any, defer.Deferred[None]]] = []
         original = service.node.drop
 
         def drop(err: BusMessageError, channel: bytes) -> None:
             original(err, channel)
             self.reasons[err.reason] += 1
+            self.dropped.append((err.reason, bytes(channel)))
             for waiter in list(self._waiters):
                 if waiter[0]():
                     self._waiters.remove(waiter)
@@ -54,6 +64,10 @@ class DropWatcher:
 
     def total(self) -> int:
         return sum(self.reasons.values())
+
+    def on(self, channel: bytes) -> list[str]:
+        """The reasons of the drops of messages that arrived on ``channel``, in order."""
+        return [reason for reason, where in self.dropped if where == channel]
 
 
 def when_sent(service: Any, mtype: MsgType) -> defer.Deferred[None]:
@@ -86,20 +100,52 @@ def when_published(service: Any, channel: bytes) -> defer.Deferred[None]:
     return d.addTimeout(10, reactor)
 
 
-def spy(stack: Stack, case: TestCase, *patterns: bytes) -> RawRedisClient:
+class Spy(RawRedisClient):
+    """The eavesdropper: a raw Redis subscriber on some patterns, plus a channel of its own
+    (``barrier``) that nothing else uses, so that :func:`drain` can tell when it has read
+    everything Redis had taken before a given moment."""
+
+    def __init__(self, port: int, patterns: tuple[bytes, ...]) -> None:
+        super().__init__("127.0.0.1", port)
+        self.barrier = b"ppbridge-test-barrier:" + os.urandom(8).hex().encode("ascii")
+        self._publisher = RawRedisClient("127.0.0.1", port)
+        self.psubscribe(*patterns)
+        self.subscribe(self.barrier)
+
+    def close(self) -> None:
+        self._publisher.close()
+        super().close()
+
+
+def spy(stack: Stack, case: TestCase, *patterns: bytes) -> Spy:
     """A raw Redis subscriber on ``patterns``: the eavesdropper."""
-    client = RawRedisClient("127.0.0.1", stack.redis.port)
+    client = Spy(stack.redis.port, patterns)
     case.addCleanup(client.close)
-    client.psubscribe(*patterns)
     return client
 
 
-def drain(client: RawRedisClient) -> list[tuple[bytes, bytes]]:
-    """Everything the spy has received so far: (channel, message)."""
+def drain(client: Spy, timeout: float = WAIT) -> list[tuple[bytes, bytes]]:
+    """Everything Redis delivered to the spy before now: (channel, message), in order.
+
+    "Now" is a marker published on the spy's own barrier channel: Redis queues pub/sub messages
+    for a subscriber in the order it runs the PUBLISHes, so once the marker is read, every
+    message Redis took before it has been read too. No quiet period is waited for; the read
+    blocks only until the marker, which Redis has already queued (fails after ``timeout``)."""
+    marker = os.urandom(16)
+    client._publisher.publish(client.barrier, marker)
+    deadline = time.monotonic() + timeout
     out = []
-    while (msg := client.read_message(timeout=0.3)) is not None:
-        out.append((msg[1], msg[2]))
-    return out
+    while True:
+        remaining = deadline - time.monotonic()
+        msg = client.read_message(timeout=remaining) if remaining > 0 else None
+        if msg is None:
+            raise AssertionError(f"the spy's barrier did not come back within {timeout} s")
+        _, channel, data = msg
+        if channel == client.barrier:  # our markers (a '*' pattern also gets a second copy)
+            if data == marker:
+                return out
+            continue
+        out.append((channel, data))
 
 
 def of_type(captured: list[tuple[bytes, bytes]], mtype: MsgType) -> list[tuple[bytes, bytes]]:
@@ -172,8 +218,11 @@ class Attacker(TestCase):
     @defer.inlineCallbacks
     def test_grant_signed_by_another_key_is_ignored(self):
         """A grant for the proxy's real key request, made and signed by an attacker who has
-        the proxy's public key but not the forwarder's signing key, is dropped; the proxy
-        holds no key from the attacker."""
+        the proxy's public key but not the forwarder's signing key, published on the
+        temporary channel the proxy is waiting on (the proxy is its one plain subscriber and
+        still has the request pending), reaches the proxy and is dropped there as
+        bad-signature; the proxy holds no entry for the forged key id and no key from the
+        forger's forwarder id."""
         drain(self.spy)
         published = when_published(self.proxy, b"ppbridge:negotiate")
         self.proxy._negotiate(ANY_FORWARDER)
@@ -187,11 +236,14 @@ class Attacker(TestCase):
                                      {"alpha": self.proxy.settings.private_key.public_key()},
                                      self.proxy.channels, 262144, 1 << 20, 300.0)
         channel, grant, forged = forger.handle_request(requests[-1], reactor.seconds())
-        self.assertEqual(channel, request.reply_channel)
+        self.assertTrue(self.proxy.negotiator.is_pending(channel), "the proxy no longer waits on that channel")
+        self.assertEqual(self.attacker.command("PUBSUB", "NUMSUB", channel), [channel, 1],
+                         "the proxy is not subscribed to the channel the forged grant goes to")
         self.attacker.publish(channel, grant)
-        yield self.proxy_drops.wait("bad-signature")
-        held = self.proxy.keyring.current(forger_id)
-        self.assertTrue(held is None or held.session.envelope.fingerprint != forged.envelope.fingerprint)
+        yield self.proxy_drops.until(lambda: self.proxy_drops.on(channel))
+        self.assertEqual(self.proxy_drops.on(channel), ["bad-signature"])
+        self.assertIsNone(self.proxy.keyring.get(forged.envelope.key_id, reactor.seconds()))
+        self.assertNotIn(forger_id, self.proxy.keyring.peers())
 
     @defer.inlineCallbacks
     def test_replayed_or_altered_request_is_not_executed(self):
@@ -213,50 +265,133 @@ class Attacker(TestCase):
 
     @defer.inlineCallbacks
     def test_forged_response_to_a_pending_request_is_rejected(self):
-        """While a request waits for its answer, responses forged with the right stream id and
-        key id, or moved over from another request's reply channel, are dropped; the client
-        gets the 504, never a forged answer."""
+        """While a request waits for its answer, three responses published on its reply
+        channel are dropped: one forged with the request's stream id and the proxy's key id
+        and a fresh counter (random ciphertext: bad-tag), a captured real response of an
+        earlier request with its counter raised so it is no replay (the header is
+        authenticated, and the channel differs too: bad-tag), and that captured response
+        unchanged (its counter was seen: replay). The client gets 504 timeout, never an
+        answer. (A response moved to another channel and changed in nothing else:
+        MovedMessage.)"""
         drain(self.spy)
         response, _ = yield self.client.fetch(b"GET", self.stack.url + "/echo")
+        self.assertEqual(response.code, 200)
         (_, real_response), = of_type(drain(self.spy), MsgType.RESP_HEAD)
         sent = when_sent(self.stack.forwarder, MsgType.REQ_HEAD)
         pending = self.client.fetch(b"GET", self.stack.url + "/hang")
         yield sent
         stream, = self.stack.forwarder.streams.values()
-        header = unpack_header(real_response)
         forged = (real_response[:12] + struct.pack(">Q", 1 << 40) + stream.id + real_response[36:HEADER_SIZE]
                   + os.urandom(200))
         self.attacker.publish(stream.reply_channel, forged)
         self.attacker.publish(stream.reply_channel, with_counter(real_response, 1 << 41))
-        yield self.forwarder_drops.wait("bad-tag", 2)
+        yield self.forwarder_drops.until(lambda: len(self.forwarder_drops.on(stream.reply_channel)) >= 2)
         self.attacker.publish(stream.reply_channel, real_response)
-        yield self.forwarder_drops.wait("replay")
-        self.assertEqual(header.type, MsgType.RESP_HEAD)
+        yield self.forwarder_drops.until(lambda: len(self.forwarder_drops.on(stream.reply_channel)) >= 3)
+        self.assertEqual(self.forwarder_drops.on(stream.reply_channel), ["bad-tag", "bad-tag", "replay"])
         response, _ = yield pending
         self.assertEqual((response.code, error_of(response)), (504, b"timeout"))
 
     @defer.inlineCallbacks
     def test_garbage_and_oversized_messages_on_every_channel(self):
         """Garbage, truncated, wrong-version and oversized messages on every channel either
-        side listens to are dropped and counted, nothing crashes, and traffic goes on."""
+        side listens to (the forwarder: ns:negotiate, its control channel and a reply
+        channel under its pattern; the proxy: ns:announce and its data channel) are each
+        dropped exactly once by that side, on that channel (the oversized one as
+        "oversized"); neither side counts an internal error (a handler raising something
+        other than a drop), and a request afterwards is served."""
         forwarder = self.stack.forwarder
-        channels = [
-            b"ppbridge:negotiate", b"ppbridge:announce", self.proxy.data_channel,
-            forwarder.channels.forwarder_control(forwarder.id), forwarder.channels.reply(forwarder.id),
-        ]
+        listeners = {
+            b"ppbridge:negotiate": self.forwarder_drops, b"ppbridge:announce": self.proxy_drops,
+            self.proxy.data_channel: self.proxy_drops,
+            forwarder.channels.forwarder_control(forwarder.id): self.forwarder_drops,
+            forwarder.channels.reply(forwarder.id): self.forwarder_drops,
+        }
         payloads = [b"", b"\x01", os.urandom(100), bytes([1, 1]) + os.urandom(42), bytes([99, 1]) + os.urandom(100),
                     os.urandom(2 << 20)]
-        for channel in channels:
+        for channel in listeners:
             for payload in payloads:
-                self.assertGreaterEqual(self.attacker.publish(channel, payload), 1)
-        # Each side drops every payload on each channel it listens to (the forwarder two
-        # channels plus its pattern, the proxy two).
-        yield self.forwarder_drops.until(lambda: self.forwarder_drops.total() >= 3 * len(payloads))
-        yield self.proxy_drops.until(lambda: self.proxy_drops.total() >= 2 * len(payloads))
-        self.assertNotIn("internal-error", self.forwarder_drops.reasons + self.proxy_drops.reasons)
-        self.assertGreaterEqual(self.proxy_drops.reasons["oversized"], 1)
+                self.attacker.publish(channel, payload)
+        for channel, drops in listeners.items():
+            yield drops.until(lambda c=channel, d=drops: len(d.on(c)) >= len(payloads))
+        for channel, drops in listeners.items():
+            reasons = drops.on(channel)
+            self.assertEqual(len(reasons), len(payloads), (channel, reasons))
+            self.assertEqual(reasons.count("oversized"), 1, (channel, reasons))
+        for service in (forwarder, self.proxy):  # a handler raising anything else is counted so
+            internal = service.metrics.registry.get_sample_value("ppbridge_bus_dropped_total",
+                                                                 {"reason": "internal-error"})
+            self.assertIn(internal, (None, 0.0), f"{type(service).__name__} counted {internal} internal errors")
         response, data = yield self.client.fetch(b"GET", self.stack.url + "/echo?after")
         self.assertEqual(response.code, 200)
+
+
+class MovedMessage(TestCase):
+    @defer.inlineCallbacks
+    def test_response_moved_to_another_reply_channel_fails_its_tag(self):
+        """The channel is in the AEAD's associated data, shown with a message that differs
+        from a valid one in its channel only.
+
+        A copy of a message the receiver has already opened is dropped as a replay before
+        its tag is checked (counters are per key), so the moved message must be one the
+        forwarder has not seen: the attacker is a hostile Redis in the middle of the proxy's
+        connection and holds back the proxy's response head to request B (and everything the
+        proxy publishes after it, so no later counter of that key reaches the forwarder).
+        While request A waits, it publishes B's head unchanged on A's reply channel: the
+        forwarder drops it there as bad-tag, its counter for the key has not moved, and A is
+        still waiting. The same bytes then published on B's own reply channel are accepted:
+        B's client gets its 200 with its own body. A ends with 504 timeout."""
+        stack = Stack(self)
+        hostile = yield HostileRedis(stack.redis.host, stack.redis.port).start()
+        self.addCleanup(hostile.stop)  # after the services stop (cleanups run last-in first-out)
+        yield stack.start(forwarder={"request_timeout": 3.0}, proxy_redis=hostile.url)
+        forwarder = stack.forwarder
+        drops = DropWatcher(forwarder)
+        client = Client(self)
+
+        sent = when_sent(forwarder, MsgType.REQ_HEAD)
+        victim = client.fetch(b"GET", stack.url + "/hang")
+        yield sent
+        victim_stream, = forwarder.streams.values()
+
+        held: defer.Deferred[tuple[bytes, bytes]] = defer.Deferred()
+
+        def hold_from_the_first_response_head(channel: bytes, message: bytes) -> str:
+            if hostile.held:
+                return HOLD
+            if forwarder.channels.is_reply_of(forwarder.id, channel):
+                if unpack_header(message).type is MsgType.RESP_HEAD:
+                    reactor.callLater(0, held.callback, (channel, message))
+                    return HOLD
+            return PASS
+
+        hostile.on_publish = hold_from_the_first_response_head
+        answer = client.fetch(b"GET", stack.url + "/echo?moved")
+        channel, message = yield held.addTimeout(WAIT, reactor)
+        header = unpack_header(message)
+        self.assertEqual(channel, forwarder.streams[header.stream_id].reply_channel)
+        self.assertNotEqual(channel, victim_stream.reply_channel)
+        envelope = forwarder.keyring.get(header.key_id, reactor.seconds()).session.envelope
+        seen = envelope.last_received
+        self.assertGreater(header.counter, seen, "the forwarder already saw this counter: a copy would be a replay")
+
+        receivers = yield hostile.inject(victim_stream.reply_channel, message)
+        self.assertEqual(receivers, 1)  # the forwarder's pattern
+        yield drops.until(lambda: drops.on(victim_stream.reply_channel))
+        self.assertEqual(drops.on(victim_stream.reply_channel), ["bad-tag"])
+        self.assertEqual(envelope.last_received, seen)
+        self.assertIn(victim_stream.id, forwarder.streams, "the victim request stopped waiting")
+        self.assertFalse(victim.called)
+
+        hostile.on_publish = None
+        yield hostile.inject(channel, message)  # the very same bytes, on their own channel
+        hostile.release(lambda _, m: m is not message)  # whatever the proxy sent after it
+        response, data = yield answer.addTimeout(WAIT, reactor)
+        self.assertEqual(response.code, 200, data)
+        self.assertEqual(json.loads(data)["uri"], "/echo?moved")
+        self.assertEqual(drops.on(channel), [])
+        response, _ = yield victim
+        self.assertEqual((response.code, error_of(response)), (504, b"timeout"))
 
 
 class Isolation(TestCase):

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import LoopingCall, TaskStopped, cooperate
+from twisted.internet.task import Clock, LoopingCall, TaskStopped, cooperate
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -206,18 +206,34 @@ class PacedReader(Protocol):
 
 class EventReader(Protocol):
     """Reads a text/event-stream body, stamping each complete event with ``time.time()`` on
-    arrival. ``done`` fires with [(arrival time, event text)] or fails with the end reason."""
+    arrival. ``done`` fires with [(arrival time, event text)] or fails with the end reason;
+    :meth:`when` awaits the n-th event."""
 
     def __init__(self) -> None:
         self.events: list[tuple[float, str]] = []
         self._buffer = b""
+        self._waits: list[tuple[int, Deferred[None]]] = []
         self.done: Deferred[list[tuple[float, str]]] = Deferred()
+
+    def when(self, count: int) -> Deferred[None]:
+        """Fires once ``count`` events have arrived (at once if they have)."""
+        d: Deferred[None] = Deferred()
+        self._waits.append((count, d))
+        self._fire()
+        return d
+
+    def _fire(self) -> None:
+        for entry in list(self._waits):
+            if len(self.events) >= entry[0]:
+                self._waits.remove(entry)
+                entry[1].callback(None)
 
     def dataReceived(self, data: bytes) -> None:
         now = time.time()
         self._buffer += data
         *complete, self._buffer = self._buffer.split(b"\n\n")
         self.events += [(now, event.decode("ascii")) for event in complete]
+        self._fire()
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
         if reason.check(ResponseDone):
@@ -470,36 +486,60 @@ class LiveResponses(TestCase):
     timeout = 60
 
     @defer.inlineCallbacks
-    def test_each_sse_event_arrives_within_200_ms(self):
-        """An upstream sending a server-sent event every 100 ms (each carrying the upstream's
-        time.time()): all 20 events arrive in order, each within 200 ms of being emitted."""
-        stack = yield Stack(self).start()
-        response = yield Client(self).request(b"GET", stack.url + "/sse?n=20&interval=0.1")
+    def test_each_sse_event_reaches_the_client_before_the_next_is_written(self):
+        """An upstream sending server-sent events (the sample app's /sse on a clock the test
+        advances) writes each event only once the client has received the one before: all
+        20 events arrive, in order, and the stream then ends cleanly. So each event reached
+        the client while the upstream had written nothing after it: the bridge passes an
+        event on as it comes, rather than holding it until more data or the end of the body
+        pushes it out (a bridge that held one would never get the next: the wait for it is
+        bounded at 30 s, where delivery takes milliseconds). How fast events travel is a
+        benchmark figure, not asserted here."""
+        clock = Clock()
+        site, app = make_site(clock)
+        upstream = yield listen(self, site)
+        stack = yield Stack(self).start(upstreams={"alpha": upstream})
+        response = yield bounded(Client(self).request(b"GET", stack.url + "/sse?n=20&interval=1"))
         self.assertEqual(response.code, 200)
-        events = yield bounded(read_body(response, EventReader()))
+        reader = EventReader()
+        response.deliverBody(reader)
+        for i in range(20):  # event 0 is written with the head; each advance writes the next
+            if i:
+                clock.advance(1)
+            try:
+                yield bounded(reader.when(i + 1))
+            except defer.TimeoutError:
+                self.fail(f"event {i} (written {i + 1} events in) never reached the client; got {reader.events}")
+            self.assertEqual(len(reader.events), i + 1, reader.events)
+        events = yield bounded(reader.done)
         self.assertEqual([text.split()[1] for _, text in events], [str(i) for i in range(20)], events)
-        delays = [arrived - float(text.split()[2]) for arrived, text in events]
-        log.info("SSE delays (ms): {d}", d=[round(x * 1000, 1) for x in delays])
-        late = [(i, round(d * 1000, 1)) for i, d in enumerate(delays) if not 0 <= d < 0.2]
-        self.assertEqual(late, [], f"events later than 200 ms (index, ms); all: {delays}")
 
     @defer.inlineCallbacks
     def test_chunked_upstream_response_reaches_client_chunked_and_live(self):
-        """An upstream response without Content-Length (SSE, 5 events 0.2 s apart) reaches a
-        raw HTTP/1.1 client with Transfer-Encoding: chunked and no Content-Length, and the
-        first event arrives while the stream is still open (before its last chunk)."""
-        stack = yield Stack(self).start()
-        seen_first: list[tuple[int, bool]] = []
+        """An upstream response without Content-Length (SSE, 5 events, on a clock the test
+        advances) reaches a raw HTTP/1.1 client with Transfer-Encoding: chunked and no
+        Content-Length; the first event arrives before the upstream has written any other
+        (so before the last chunk: the stream is still open), and the whole body then
+        arrives intact with its last chunk."""
+        clock = Clock()
+        site, app = make_site(clock)
+        upstream = yield listen(self, site)
+        stack = yield Stack(self).start(upstreams={"alpha": upstream})
+        first: Deferred[tuple[int, bool]] = Deferred()
 
         def on_data(proto: RawHTTP) -> None:
-            if seen_first or b"\r\n\r\n" not in proto.data:
+            if first.called or b"\r\n\r\n" not in proto.data:
                 return
             body, ended = dechunk(proto.data.partition(b"\r\n\r\n")[2])
             if b"\n\n" in body:
-                seen_first.append((body.count(b"\n\n"), ended))
+                first.callback((body.count(b"\n\n"), ended))
 
-        request = b"GET /sse?n=5&interval=0.2 HTTP/1.1\r\nHost: bridge.test\r\nConnection: close\r\n\r\n"
+        request = b"GET /sse?n=5&interval=1 HTTP/1.1\r\nHost: bridge.test\r\nConnection: close\r\n\r\n"
         proto = yield raw_exchange(self, stack.url, request, on_data)
+        events_then, ended_then = yield bounded(first)  # only event 0 has been written
+        self.assertEqual((events_then, ended_then), (1, False))
+        for _ in range(4):  # events 1 to 4, and the end (one interval at a time: a LoopingCall skips)
+            clock.advance(1)
         raw = yield bounded(proto.closed)
         status, headers, rest = split_response(raw)
         self.assertTrue(status.startswith(b"HTTP/1.1 200"), raw[:300])
@@ -508,10 +548,6 @@ class LiveResponses(TestCase):
         body, ended = dechunk(rest)
         self.assertTrue(ended, "the chunked body has no last chunk")
         self.assertEqual([e.split()[1] for e in body.decode().strip().split("\n\n")], list("01234"), body)
-        self.assertEqual(len(seen_first), 1, "no event seen")
-        events_then, ended_then = seen_first[0]
-        self.assertFalse(ended_then, "the first event came only with the end of the stream")
-        self.assertLess(events_then, 5, "all events arrived at once")
 
     @defer.inlineCallbacks
     def test_content_length_is_kept(self):
@@ -539,9 +575,13 @@ class ClientLeaves(TestCase):
     timeout = 60
 
     @defer.inlineCallbacks
-    def test_client_disconnect_mid_download_closes_upstream_within_1_s(self):
+    def test_client_disconnect_mid_download_cancels_the_upstream_call(self):
         """A client that drops its connection 2 MiB into a 1 GiB download: the upstream sees
-        its own connection closed (app.on_disconnect) within 1 s."""
+        its own connection closed before its response finished (app.on_disconnect, for
+        /bytes), and the client's body ends as a failure, short of 1 GiB. The wait for the
+        upstream's disconnect is bounded at 30 s: it takes milliseconds, and a bridge that
+        did not cancel would leave the call running until the 300 s stream idle timeout.
+        (How soon the upstream is closed is logged, a benchmark figure, not asserted.)"""
         stack = yield Stack(self).start()
         upstream_gone: Deferred[tuple[str, float]] = Deferred()
         stack.app.on_disconnect.append(
@@ -551,11 +591,10 @@ class ClientLeaves(TestCase):
         reader = AbortAfter(2 * MiB)
         response.deliverBody(reader)
         left_at = yield bounded(reader.aborted)
-        path, closed_at = yield bounded(upstream_gone, 10)
+        path, closed_at = yield bounded(upstream_gone)
         yield bounded(reader.lost)
         log.info("upstream closed {ms:.1f} ms after the client left", ms=(closed_at - left_at) * 1000)
         self.assertEqual(path, "/bytes")
-        self.assertLess(closed_at - left_at, 1.0)
         self.assertLess(reader.size, 1 << 30)
         self.assertFalse(reader.reason.check(ResponseDone), "the aborted download claims to be complete")
 
