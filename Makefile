@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SOURCES := setup.cfg setup.py twisted/plugins/ppbridge_plugins.py $(wildcard ppbridge/*.py)
+SOURCES := setup.cfg setup.py constraints.txt twisted/plugins/ppbridge_plugins.py $(wildcard ppbridge/*.py) \
+           $(wildcard conf/*.example.toml)
 PYTEST_ARGS ?=
 
 .PHONY: install test test-trial coverage demo bench typecheck clean
@@ -13,9 +14,10 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # A real (non-editable) install, as users get it: a PEP 660 editable install of this flat
-# layout would hide the twistd plugins. Rebuild the plugin cache once installed.
+# layout would hide the twistd plugins. The versions are the tested set in constraints.txt
+# (setup.cfg only gives compatible ranges). Rebuild the plugin cache once installed.
 $(STAMP): $(BIN)/python $(SOURCES)
-	$(BIN)/pip install --quiet '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt '.[test]'
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $(STAMP)
 

@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from ppbridge.channels import Channels
 from ppbridge.config import MAX_FRAME_SIZE, RedisSettings
 from ppbridge.errors import BusUnavailable
+from ppbridge.logsafe import Throttle, escape
 from ppbridge.respguard import RespGuard, RespProtocolError
 from ppbridge.timers import Periodic, log_failure
 from ppbridge.wire import OVERHEAD
@@ -183,6 +184,7 @@ class _Publisher(_Guarded, txredisapi.RedisProtocol):
 
 class _PublisherFactory(_Backoff, txredisapi.RedisFactory):
     protocol = _Publisher
+    noisy = False  # no "Starting factory <..._PublisherFactory object at 0x...>" line
 
     def __init__(self, bus: RedisBus) -> None:
         txredisapi.RedisFactory.__init__(self, None, None, 1, isLazy=True)
@@ -244,7 +246,8 @@ class _Subscriber(_Guarded, txredisapi.SubscriberProtocol):
             if self.connected and self._ready:
                 yield self.factory.bus._subscriber_up(self)
         except Exception as err:
-            log.info("Redis {name} connection failed while starting: {err}", name=self.name, err=err)
+            self.factory.bus._warn("setup", "Redis {name} connection failed while starting: {err}", name=self.name,
+                                   err=escape(str(err), 200))
 
     def messageReceived(self, pattern: bytes | None, channel: bytes, message: bytes) -> None:
         self.factory.bus.on_message(channel, message)
@@ -256,6 +259,7 @@ class _Subscriber(_Guarded, txredisapi.SubscriberProtocol):
 
 class _SubscriberFactory(_Backoff, txredisapi.SubscriberFactory):
     protocol = _Subscriber
+    noisy = False  # no "Starting factory <..._SubscriberFactory object at 0x...>" line
 
     def __init__(self, bus: RedisBus, slot: _Slot | None = None) -> None:
         txredisapi.SubscriberFactory.__init__(self, isLazy=True)
@@ -304,6 +308,7 @@ class RedisBus:
         self._running = False
         self._stopped: Deferred[Any] | None = None
         self._was_connected = False
+        self._failures = Throttle()  # warn lines for lost or failed connections, per kind
         self._losses_logged = 0
         self._loss_log_at = float("-inf")
 
@@ -431,9 +436,20 @@ class RedisBus:
         now = self.connected
         if now != self._was_connected:
             self._was_connected = now
-            log.info("Redis {state} ({host}:{port})", state="connected" if now else "disconnected",
-                     host=self.settings.host, port=self.settings.port)
+            if now:
+                log.info("Redis connected ({host}:{port})", host=self.settings.host, port=self.settings.port)
+            else:
+                self._warn("disconnected", "Redis disconnected ({host}:{port}); reconnecting",
+                           host=self.settings.host, port=self.settings.port)
             self.on_state(now)
+
+    def _warn(self, kind: str, fmt: str, **fields: object) -> None:
+        """A Redis failure at warn level, at most logsafe.BURST lines a minute per ``kind``."""
+        logged, unlogged = self._failures.allow(kind, self._clock.seconds())
+        if logged:
+            log.warn(fmt, **fields)
+        if unlogged:
+            log.warn("{n} more Redis failures ({kind}) were not logged", n=unlogged, kind=kind)
 
     # watchdog
 

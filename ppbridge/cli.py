@@ -1,15 +1,30 @@
-"""The ``ppbridge`` command: keygen, fingerprint, check, demo."""
+"""The ``ppbridge`` command: keygen, fingerprint, check, example-config, demo, --version."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import tomllib
+from importlib import resources
 from pathlib import Path
 
+import ppbridge
 from ppbridge import keys
 from ppbridge.config import load_forwarder_config, load_proxy_config
 from ppbridge.errors import ConfigError, KeyFileError
+
+KINDS = ("forwarder", "proxy")
+
+
+def example_config(kind: str) -> str:
+    """The text of ``conf/KIND.example.toml``: installed as ``ppbridge/examples/`` (setup.cfg
+    maps the package ``ppbridge.examples`` to the folder ``conf``, so there is one copy), or
+    read from ``conf/`` next to the package in a source checkout."""
+    name = f"{kind}.example.toml"
+    shipped = resources.files(ppbridge).joinpath("examples", name)
+    if shipped.is_file():
+        return shipped.read_text(encoding="utf-8")
+    return (Path(ppbridge.__file__).resolve().parent.parent / "conf" / name).read_text(encoding="utf-8")
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -28,14 +43,27 @@ def _fingerprint(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check(args: argparse.Namespace) -> int:
-    path = Path(args.config)
+def config_kind(path: Path, given: str | None) -> str:
+    """Which loader checks ``path``: ``given`` (``--kind``), else the one table of [forwarder]
+    and [proxy] the file has. A file that cannot be read or parsed is the forwarder loader's
+    to report (both loaders read files the same way)."""
+    if given:
+        return given
     try:
         with path.open("rb") as f:
-            kind = "proxy" if "proxy" in tomllib.load(f) else "forwarder"
-    except (OSError, tomllib.TOMLDecodeError):
-        kind = "forwarder"  # let the loader produce the precise message
-    if kind == "proxy":
+            data = tomllib.load(f)
+        tables = [kind for kind in KINDS if kind in data]
+    except (OSError, ValueError):  # tomllib.TOMLDecodeError is a ValueError
+        return "forwarder"
+    if len(tables) != 1:
+        has = "both [forwarder] and [proxy] tables" if tables else "neither a [forwarder] nor a [proxy] table"
+        raise ConfigError(f"{path}: has {has}; pass --kind forwarder or --kind proxy")
+    return tables[0]
+
+
+def _check(args: argparse.Namespace) -> int:
+    path = Path(args.config)
+    if config_kind(path, args.kind) == "proxy":
         p = load_proxy_config(path)
         print(f"{path}: ok: proxy {p.name!r} -> {p.upstream}, key {keys.fingerprint(p.private_key)}")
     else:
@@ -43,6 +71,11 @@ def _check(args: argparse.Namespace) -> int:
         routes = ", ".join(f"{r.name} ({r.path_prefix or '/'}{' ' + ','.join(r.hosts) if r.hosts else ''})"
                            for r in fw.proxies)
         print(f"{path}: ok: forwarder on {', '.join(fw.listen)}; routes: {routes}")
+    return 0
+
+
+def _example_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(example_config(args.kind))
     return 0
 
 
@@ -54,9 +87,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ppbridge", description="ppbridge: HTTP into private networks over Redis.")
+    p.add_argument("--version", action="version", version=f"ppbridge {ppbridge.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     k = sub.add_parser("keygen", help="make an RSA key pair (NAME.key mode 0600, NAME.pub)")
-    k.add_argument("name")
+    k.add_argument("name", help='a proxy name, or "forwarder" (letters, digits, "_", ".", "-"; no "/")')
     k.add_argument("--out", default=".", help="folder for the two files (default: .)")
     k.add_argument("--bits", type=int, default=keys.DEFAULT_BITS)
     k.set_defaults(func=_keygen)
@@ -65,7 +99,13 @@ def parser() -> argparse.ArgumentParser:
     f.set_defaults(func=_fingerprint)
     c = sub.add_parser("check", help="validate a forwarder or proxy config")
     c.add_argument("config")
+    c.add_argument("--kind", choices=KINDS,
+                   help="which service the file is for (needed when it has not exactly one of "
+                        "the [forwarder] and [proxy] tables)")
     c.set_defaults(func=_check)
+    e = sub.add_parser("example-config", help="print the example config for a forwarder or a proxy")
+    e.add_argument("kind", choices=KINDS)
+    e.set_defaults(func=_example_config)
     d = sub.add_parser("demo", help="run Redis, keys, forwarder, proxy and a sample service on this machine")
     d.add_argument("--port", type=int, default=8080, help="forwarder port on 127.0.0.1 (default 8080)")
     d.set_defaults(func=_demo)

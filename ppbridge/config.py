@@ -25,7 +25,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
 from ppbridge import keys
-from ppbridge.wire import NAME_RE
+from ppbridge.wire import MAX_HEADERS, NAME_RE
 from ppbridge.errors import ConfigError, KeyFileError
 
 MIN_FRAME_SIZE = 65536
@@ -86,9 +86,14 @@ class ForwarderSettings:
     max_clock_skew: float = 300.0
     key_grace: float = 60.0
     max_key_age: float = 86400.0  # hard cap on any session key's lifetime, whatever a proxy asks
+    max_header_line: int = 16384  # longest request line or header line; longer: 431
+    max_headers: int = 100  # header lines per request; more: 431 too-many-headers
+    header_timeout: float = 10.0  # seconds to send a whole request head; slower: 408
     admin_listen: str | None = "tcp:9180:interface=127.0.0.1"  # None = no admin server
     # Peers whose X-Forwarded-For, Forwarded, X-Forwarded-Host/-Proto are believed.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    access_log: bool = True  # one line per request (never header values or bodies)
+    access_log_query: bool = False  # with the query string (it may hold tokens)
     proxies: tuple[Route, ...]
 
 
@@ -154,6 +159,10 @@ _FORWARDER_NUMBERS = {
     "request_timeout": _POSITIVE, "stream_idle_timeout": _POSITIVE,
     "max_body_size": _Bound(0, integer=True), **_FLOW, "announce_interval": _POSITIVE,
     "max_clock_skew": _POSITIVE, "key_grace": _Bound(0), "max_key_age": _Bound(MIN_KEY_AGE, MAX_KEY_AGE),
+    # A head the edge lets through always fits one REQ_HEAD: at most 32 KiB (a minimum frame
+    # is 64 KiB) and MAX_HEADERS - 4 lines (the forwarder adds up to 4 X-Forwarded-*/Forwarded).
+    "max_header_line": _Bound(1024, 32768, integer=True), "max_headers": _Bound(1, MAX_HEADERS - 4, integer=True),
+    "header_timeout": _Bound(0, 3600, above=True),
 }
 _PROXY_NUMBERS = {
     "upstream_connect_timeout": _POSITIVE, "upstream_timeout": _POSITIVE,
@@ -167,7 +176,8 @@ _ROUTE_KEYS = ("public_key", "path_prefix", "hosts")
 _REDIS_KEYS = ("url", "password_file", "namespace", "ca_file")
 _Schema = Mapping[str, tuple[str, ...] | None]  # table -> keys; None: a table of [name.X] tables
 _FORWARDER_SCHEMA: _Schema = {
-    "redis": _REDIS_KEYS, "forwarder": ("listen", "signing_key", "trusted_proxies", *_FORWARDER_NUMBERS),
+    "redis": _REDIS_KEYS,
+    "forwarder": ("listen", "signing_key", "trusted_proxies", "access_log", "access_log_query", *_FORWARDER_NUMBERS),
     "admin": ("listen",), "proxies": None,
 }
 _PROXY_SCHEMA: _Schema = {
@@ -255,6 +265,15 @@ class _Reader:
 
     def numbers(self, table: str, bounds: Mapping[str, _Bound], defaults: Mapping[str, Any]) -> dict[str, Any]:
         return {name: self.number((table, name), defaults[name], b) for name, b in bounds.items()}
+
+    def boolean(self, key: Key, default: bool) -> bool:
+        """true or false (TOML booleans only)."""
+        value = self.get(key)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, bool):
+            self.fail(key, f"expected true or false, got {_describe(value)}")
+        return value
 
     def string(self, key: Key, default: Any = _REQUIRED) -> str:
         """A string; ``required`` when absent and there is no default."""
@@ -423,11 +442,45 @@ def _redis(r: _Reader) -> RedisSettings:
     if ca_file is not None:
         if parts.scheme != "rediss":
             r.fail(("redis", "ca_file"), "only used with TLS; redis.url must start with rediss://")
-        r.read_file(("redis", "ca_file"), ca_file)
+        _check_ca_file(r, ("redis", "ca_file"), ca_file)
     username = unquote(parts.username) if parts.username else None
     return RedisSettings(url=url, host=parts.hostname or "", port=port, db=int(db.group(1) or 0),
                          username=username, password=password, tls=parts.scheme == "rediss",
                          ca_file=ca_file, namespace=namespace)
+
+
+def _check_endpoint(r: _Reader, key: Key, description: str, item: str = "") -> None:
+    """Parse a server endpoint string the way twistd will, without binding anything.
+
+    ``serverFromString`` only builds the endpoint object (nothing listens until its
+    ``listen()``), and it is given a MemoryReactor that would merely record a listen. What the
+    parser rejects (unknown type, ``tcp:notaport``, unknown argument, unreadable ssl key file)
+    becomes this key's one-line error, so a service fails at start with the message
+    ``ppbridge check`` gives instead of a traceback.
+    """
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        endpoint = serverFromString(MemoryReactor(), description)
+    except Exception as e:  # the parsers raise ValueError, TypeError, OSError, OpenSSL errors...
+        r.fail(key, f"{item}not a valid endpoint {description!r} ({e})")
+    # The port is only checked when listening; TCP4/TCP6ServerEndpoint keep it in ``_port``
+    # (Twisted 26.10). A changed attribute name skips this check, the parse check stays.
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        r.fail(key, f"{item}not a valid endpoint {description!r} (port must be between 0 and 65535)")
+
+
+def _check_ca_file(r: _Reader, key: Key, path: Path) -> None:
+    """The file must hold at least one PEM certificate that parses."""
+    from cryptography import x509
+
+    raw, _mode = r.read_file(key, path)
+    try:
+        x509.load_pem_x509_certificates(raw)
+    except ValueError:
+        r.fail(key, f"{path}: not a PEM file of CA certificates (no certificate in it parses)")
 
 
 def _listen(r: _Reader, key: Key, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -443,6 +496,7 @@ def _listen(r: _Reader, key: Key, default: tuple[str, ...]) -> tuple[str, ...]:
     for i, item in enumerate(items, 1):
         if not isinstance(item, str) or not item.strip():
             r.fail(key, f"item {i}: expected a non-empty endpoint string, got {_describe(item)}")
+        _check_endpoint(r, key, item, f"item {i}: " if isinstance(value, list) else "")
     return tuple(items)
 
 
@@ -471,7 +525,10 @@ def _networks(r: _Reader, key: Key) -> tuple[ipaddress.IPv4Network | ipaddress.I
 def _admin(r: _Reader, default: str) -> str | None:
     """The [admin] listen endpoint; an empty string turns the admin server off."""
     value = r.string(("admin", "listen"), default)
-    return value if value.strip() else None
+    if not value.strip():
+        return None
+    _check_endpoint(r, ("admin", "listen"), value)
+    return value
 
 
 def _flow(r: _Reader, table: str, values: Mapping[str, Any]) -> None:
@@ -570,7 +627,9 @@ def load_forwarder_config(path: str | Path, overrides: Mapping[str, object] | No
     return ForwarderSettings(
         source=r.source, redis=redis, listen=listen, signing_key=signing_key,
         signing_key_path=signing_key_path, admin_listen=_admin(r, defaults["admin_listen"]),
-        trusted_proxies=_networks(r, ("forwarder", "trusted_proxies")), proxies=_routes(r), **values,
+        trusted_proxies=_networks(r, ("forwarder", "trusted_proxies")), proxies=_routes(r),
+        access_log=r.boolean(("forwarder", "access_log"), defaults["access_log"]),
+        access_log_query=r.boolean(("forwarder", "access_log_query"), defaults["access_log_query"]), **values,
     )
 
 

@@ -87,6 +87,20 @@ class BodyTooLarge(RequestError):
     status, cause, message = 413, "body-too-large", "ppbridge: request body over max_body_size"
 
 
+class HeaderTooLarge(RequestError):
+    status, cause = 431, "header-too-large"  # RFC 6585 §5
+    message = "ppbridge: a request header line, or the request head, is over the forwarder's limit"
+
+
+class TooManyHeaders(RequestError):
+    status, cause = 431, "too-many-headers"  # RFC 6585 §5: the fields, collectively, are too large
+    message = "ppbridge: more request header lines than max_headers"
+
+
+class HeaderTimeout(RequestError):
+    status, cause, message = 408, "header-timeout", "ppbridge: the request head was not complete within header_timeout"
+
+
 class ProtocolFailure(RequestError):
     status, cause, message = 502, "protocol-error", "ppbridge: the proxy's answer failed integrity checks"
 

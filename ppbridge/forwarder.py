@@ -78,6 +78,7 @@ class ForwarderService(MultiService):
             Periodic(clock, settings.announce_interval, self._announce, "announcing"),
             Periodic(clock, TIDY_INTERVAL, self._tidy, "housekeeping"),
         ]
+        self.metrics.watch_forwarder(self)  # per-proxy gauges: instances, key age, last negotiation
 
     # lifecycle
 
@@ -347,3 +348,30 @@ class ForwarderService(MultiService):
     def healthy(self) -> bool:
         """Connected to Redis and holding at least one confirmed key."""
         return self.bus.connected and any(self.instances.values())
+
+    # probes (read only; see ppbridge.admin)
+
+    def live(self) -> bool:
+        """Started and its timers running: the process works (``/livez``)."""
+        return bool(self.running) and all(loop.running for loop in self._loops)
+
+    def ready(self) -> bool:
+        """Can serve: connected to Redis, whether or not any proxy is up (``/readyz``). A
+        proxy that is down is answered 503 ``proxy-unavailable`` per request; it must not
+        make a load balancer pull every forwarder."""
+        return self.bus.connected
+
+    def proxy_health(self, name: str) -> tuple[bool, str]:
+        """Whether proxy ``name`` can take a request now, and why (``/healthz?proxy=NAME``);
+        KeyError for a name this forwarder does not route to."""
+        if name not in self.instances:
+            raise KeyError(name)
+        if not self.bus.connected:
+            return False, "the forwarder is not connected to Redis"
+        live = len(self.candidates(name))
+        if live:
+            return True, f"{live} live instance{'s' if live > 1 else ''} with a key"
+        if name in self.key_expired:
+            return False, "no session key within its hard lifetime (rotation overdue)"
+        why = self.last_error.get(name)
+        return False, "no live instance with a key" + (f" ({why})" if why else " (not connected, or no key yet)")

@@ -13,7 +13,10 @@ from ppbridge.tap import BaseOptions, add_admin
 
 class Options(BaseOptions):
     synopsis = "--config FILE [--listen ENDPOINT ...] [--redis URL] [--admin ENDPOINT]"
-    longdesc = "The public side of ppbridge: serves HTTP and carries requests to proxies over Redis."
+    longdesc = ("The public side of ppbridge: serves HTTP and carries requests to proxies over Redis. "
+                "Start from the commented example that `ppbridge example-config forwarder` prints. "
+                "Two services started from one folder need a pidfile each, or none: give twistd "
+                "--pidfile=FILE or --pidfile= before the command name (`twistd -n --pidfile= ppforwarder ...`).")
     loader = staticmethod(load_forwarder_config)
     program = "ppforwarder"
     overrides_map = {**BaseOptions.overrides_map, "listen": "forwarder.listen"}

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from ppbridge.errors import KeyFileError
+from ppbridge.wire import NAME_PATTERN, NAME_RE
 
 DEFAULT_BITS = 3072
 MIN_BITS = 2048
@@ -51,8 +52,12 @@ def fingerprint(key: rsa.RSAPublicKey | rsa.RSAPrivateKey) -> str:
 def write_key_pair(name: str, out_dir: Path, bits: int = DEFAULT_BITS) -> tuple[Path, Path, str]:
     """Write ``out_dir/name.key`` (PKCS8 PEM, mode 0600) and ``out_dir/name.pub``.
 
-    Refuses to overwrite an existing private key. Returns both paths and the fingerprint.
+    ``name`` must be a proxy name (:data:`ppbridge.wire.NAME_RE`; "forwarder" is one), so the
+    files land in ``out_dir`` and nowhere else: no "/", no leading ".", nothing to climb out
+    with. Refuses to overwrite an existing private key. Returns both paths and the fingerprint.
     """
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise KeyFileError(f"{name!r}: not a valid name; use a proxy name ({NAME_RE}) or \"forwarder\"")
     out_dir.mkdir(parents=True, exist_ok=True)
     key = generate_private_key(bits)
     key_path = out_dir / f"{name}.key"

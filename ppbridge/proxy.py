@@ -361,3 +361,24 @@ class ProxyService(MultiService):
             now - self.acked.get(p, float("-inf")) <= SILENCE * e.session.announce_interval
             for p, e in self._current().items()
         )
+
+    # probes (read only; see ppbridge.admin)
+
+    def live(self) -> bool:
+        """Started and its timer running: the process works (``/livez``)."""
+        return bool(self.running) and self._tick.running
+
+    def ready(self) -> bool:
+        """Can serve: connected and acknowledged by a forwarder, as :meth:`healthy` (``/readyz``)."""
+        return self.healthy()
+
+    def proxy_health(self, name: str) -> tuple[bool, str]:
+        """This proxy's own health under its name (``/healthz?proxy=NAME``); KeyError for
+        any other name."""
+        if name != self.settings.name:
+            raise KeyError(name)
+        if not self.bus.connected:
+            return False, "not connected to Redis"
+        if not self.healthy():
+            return False, "no forwarder has acknowledged recently that it routes to this proxy"
+        return True, "connected and acknowledged by a forwarder"

@@ -12,7 +12,10 @@ from ppbridge.tap import BaseOptions, add_admin
 
 class Options(BaseOptions):
     synopsis = "--config FILE [--redis URL] [--upstream URL] [--admin ENDPOINT]"
-    longdesc = "The private side of ppbridge: takes requests off Redis and calls its upstream service."
+    longdesc = ("The private side of ppbridge: takes requests off Redis and calls its upstream service. "
+                "Start from the commented example that `ppbridge example-config proxy` prints. "
+                "Two services started from one folder need a pidfile each, or none: give twistd "
+                "--pidfile=FILE or --pidfile= before the command name (`twistd -n --pidfile= ppproxy ...`).")
     loader = staticmethod(load_proxy_config)
     program = "ppproxy"
     optParameters = BaseOptions.optParameters + [

@@ -17,13 +17,24 @@ class BaseOptions(usage.Options):
     """``--config FILE`` plus command-line overrides of single config keys."""
 
     optParameters = [
-        ["config", "c", None, "TOML configuration file (see conf/*.example.toml)."],
+        ["config", "c", None, "TOML configuration file (`ppbridge example-config forwarder|proxy` prints "
+                              "a commented example)."],
         ["redis", None, None, "Redis URL, overriding [redis] url (no password here: use password_file)."],
         ["admin", None, None, "Admin endpoint, overriding [admin] listen (\"\" turns it off)."],
     ]
     loader: Callable[..., Any]
     program = "ppbridge"
     overrides_map: dict[str, str] = {"redis": "redis.url", "admin": "admin.listen"}
+
+    def opt_version(self) -> None:
+        """Print ppbridge's version, then Twisted's, and exit."""
+        from twisted import copyright
+
+        import ppbridge
+
+        print(f"ppbridge {ppbridge.__version__} ({self.program})")
+        print(f"Twisted {copyright.version}")
+        sys.exit(0)
 
     def overrides(self) -> dict[str, object]:
         return {key: self[opt] for opt, key in self.overrides_map.items() if self.get(opt) not in (None, [])}

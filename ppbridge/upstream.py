@@ -50,6 +50,8 @@ from ppbridge.errors import (
     reset_code,
 )
 from ppbridge.httpheaders import end_to_end, upstream_request_headers
+from ppbridge.logs import CAUSES, NO_CAUSE, status_of
+from ppbridge.logsafe import Throttle, escape
 from ppbridge.streams import INLINE_MAX, Inbound, Outbound
 from ppbridge.targets import confined
 from ppbridge.timers import Deadline
@@ -116,6 +118,7 @@ class Upstream:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = POOL_SIZE
         self.pool._factory = _QuietFactory  # not two log lines per upstream connection
+        self.failures = Throttle()  # warn lines for failed upstream calls, per cause
         if agent is None:
             port = parts.port or (443 if parts.scheme == "https" else 80)
             endpoints = _OneEndpoint(reactor, parts.scheme, parts.hostname or "", port, connect_timeout)
@@ -216,6 +219,7 @@ class UpstreamCall:
         self._headers_timer = Deadline(proxy.clock, self._too_slow)
         self.timed_out = False
         self._timeout_error: RequestError = UpstreamTimeout()
+        self.started = proxy.clock.seconds()  # for the metrics: upstream latency, request duration
 
     def start(self, body: bytes, end: bool, left: float | None = None) -> None:
         """Call the upstream; ``body``/``end`` are what came inline with the head, ``left``
@@ -279,7 +283,7 @@ class UpstreamCall:
         if self.done:
             return
         log.debug("cancelling upstream call: {why}", why=why)
-        self._finish()
+        self._finish(why)
         if self._transport is not None:
             self._transport.stopProducing()
         elif self._request is not None:
@@ -296,6 +300,8 @@ class UpstreamCall:
 
     def _got_response(self, response: IResponse) -> None:
         self._headers_timer.cancel()
+        self.proxy.metrics.upstream_latency.labels(self.proxy.settings.name).observe(
+            max(0.0, self.proxy.clock.seconds() - self.started))
         if self.done:
             response.deliverBody(_Discard())
             return
@@ -317,6 +323,12 @@ class UpstreamCall:
         if self.done:
             return
         error = self._timeout_error if self.timed_out else classify(failure)
+        logged, unlogged = self.proxy.upstream.failures.allow(error.cause, self.proxy.clock.seconds())
+        if logged:
+            log.warn("upstream call failed ({cause}): {reason}", cause=error.cause,
+                     reason=escape(failure.getErrorMessage(), 200), unlogged=unlogged)
+        if unlogged:
+            log.warn("{n} more upstream call failures ({cause}) were not logged", n=unlogged, cause=error.cause)
         if not failure.check(defer.CancelledError, TimeoutError, ConnectError, DNSLookupError, ResponseFailed,
                              RequestTransmissionFailed):
             log.failure("upstream request failed", failure)
@@ -442,10 +454,18 @@ class UpstreamCall:
         self.proxy.metrics.aborted.labels("idle-timeout").inc()
         self._reset(UpstreamTimeout("ppbridge: the stream stalled"))
 
-    def _finish(self) -> None:
+    def _finish(self, why: str = NO_CAUSE) -> None:
+        """End the call; ``why``: the cause of an error (a free-text reason counts as "cancelled")."""
         if self.done:
             return
         self.done = True
+        cause = why if why == NO_CAUSE or why in CAUSES else "cancelled"
+        if self._response is not None:
+            code = str(self._response.status)  # the upstream answered (perhaps cut short after)
+        else:
+            code = "-" if cause == "cancelled" else str(status_of(cause))
+        elapsed = self.proxy.clock.seconds() - self.started
+        self.proxy.metrics.request_done(self.proxy.settings.name, code, cause, elapsed)
         self._headers_timer.cancel()
         self._idle_timer.cancel()
         if self._outbound is not None:

@@ -34,9 +34,11 @@ from ppbridge.errors import (
     ProxyUnavailable,
     RequestError,
 )
+from ppbridge.edge import EdgeLimits, client_of, edge_protocol
 from ppbridge.httpheaders import end_to_end, forwarded_request_headers
 from ppbridge.keyring import KeyEntry
 from ppbridge.logsafe import escape
+from ppbridge.logs import NO_CAUSE, AccessLog, client_address, route_name, status_of
 from ppbridge.routing import request_target
 from ppbridge.streams import INLINE_MAX, Inbound, Outbound
 from ppbridge.targets import confined
@@ -54,6 +56,7 @@ from ppbridge.wire import (
     decode_window,
     encode_reset,
     encode_window,
+    is_origin_form,
 )
 
 if TYPE_CHECKING:
@@ -149,6 +152,11 @@ class ClientStream:
         self._inbound: Inbound | None = None
         self._response: ResponseHead | None = None
         self._timer = Deadline(bridge.clock, self._timed_out)
+        # for the access log and the metrics (the request line, before twisted.web sets it)
+        self.started = bridge.clock.seconds()
+        self.client = client_address(request)
+        self.method, self.uri = _request_line(request)
+        self.access: AccessLog = cast(Any, request.channel).site.access_log
         bridge.streams[self.id] = self
         bridge.metrics.active_streams.inc()
         request.notifyFinish().addErrback(self._client_gone)
@@ -165,6 +173,8 @@ class ClientStream:
             raise BadRequest()
         authority, target = parsed  # absolute-form: route by its authority, not Host (RFC 9112 3.2.2)
         host = authority or request.requestHeaders.getRawHeaders(b"host", [None])[0]
+        if not is_origin_form(target):  # a DEL or another control byte: no proxy would take it
+            raise BadRequest("ppbridge: the request target holds a control character")
         route, target = bridge.route(host, target)
         if not confined(target):
             raise BadTarget()  # nothing is published: rejected, never normalised
@@ -446,7 +456,18 @@ class ClientStream:
         self.bridge.streams.pop(self.id, None)
         self.bridge.closed.add(self.id)
         self.bridge.metrics.active_streams.dec()
-        self.bridge.metrics.requests.labels(self.proxy, outcome).inc()
+        # ``outcome``: the upstream's status once answered, else the cause of the failure
+        request, cause = self.request, NO_CAUSE if outcome.isdigit() else outcome
+        if outcome.isdigit() or request.startedWriting:
+            code = request.code  # an upstream answer (perhaps cut short), or render_error's
+        else:
+            code = status_of(cause)  # refuse_early writes its answer itself; or the client left (499)
+        duration = self.bridge.clock.seconds() - self.started
+        self.bridge.metrics.request_done(self.proxy, str(code), cause, duration)
+        instance = self.peer.rsplit(b":", 1)[-1].decode("ascii", "replace") if self.peer else "-"
+        self.access.emit(client=self.client, method=self.method, uri=self.uri, code=code, cause=cause,
+                         bytes_in=self.uploaded, bytes_out=request.sentLength, duration=duration,
+                         proxy=self.proxy, instance=instance)
 
 
 def _request_line(request: Request) -> tuple[bytes, bytes]:
@@ -476,7 +497,11 @@ class BridgeRequest(Request):
             self.stream = ClientStream.open(bridge, self, method, uri, length)
         except RequestError as err:
             self.early_error = err
-            bridge.metrics.requests.labels("-", err.cause).inc()
+            proxy = route_name(bridge, self, uri)  # known unless the route itself failed
+            bridge.metrics.request_done(proxy, str(err.status), err.cause, 0.0)
+            cast(Any, self.channel).site.access_log.emit(
+                client=client_address(self), method=method, uri=uri, code=err.status, cause=err.cause, bytes_in=0,
+                bytes_out=len(error_response(err)[2]), duration=0.0, proxy=proxy, instance="-")
             if isinstance(err, BadTarget) and bridge.refusals.allow(err.cause, bridge.clock.seconds())[0]:
                 log.warn("refused a request path that would leave the upstream's base path, from {client}",
                          client=escape(str(getattr(self.getClientAddress(), "host", "?"))))
@@ -504,12 +529,32 @@ class BridgeResource(Resource):
 
 
 class BridgeSite(Site):
-    """The forwarder's public site; no access log (paths can be sensitive, and it costs)."""
+    """The forwarder's public site. Its access log (:class:`~ppbridge.logs.AccessLog`, on unless
+    ``[forwarder] access_log = false``) is written by each stream's end, not by :meth:`log`,
+    so requests answered before their body was read, or aborted, get their line too; paths are
+    shown without their query unless ``access_log_query``.
+    Its connections are :class:`~ppbridge.edge.EdgeChannel`: request-head limits answered."""
 
     def __init__(self, bridge: ForwarderService, timeout: float = 60.0) -> None:
         super().__init__(BridgeResource(), requestFactory=BridgeRequest, timeout=timeout,
                          parsePOSTFormSubmission=False)
         self.bridge = bridge
+        self.noisy = False  # no "Starting factory <BridgeSite object at 0x...>" line
+        s = bridge.settings
+        self.access_log = AccessLog(s.access_log, s.access_log_query)
+        self.limits = EdgeLimits(s.max_header_line, s.max_headers, s.header_timeout)
+
+    def protocol(self) -> Any:  # what Site.buildProtocol builds a connection from
+        return edge_protocol(self.limits, self.bridge.clock, self._head_refused)
+
+    def _head_refused(self, channel: Any, err: RequestError) -> None:
+        """Count a request head the edge answered itself, and log it (throttled per cause)."""
+        self.bridge.metrics.request_done("-", str(err.status), err.cause, 0.0)
+        logged, unlogged = self.bridge.refusals.allow(err.cause, self.bridge.clock.seconds())
+        if logged:
+            log.warn("answered {status} {cause} to {client} ({unlogged} such answers unlogged in the last period)",
+                     status=err.status, cause=err.cause, client=client_of(channel), unlogged=unlogged)
 
     def log(self, request: Any) -> None:
+        """Twisted's combined-format line per finished request: replaced by the access log."""
         return None

@@ -311,7 +311,7 @@ class RequestHead:
         block, pos = _cut(data, pos, n_block, MAX_HEADER_BLOCK)
         if not _TOKEN.fullmatch(method):
             raise BusMessageError("malformed", "bad method")
-        if not target.startswith(b"/") or _CONTROL.search(target):
+        if not is_origin_form(target):
             raise BusMessageError("malformed", "target is not origin-form")
         return cls(method, target, _parse_header_block(block), reply, _length_in(length), deadline), data[pos:]
 
@@ -340,6 +340,11 @@ class ResponseHead:
         if _REASON_FORBIDDEN.search(reason):
             raise BusMessageError("malformed", "bad reason")
         return cls(status, reason, _parse_header_block(block), _length_in(length)), data[pos:]
+
+
+def is_origin_form(target: bytes) -> bool:
+    """A request target a REQ_HEAD may carry: ``/path?query`` without spaces or control bytes."""
+    return target.startswith(b"/") and not _CONTROL.search(target)
 
 
 def clean_reason(reason: bytes) -> bytes:

@@ -682,53 +682,53 @@ class HeaderLimits(TestCase):
         return raw
 
     @defer.inlineCallbacks
-    def test_more_headers_than_a_message_carries_is_400_too_many(self):
-        """twisted.web takes at most 500 header lines; a REQ_HEAD carries at most 500 headers.
-        The forwarder drops Connection and adds X-Forwarded-For, -Host and -Proto, so a client
-        sending Host, Connection and N more headers reaches the proxy with N + 4 of them:
+    def test_more_headers_than_max_headers_is_431_too_many(self):
+        """The forwarder takes at most max_headers header lines (here its ceiling, 496, so
+        that whatever passes fits one REQ_HEAD's 500 headers). It drops Connection and adds
+        X-Forwarded-For, -Host and -Proto, so a client sending Host, Connection and N more
+        headers reaches the proxy with N + 4 of them:
 
-        * N = 496 (498 lines, 500 carried): answered 200 by the upstream;
-        * N = 497 (499 lines, 501 to carry): 400 bad-request "too many request headers" from
-          the forwarder, and nothing reaches the upstream;
-        * N = 499 (501 lines): twisted.web's own bare "400 Bad Request" (no X-PPBridge-Error),
-          and the connection is closed.
+        * N = 494 (496 lines, 498 carried): answered 200 by the upstream;
+        * N = 495 (497 lines) and N = 499 (501 lines): 431 too-many-headers from the
+          forwarder's edge (ppbridge.edge), with Connection: close, and nothing reaches the
+          upstream.
 
         No stream is left on the forwarder."""
-        stack = yield Stack(self).start()
-        status, headers, text = split_response((yield self.exchange(stack, [b"X-N: %d" % i for i in range(497)])))
-        self.assertTrue(status.startswith(b"HTTP/1.1 400"), status)
-        self.assertEqual(headers.get(b"x-ppbridge-error"), [b"bad-request"])
-        self.assertIn(b"too many request headers", text)
-        raw = yield self.exchange(stack, [b"X-N: %d" % i for i in range(499)])
-        self.assertEqual(raw, b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        stack = yield Stack(self).start(forwarder={"max_headers": 496})
+        for n in (495, 499):
+            status, headers, text = split_response((yield self.exchange(stack, [b"X-N: %d" % i for i in range(n)])))
+            self.assertTrue(status.startswith(b"HTTP/1.1 431"), status)
+            self.assertEqual(headers.get(b"x-ppbridge-error"), [b"too-many-headers"])
+            self.assertEqual(headers.get(b"connection"), [b"close"])
+            self.assertIn(b"more than 496 request header lines", text)
         self.assertEqual(stack.app.hits["/echo"], 0)
-        status, _, body = split_response((yield self.exchange(stack, [b"X-N: %d" % i for i in range(496)])))
+        status, _, body = split_response((yield self.exchange(stack, [b"X-N: %d" % i for i in range(494)])))
         self.assertTrue(status.startswith(b"HTTP/1.1 200"), status)
-        self.assertEqual(len(json.loads(body)["headers"]), 500)
+        self.assertEqual(len(json.loads(body)["headers"]), 498)
         self.assertEqual(stack.app.hits["/echo"], 1)
         self.assertEqual(stack.forwarder.streams, {})
 
     @defer.inlineCallbacks
     def test_header_block_too_large_for_a_frame_never_reaches_the_bridge(self):
         """With frame_size at its minimum (64 KiB) on both sides, a request whose header block
-        would not fit one frame cannot reach the bridge, because twisted.web bounds a request
-        line plus headers at 16 KiB (HTTPChannel.totalHeadersSize, and 16 KiB a line):
+        would not fit one frame cannot reach the bridge, because the forwarder's edge bounds a
+        request line plus headers at 16 KiB (and 16 KiB a line; max_header_line is at most
+        32 KiB), answering 431 header-too-large with Connection: close:
 
-        * one 70 KB header value (a line over 16 KiB): twisted.web closes the connection
-          without any answer (LineReceiver.lineLengthExceeded);
-        * 50 headers of 1.5 KB (75 KB in all, each line short): a bare "400 Bad Request"
-          (no X-PPBridge-Error), and the connection is closed.
+        * one 70 KB header value (a line over 16 KiB);
+        * 50 headers of 1.5 KB (75 KB in all, each line short).
 
-        Either way the client's connection ends at once (never a hang), nothing reaches the
-        upstream and no stream is started. So the forwarder's own "request headers too large
-        for one frame" answer is out of a client's reach. A 15,000-byte header still passes
-        (200)."""
+        Either way the client gets its answer and the connection ends at once (never a hang),
+        nothing reaches the upstream and no stream is started. So the forwarder's own "request
+        headers too large for one frame" answer is out of a client's reach. A 15,000-byte
+        header still passes (200)."""
         stack = yield Stack(self).start(forwarder={"frame_size": 65536, "window": 65536},
                                         proxy={"frame_size": 65536, "window": 65536})
-        raw = yield self.exchange(stack, [b"X-Big: " + b"v" * 70000])
-        self.assertEqual(raw, b"")
-        raw = yield self.exchange(stack, [b"X-Part-%d: %s" % (i, b"v" * 1500) for i in range(50)])
-        self.assertEqual(raw, b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        for headers in ([b"X-Big: " + b"v" * 70000], [b"X-Part-%d: %s" % (i, b"v" * 1500) for i in range(50)]):
+            status, fields, _ = split_response((yield self.exchange(stack, headers)))
+            self.assertTrue(status.startswith(b"HTTP/1.1 431"), status)
+            self.assertEqual(fields.get(b"x-ppbridge-error"), [b"header-too-large"])
+            self.assertEqual(fields.get(b"connection"), [b"close"])
         self.assertEqual(stack.app.hits["/echo"], 0)
         self.assertEqual(stack.forwarder.streams, {})
         response, _ = yield bounded(Client(self).fetch(b"GET", stack.url + "/echo", {b"X-Fits": [b"v" * 15000]}))

@@ -58,6 +58,26 @@ def install_key_pair(name: str, out_dir: Path) -> None:
     (out_dir / f"{name}.pub").write_bytes(public)
 
 
+def ca_pem() -> bytes:
+    """A self-signed CA certificate in PEM (a fresh EC key; nothing is written)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ppbridge test CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
 class ConfigTestCase(TestCase):
     """A temporary folder with key pairs in keys/ and helpers to write and load configs."""
 
@@ -219,6 +239,16 @@ class TypeAndRangeTests(ConfigTestCase):
         self.assertEqual(self.proxy("[rekey]\nmode = 'adaptive'\nmessages_per_key = 2147483648\n").rekey,
                          RekeySettings(mode="adaptive", messages_per_key=2**31))
 
+    def test_access_log_switches(self) -> None:
+        """access_log defaults to true and access_log_query to false; both take TOML booleans
+        only (a string is an error naming the key)."""
+        settings = self.forwarder("")
+        self.assertEqual((settings.access_log, settings.access_log_query), (True, False))
+        settings = self.forwarder("access_log = false\naccess_log_query = true\n")
+        self.assertEqual((settings.access_log, settings.access_log_query), (False, True))
+        self.assertFileKeyError(self.fails(self.forwarder, "access_log = 'yes'\n"),
+                                "forwarder.access_log", "expected true or false")
+
     def test_key_lifetime(self) -> None:
         """max_key_age 0 (the default) means twice the period (fixed) or max_period (adaptive),
         at most a day; a value in (0, 2) is an error naming the key; the forwarder's cap is
@@ -332,11 +362,24 @@ class RedisTests(ConfigTestCase):
 
     def test_ca_file(self) -> None:
         """ca_file resolves against the config folder and needs a rediss:// URL."""
-        (self.dir / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+        (self.dir / "ca.pem").write_bytes(ca_pem())
         redis = self.proxy("[redis]\nurl = 'rediss://h'\nca_file = 'ca.pem'\n").redis
         self.assertEqual(redis.ca_file, self.dir / "ca.pem")
         self.assertFileKeyError(self.fails(self.proxy, "[redis]\nurl = 'redis://h'\nca_file = 'ca.pem'\n"),
                                 "redis.ca_file", "rediss://")
+
+    def test_ca_file_must_hold_a_certificate(self) -> None:
+        """A ca_file that is not PEM certificates (a truncated PEM header, a private key, random
+        text) is a one-line redis.ca_file error naming the file; the same file holding a real
+        certificate loads."""
+        ca = self.dir / "ca.pem"
+        private = self.dir / "keys" / "intranet.key"
+        for content in (b"-----BEGIN CERTIFICATE-----\n", private.read_bytes(), b"hello\n"):
+            ca.write_bytes(content)
+            message = self.fails(self.proxy, "[redis]\nurl = 'rediss://h'\nca_file = 'ca.pem'\n")
+            self.assertFileKeyError(message, "redis.ca_file", str(ca), "not a PEM file of CA certificates")
+        ca.write_bytes(ca_pem())
+        self.assertEqual(self.proxy("[redis]\nurl = 'rediss://h'\nca_file = 'ca.pem'\n").redis.ca_file, ca)
 
 
 class RouteTests(ConfigTestCase):
@@ -399,6 +442,42 @@ class ListenTests(ConfigTestCase):
         for line, fragment in [("listen = ''", "must not be empty"), ("listen = []", "non-empty array"),
                                ("listen = ['tcp:1', '']", "item 2"), ("listen = 8080", "got integer 8080")]:
             self.assertFileKeyError(self.fails(self.forwarder, line + "\n"), "forwarder.listen", fragment)
+
+    def test_listen_endpoint_syntax(self) -> None:
+        """Each listen endpoint is parsed as twistd will parse it, without binding: an unknown
+        type, a port that is not a number or is above 65535, and an unknown argument are each
+        one line naming the file, forwarder.listen, the endpoint and the problem; in an array the
+        item number is named too."""
+        for line, fragments in [
+            ("listen = 'tcp:notaport'", ("not a valid endpoint 'tcp:notaport'", "invalid literal for int()")),
+            ("listen = 'tpc:8080'", ("not a valid endpoint 'tpc:8080'", "Unknown endpoint type: 'tpc'")),
+            ("listen = 'tcp:70000'", ("not a valid endpoint 'tcp:70000'", "between 0 and 65535")),
+            ("listen = 'tcp:8080:bogus=1'", ("not a valid endpoint", "bogus")),
+            ("listen = ['tcp:1', 'tcp:x']", ("item 2: not a valid endpoint 'tcp:x'",)),
+        ]:
+            self.assertFileKeyError(self.fails(self.forwarder, line + "\n"), "forwarder.listen", *fragments)
+
+    def test_listen_endpoint_not_bound(self) -> None:
+        """Checking an endpoint does not listen on it: a port this test holds open loads as a
+        listen value (a bind would fail with "address already in use")."""
+        import socket
+
+        held = socket.socket()
+        self.addCleanup(held.close)
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        endpoint = f"tcp:{held.getsockname()[1]}:interface=127.0.0.1"
+        self.assertEqual(self.forwarder(f"listen = '{endpoint}'\n[admin]\nlisten = '{endpoint}'\n").listen,
+                         (endpoint,))
+
+    def test_admin_listen_endpoint_syntax(self) -> None:
+        """A bad [admin] listen endpoint is one line naming admin.listen, in both configs; given
+        with --admin it is blamed on the command line option."""
+        extra = "[admin]\nlisten = 'tcp:notaport'\n"
+        self.assertFileKeyError(self.fails(self.forwarder, extra), "admin.listen", "not a valid endpoint")
+        self.assertFileKeyError(self.fails(self.proxy, extra), "admin.listen", "'tcp:notaport'")
+        message = self.fails(self.proxy, overrides={"admin.listen": "unix"}, option_names={"admin.listen": "--admin"})
+        self.assertTrue(message.startswith("command line --admin: not a valid endpoint 'unix'"), message)
 
 
 class TrustedProxiesTests(ConfigTestCase):

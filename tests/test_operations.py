@@ -660,7 +660,7 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 def page_status(body: bytes) -> dict[str, Any]:
     """The status JSON inside the index page's <pre>, unescaped."""
-    found = re.search(rb"<pre>(.*)</pre>", body, re.S)
+    found = re.search(rb"<pre[^>]*>(.*)</pre>", body, re.S)
     assert found, body
     return json.loads(html.unescape(found.group(1).decode("utf-8")))
 
@@ -674,10 +674,10 @@ class AdminPageTests(TestCase):
     def test_metrics_and_index_page(self):
         """A forwarder whose proxy has not started: its index page says "ppbridge: UNHEALTHY".
         Once alpha runs and one GET went through: the forwarder's /metrics is Prometheus text
-        with ppbridge_requests_total{proxy="alpha",outcome="200"} 1, sealed and opened bus
+        with ppbridge_requests_total{proxy="alpha",code="200",cause="-"} 1, sealed and opened bus
         messages, ppbridge_redis_connected 1; alpha's /metrics counts a granted negotiation; and
-        each index page is HTML saying "ppbridge: healthy", linking /status, /metrics and
-        /healthz, with the /status document HTML-escaped in it (alpha's key fingerprint, the
+        each index page is HTML saying "ppbridge: healthy", linking status, metrics and
+        healthz (relative URLs), with the /status document HTML-escaped in it (alpha's key fingerprint, the
         same on both sides)."""
         stack = Stack(self)
         yield stack.start(without=("alpha",))
@@ -699,7 +699,7 @@ class AdminPageTests(TestCase):
         self.assertTrue(response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain;"))
         self.assertIn(b"# TYPE ppbridge_requests_total counter", body)
         samples = metric_samples(body.decode("utf-8"))
-        self.assertEqual(samples[("ppbridge_requests_total", (("outcome", "200"), ("proxy", "alpha")))], 1.0)
+        self.assertEqual(samples[("ppbridge_requests_total", (("cause", "-"), ("code", "200"), ("proxy", "alpha")))], 1.0)
         self.assertGreaterEqual(samples[("ppbridge_bus_messages_total", (("direction", "sealed"),))], 1.0)
         self.assertGreaterEqual(samples[("ppbridge_bus_messages_total", (("direction", "opened"),))], 1.0)
         self.assertEqual(samples[("ppbridge_redis_connected", ())], 1.0)
@@ -718,7 +718,7 @@ class AdminPageTests(TestCase):
             self.assertTrue(body.startswith(b"<!doctype html>"), body[:60])
             self.assertIn(b"<title>ppbridge status</title>", body)
             self.assertIn(b"<h1>ppbridge: healthy</h1>", body)
-            for link in (b"/status", b"/metrics", b"/healthz"):
+            for link in (b"status", b"metrics", b"healthz"):  # relative: works behind a sub-path
                 self.assertIn(b"<a href=" + link + b">", body)
             self.assertNotIn(b'"redis_connected"', body)  # quotes escaped
             self.assertIn(b"&quot;redis_connected&quot;: true", body)

@@ -1,0 +1,189 @@
+"""The forwarder's HTTP/1.1 connection: twisted.web's parser, with its head limits answered.
+
+twisted.web's :class:`~twisted.web.http.HTTPChannel` enforces a line length, a total head
+size and a header count, but drops a client over the first without a word and answers the
+others with a bare "400 Bad Request". :class:`EdgeChannel` keeps the parser and checks the
+same limits itself, just before twisted.web would, so each refusal is a proper answer:
+
+* a line over ``max_header_line``, or a head over :func:`total_head_size`: 431 header-too-large;
+* more than ``max_headers`` header lines: 431 too-many-headers (RFC 6585 §5: the fields,
+  collectively, are too large);
+* a head not complete ``header_timeout`` seconds after the connection opened (or after the
+  first byte of a later request's head on a kept-alive connection): 408 header-timeout.
+
+Each answer carries ``X-PPBridge-Error``, a short text body and ``Connection: close``; then
+the connection stops being parsed, lingers (reading and dropping) so the client can read the
+answer, and closes. Every refusal counts in ``ppbridge_requests{proxy="-", outcome=cause}``
+and gets a log line (throttled per cause, client address escaped).
+
+Checked against Twisted 26.10.0: this module relies on HTTPChannel's private
+``_receivedHeaderSize``/``_receivedHeaderCount`` counters and on ``_GenericHTTPChannelProtocol``
+(the wrapper ``Site.protocol`` builds); tests/test_edge_limits.py fails loudly if they change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol
+
+from ppbridge.errors import HeaderTimeout, HeaderTooLarge, RequestError, TooManyHeaders
+from ppbridge.logsafe import escape
+
+MIN_TOTAL_HEAD = 16384  # twisted.web's totalHeadersSize
+LINGER = 2.0  # seconds a refused client may go on sending (dropped) before we close
+REASONS = {**RESPONSES, 431: b"Request Header Fields Too Large"}  # RFC 6585; twisted.web lacks 431
+
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    """What a client's request head may be: longest line, header lines, seconds to send it."""
+
+    max_header_line: int = 16384
+    max_headers: int = 100
+    header_timeout: float = 10.0
+
+    @property
+    def total_head_size(self) -> int:
+        """Bytes a request line plus all header lines may total (twisted.web's 16 KiB, or one
+        line's worth when max_header_line is larger, so a single allowed line always fits)."""
+        return max(MIN_TOTAL_HEAD, self.max_header_line)
+
+
+def error_bytes(err: RequestError) -> bytes:
+    """The whole HTTP/1.1 answer (status line to body) for ``err``, closing the connection."""
+    body = (err.detail + "\n").encode("utf-8")
+    reason = REASONS.get(err.status, err.cause.encode("ascii"))
+    lines = [
+        b"HTTP/1.1 %d %s" % (err.status, reason),
+        b"X-PPBridge-Error: " + err.cause.encode("ascii"),
+        b"Content-Type: text/plain; charset=utf-8",
+        b"Content-Length: %d" % len(body),
+        b"Connection: close",
+        b"",
+        b"",
+    ]
+    return b"\r\n".join(lines) + body
+
+
+class EdgeChannel(HTTPChannel):
+    """One client connection. Owns the head limits and the head timer; the rest is twisted.web."""
+
+    refused = False
+
+    def __init__(self, limits: EdgeLimits, clock: IReactorTime, on_refused: Any) -> None:
+        super().__init__()
+        self.limits = limits
+        self.clock = clock
+        self.on_refused = on_refused  # called with (channel, RequestError) once per refusal
+        self.MAX_LENGTH = limits.max_header_line
+        self.maxHeaders = limits.max_headers
+        self.totalHeadersSize = limits.total_head_size
+        self._awaiting_head = True
+        self._head_timer: IDelayedCall | None = None
+        self._linger: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm_head_timer()
+
+    def dataReceived(self, data: bytes) -> Any:
+        if self.refused:
+            return None  # lingering: read and drop
+        if self._awaiting_head and self._head_timer is None:
+            self._arm_head_timer()  # the first byte of a later request's head
+        return super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> Any:
+        if self.refused:
+            return True  # stops LineReceiver's loop over the rest of the buffer
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            return self.refuse(HeaderTooLarge(f"ppbridge: request head over {self.totalHeadersSize} bytes"))
+        return super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> Any:
+        return self.refuse(HeaderTooLarge(f"ppbridge: a request header line is over {self.MAX_LENGTH} bytes"))
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self.refused:
+            return False
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self.refuse(TooManyHeaders(f"ppbridge: more than {self.maxHeaders} request header lines"))
+            return False
+        ok: bool = super().headerReceived(line)
+        return ok
+
+    def allHeadersReceived(self) -> None:
+        self._awaiting_head = False
+        self._cancel(self._head_timer)
+        self._head_timer = None
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        self._awaiting_head = True  # the timer starts with the next head's first byte
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel(self._head_timer)
+        self._cancel(self._linger)
+        super().connectionLost(reason)
+
+    def stand_down(self) -> None:
+        """Another protocol (HTTP/2) took the connection over: no more head timer."""
+        self._awaiting_head = False
+        self._cancel(self._head_timer)
+        self._head_timer = None
+
+    def refuse(self, err: RequestError) -> bool:
+        """Answer ``err`` now, stop parsing, and close after the client had time to read it."""
+        if self.refused:
+            return True
+        self.refused = True
+        self._cancel(self._head_timer)
+        self.setTimeout(None)  # the linger timer closes from now on
+        self.on_refused(self, err)
+        transport: Any = self.transport
+        transport.write(error_bytes(err))
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is not None:
+            half_close()  # clients see EOF after the answer and close their side
+        self._linger = self.clock.callLater(LINGER, transport.abortConnection)
+        return True
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.clock.callLater(self.limits.header_timeout, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        self.refuse(HeaderTimeout(f"ppbridge: no complete request head within {self.limits.header_timeout:g} s"))
+
+    @staticmethod
+    def _cancel(call: IDelayedCall | None) -> None:
+        if call is not None and call.active():
+            call.cancel()
+
+
+class _EdgeProtocol(_GenericHTTPChannelProtocol):
+    """twisted.web's wrapper, which replaces the channel by an H2Connection when TLS
+    negotiates HTTP/2 (without telling the old one): the edge channel's head timer then stops."""
+
+    def dataReceived(self, data: bytes) -> None:
+        channel = self._channel
+        super().dataReceived(data)
+        if self._channel is not channel and isinstance(channel, EdgeChannel):
+            channel.stand_down()
+
+
+def edge_protocol(limits: EdgeLimits, clock: IReactorTime, on_refused: Any) -> Any:
+    """What ``Site.protocol`` returns: twisted.web's wrapper with an :class:`EdgeChannel` inside."""
+    return _EdgeProtocol(EdgeChannel(limits, clock, on_refused))
+
+
+def client_of(channel: HTTPChannel) -> str:
+    """The client's address, escaped for a log line."""
+    peer = channel.transport.getPeer() if channel.transport is not None else None
+    return escape(str(getattr(peer, "host", "?")))

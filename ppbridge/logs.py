@@ -1,0 +1,91 @@
+"""The forwarder's access log, and JSON logs for twistd.
+
+One event per request, in the ``ppbridge.access`` namespace, with its parts as fields (so a
+JSON observer carries them as such): client address, method, path (the query only when asked),
+status code, cause (the ``X-PPBridge-Error`` value, or ``-``), body bytes in and out,
+duration, proxy name and instance; the event's ``log_time`` is its time. Never a header value
+or a body; every text an attacker chooses is shown through :func:`ppbridge.logsafe.escape`.
+
+``twistd --logger ppbridge.logs.json_logger ...`` writes every event as one JSON object per
+line to standard output (``twist --log-format=json`` does the same for ``twist``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
+
+from ppbridge.errors import RequestError
+from ppbridge.logsafe import escape
+from ppbridge.routing import request_target
+
+NO_CAUSE = "-"
+CLIENT_CLOSED = 499  # the client left before any answer (nginx's convention)
+PATH_SHOWN = 1024  # bytes of the path (or path and query) shown before "..."
+# Fields separated by spaces: none can hold one (twisted.web splits the request line on them).
+FORMAT = ("{client} {method} {path} {code} {cause} in={bytes_in} out={bytes_out} {duration:.3f}s "
+          "proxy={proxy} instance={instance}")
+
+
+def json_logger() -> ILogObserver:
+    """The observer factory for ``twistd --logger``: one JSON object per line on standard
+    output (no RFC 7464 record separator, so line-based shippers and ``jq`` read it as is)."""
+    return jsonFileLogObserver(sys.stdout, recordSeparator="")
+
+
+def _causes(cls: type[RequestError]) -> dict[str, int]:
+    found = {cls.cause: cls.status}
+    for sub in cls.__subclasses__():
+        found.update(_causes(sub))
+    return found
+
+
+CAUSES = _causes(RequestError)  # every X-PPBridge-Error cause -> its status
+
+
+def status_of(cause: str) -> int:
+    """The HTTP status ppbridge answers with for ``cause``; CLIENT_CLOSED for "client-gone"."""
+    if cause == "client-gone":
+        return CLIENT_CLOSED
+    return CAUSES.get(cause, RequestError.status)
+
+
+def route_name(bridge: Any, request: Any, uri: bytes) -> str:
+    """The configured proxy name ``uri`` routes to, or "-" (a bounded metrics label)."""
+    parsed = request_target(uri)
+    if parsed is None:
+        return NO_CAUSE
+    authority, target = parsed
+    host = authority or request.requestHeaders.getRawHeaders(b"host", [None])[0]
+    found = bridge.router.match(host, target)
+    return found[0].name if found is not None else NO_CAUSE
+
+
+def client_address(request: Any) -> str:
+    """The client's address as the access log shows it."""
+    return escape(str(getattr(request.getClientAddress(), "host", "-")))
+
+
+class AccessLog:
+    """Writes the access log line of each request (when ``enabled``); ``include_query`` adds
+    the query string to the path (off by default: queries carry tokens and personal data)."""
+
+    def __init__(self, enabled: bool = True, include_query: bool = False, logger: Logger | None = None) -> None:
+        self.enabled = enabled
+        self.include_query = include_query
+        self.log = logger or Logger(namespace="ppbridge.access")
+
+    def path(self, uri: bytes) -> str:
+        return escape(uri if self.include_query else uri.split(b"?", 1)[0], PATH_SHOWN)
+
+    def emit(self, *, client: str, method: bytes, uri: bytes, code: int | str, cause: str, bytes_in: int,
+             bytes_out: int, duration: float, proxy: str, instance: str) -> None:
+        if not self.enabled:
+            return
+        self.log.info(
+            FORMAT, client=client, method=escape(method, 32), path=self.path(uri), code=int(code),
+            cause=escape(cause or NO_CAUSE), bytes_in=int(bytes_in), bytes_out=int(bytes_out),
+            duration=round(max(0.0, duration), 6), proxy=escape(proxy), instance=escape(instance),
+        )

@@ -1,0 +1,326 @@
+"""Edge limits answered, not dropped: over-long header lines, too many headers and slow heads
+(slowloris) each get their status, X-PPBridge-Error, a short text body and Connection: close.
+
+The attacker is an ordinary internet client of the forwarder. It sends request heads no HTTP
+library would produce (a 60 KB line, 501 header lines, a head that never ends), so requests go
+out byte for byte over raw TCP. What the victim must observe: the attacker gets a precise
+answer, nothing reaches the upstream, and everyone else keeps being served.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+from twisted.web import http
+
+from ppbridge import edge
+from ppbridge.edge import EdgeChannel, EdgeLimits, error_bytes
+from ppbridge.errors import HeaderTimeout, HeaderTooLarge, TooManyHeaders
+from tests.support import Client, Stack
+from tests.test_config import ConfigTestCase
+from tests.test_streaming import RawHTTP, bounded, raw_exchange, split_response
+
+HEAD = b"GET /echo HTTP/1.1\r\nHost: bridge.test\r\n"
+
+
+CODES = {"header-too-large": "431", "too-many-headers": "431", "header-timeout": "408"}
+
+
+def refusals(stack: Stack, cause: str) -> float:
+    """``ppbridge_requests_total{proxy="-", code=..., cause=cause}`` of the stack's forwarder."""
+    value = stack.forwarder.metrics.registry.get_sample_value("ppbridge_requests_total",
+                                                              {"proxy": "-", "code": CODES[cause], "cause": cause})
+    return value or 0.0
+
+
+class Answer:
+    """A raw answer: status code, lowercase headers, body."""
+
+    def __init__(self, raw: bytes) -> None:
+        status, self.headers, self.body = split_response(raw)
+        self.status = int(status.split(b" ")[1])
+
+    def cause(self) -> bytes | None:
+        values = self.headers.get(b"x-ppbridge-error")
+        return values[0] if values else None
+
+
+class EdgeLimitsTests(TestCase):
+    """Real HTTP on 127.0.0.1 through a whole stack (forwarder, Redis, proxy, upstream)."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def exchange(self, stack: Stack, request: bytes):  # type: ignore[no-untyped-def]
+        """Send ``request`` raw; the whole answer, read until the forwarder closes."""
+        proto = yield raw_exchange(self, stack.url, request)
+        raw = yield bounded(proto.closed)
+        return raw
+
+    def assertRefused(self, raw: bytes, status: int, cause: bytes) -> Answer:
+        """``raw`` is a closing error answer with ``status``, ``cause`` and a text body."""
+        answer = Answer(raw)
+        self.assertEqual((answer.status, answer.cause()), (status, cause), raw[:300])
+        self.assertEqual(answer.headers.get(b"connection"), [b"close"])
+        self.assertEqual(answer.headers.get(b"content-type"), [b"text/plain; charset=utf-8"])
+        self.assertTrue(answer.body.startswith(b"ppbridge: "), answer.body)
+        self.assertEqual(int(answer.headers[b"content-length"][0]), len(answer.body))
+        return answer
+
+    @defer.inlineCallbacks
+    def test_long_header_line_is_431_header_too_large(self):
+        """A 60 KB header line (over the default max_header_line of 16 KiB) is answered 431
+        header-too-large, counted, and never reaches the upstream; a 15,000-byte one passes."""
+        stack = yield Stack(self).start()
+        raw = yield self.exchange(stack, HEAD + b"X-Big: " + b"v" * 60000 + b"\r\n\r\n")
+        self.assertRefused(raw, 431, b"header-too-large")
+        self.assertEqual(stack.app.hits["/echo"], 0)
+        self.assertEqual(refusals(stack, "header-too-large"), 1)
+        raw = yield self.exchange(stack, HEAD + b"X-Big: " + b"v" * 15000 + b"\r\nConnection: close\r\n\r\n")
+        self.assertEqual(Answer(raw).status, 200)
+
+    @defer.inlineCallbacks
+    def test_long_request_line_is_431(self):
+        """A request line over max_header_line is answered 431 header-too-large as well."""
+        stack = yield Stack(self).start()
+        raw = yield self.exchange(stack, b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: bridge.test\r\n\r\n")
+        self.assertRefused(raw, 431, b"header-too-large")
+
+    @defer.inlineCallbacks
+    def test_head_over_total_size_is_431(self):
+        """50 header lines of 1.5 KB (each short, 75 KB in all: over the 16 KiB head) get 431
+        header-too-large, not twisted.web's bare 400."""
+        stack = yield Stack(self).start()
+        lines = b"".join(b"X-Part-%d: %s\r\n" % (i, b"v" * 1500) for i in range(50))
+        raw = yield self.exchange(stack, HEAD + lines + b"\r\n")
+        self.assertRefused(raw, 431, b"header-too-large")
+        self.assertEqual(stack.app.hits["/echo"], 0)
+
+    @defer.inlineCallbacks
+    def test_501_header_lines_are_431_too_many_headers(self):
+        """501 header lines (over the default max_headers of 100) are answered 431
+        too-many-headers; 100 lines pass."""
+        stack = yield Stack(self).start()
+        lines = b"".join(b"X-N: %d\r\n" % i for i in range(500))  # and Host: 501
+        raw = yield self.exchange(stack, HEAD + lines + b"\r\n")
+        self.assertRefused(raw, 431, b"too-many-headers")
+        self.assertEqual(refusals(stack, "too-many-headers"), 1)
+        lines = b"".join(b"X-N: %d\r\n" % i for i in range(98))  # Host, Connection: 100
+        raw = yield self.exchange(stack, HEAD + lines + b"Connection: close\r\n\r\n")
+        self.assertEqual(Answer(raw).status, 200)
+        self.assertEqual(stack.app.hits["/echo"], 1)
+
+    @defer.inlineCallbacks
+    def test_configured_limits_apply(self):
+        """max_header_line and max_headers from the config file are the limits enforced."""
+        stack = yield Stack(self).start(forwarder={"max_header_line": 2048, "max_headers": 5})
+        raw = yield self.exchange(stack, HEAD + b"X-Big: " + b"v" * 3000 + b"\r\n\r\n")
+        self.assertRefused(raw, 431, b"header-too-large")
+        lines = b"".join(b"X-N: %d\r\n" % i for i in range(5))  # and Host: 6
+        raw = yield self.exchange(stack, HEAD + lines + b"\r\n")
+        self.assertRefused(raw, 431, b"too-many-headers")
+        lines = b"".join(b"X-N: %d\r\n" % i for i in range(3))  # Host, Connection: 5
+        raw = yield self.exchange(stack, HEAD + lines + b"Connection: close\r\n\r\n")
+        self.assertEqual(Answer(raw).status, 200)
+
+    @defer.inlineCallbacks
+    def test_unfinished_head_is_408_after_header_timeout(self):
+        """A head that never completes is answered 408 header-timeout after header_timeout
+        (0.5 s here; the bound is 10x), and a connection that sends nothing gets it too."""
+        stack = yield Stack(self).start(forwarder={"header_timeout": 0.5})
+        events: list[dict[str, Any]] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("cause") == "header-timeout" and "client" in event:
+                events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        partial = yield raw_exchange(self, stack.url, HEAD + b"X-Slow: 1")
+        silent = yield raw_exchange(self, stack.url, b"")
+        raw = yield bounded(partial.closed, 5.0)
+        self.assertRefused(raw, 408, b"header-timeout")
+        raw = yield bounded(silent.closed, 5.0)
+        self.assertRefused(raw, 408, b"header-timeout")
+        self.assertEqual(refusals(stack, "header-timeout"), 2)
+        self.assertEqual(stack.app.hits["/echo"], 0)
+        self.assertEqual([(e["status"], e["client"]) for e in events], [(408, "127.0.0.1")] * 2)
+
+    @defer.inlineCallbacks
+    def test_head_timer_ends_with_the_head(self):
+        """The head timer covers only the head: a response slower than header_timeout is
+        still answered 200, and a kept-alive connection idle longer than header_timeout
+        between two requests serves the second (its timer starts with its first byte)."""
+        stack = yield Stack(self).start(forwarder={"header_timeout": 0.5})
+        answers: list[bytes] = []
+        second = b"GET /echo HTTP/1.1\r\nHost: bridge.test\r\nConnection: close\r\n\r\n"
+
+        def on_data(proto: RawHTTP) -> None:
+            if not answers and proto.data.endswith(b"\r\n0\r\n\r\n"):  # the chunked answer is complete
+                answers.append(proto.data)
+                reactor.callLater(1.0, proto.transport.write, second)
+
+        proto = yield raw_exchange(self, stack.url, b"GET /slow?delay=1 HTTP/1.1\r\nHost: bridge.test\r\n\r\n",
+                                   on_data)
+        raw = yield bounded(proto.closed, 20.0)
+        first, rest = raw[: len(answers[0])], raw[len(answers[0]) :]
+        self.assertEqual(Answer(first).status, 200)
+        self.assertEqual(Answer(rest).status, 200)
+        self.assertEqual(refusals(stack, "header-timeout"), 0)
+
+    @defer.inlineCallbacks
+    def test_slowloris_does_not_starve_others(self):
+        """200 slowloris connections (half send nothing, half a partial head one byte at a
+        time) are held open while 40 ordinary requests are all answered 200; then every
+        slowloris connection gets 408 header-timeout (header_timeout 6 s)."""
+        stack = yield Stack(self).start(forwarder={"header_timeout": 6.0})
+        port = int(stack.url.rsplit(":", 1)[1])
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        slow: list[RawHTTP] = []
+        trickles: list[Any] = []
+        for batch in range(10):  # connect in batches: the test listener's backlog is 50
+            protos = [RawHTTP(b"" if (batch * 20 + i) % 2 else HEAD[:5]) for i in range(20)]
+            yield defer.gatherResults([connectProtocol(endpoint, p) for p in protos])
+            slow.extend(protos)
+        for proto in slow:
+            self.addCleanup(lambda p=proto: p.transport.abortConnection() if not p.closed.called else None)
+            if proto.request:
+                def drip(p: RawHTTP = proto, rest: list[bytes] = [bytes([b]) for b in HEAD[5:]]) -> None:
+                    if rest and not p.closed.called:
+                        p.transport.write(rest.pop(0))
+                        trickles.append(reactor.callLater(0.2, drip))
+                drip()
+        self.addCleanup(lambda: [c.cancel() for c in trickles if c.active()])
+        client = Client(self)
+        statuses = []
+        for _ in range(4):
+            batch = yield defer.gatherResults([client.fetch(b"GET", stack.url + "/echo") for _ in range(10)])
+            statuses.extend(response.code for response, _ in batch)
+        still_open = sum(1 for p in slow if not p.closed.called)
+        self.assertEqual(statuses, [200] * 40)
+        self.assertEqual(still_open, 200)  # the answers came while every slow connection was open
+        raws = yield bounded(defer.gatherResults([p.closed for p in slow]), 60.0)
+        for raw in raws:
+            self.assertRefused(raw, 408, b"header-timeout")
+        self.assertEqual(refusals(stack, "header-timeout"), 200)
+
+
+class EdgeChannelTests(TestCase):
+    """The channel alone: a fake transport and a Clock, no sockets, no real time."""
+
+    def channel(self, **limits: Any) -> tuple[EdgeChannel, StringTransport, Clock, list[Any]]:
+        clock, refused = Clock(), []
+        channel = EdgeChannel(EdgeLimits(**limits), clock, lambda ch, err: refused.append(err.cause))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport, clock, refused
+
+    def test_head_timer_answers_408_then_lingers_and_closes(self):
+        """Nothing sent for header_timeout seconds: 408 header-timeout is written, the write
+        side is closed, further bytes are dropped, and the connection is closed LINGER s later."""
+        channel, transport, clock, refused = self.channel(header_timeout=3.0)
+        clock.advance(2.9)
+        self.assertEqual(transport.value(), b"")
+        clock.advance(0.2)
+        self.assertEqual(refused, ["header-timeout"])
+        self.assertIn(b"\r\nX-PPBridge-Error: header-timeout\r\n", transport.value())
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 Request Time-out\r\n"))
+        channel.dataReceived(b"GET / HTTP/1.1\r\n")  # dropped: no request is made
+        self.assertEqual(channel.requests, [])
+        self.assertFalse(transport.disconnecting)
+        clock.advance(edge.LINGER)
+        self.assertTrue(transport.disconnecting)
+        channel.connectionLost(None)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_line_over_limit_answers_431_once(self):
+        """A line past max_header_line is refused once, even if more data follows."""
+        channel, transport, clock, refused = self.channel(max_header_line=1024)
+        channel.dataReceived(b"GET /" + b"a" * 2000)
+        channel.dataReceived(b" HTTP/1.1\r\n\r\n")
+        self.assertEqual(refused, ["header-too-large"])
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"))
+        self.assertEqual(transport.value().count(b"HTTP/1.1"), 1)
+        self.assertEqual(clock.getDelayedCalls()[0].getTime(), edge.LINGER)  # the head timer is gone
+
+    def test_http2_takeover_stops_the_head_timer(self):
+        """When twisted.web's wrapper hands the connection to another channel (HTTP/2 over
+        TLS: H2 is not installed here, so the swap is simulated), the edge channel's head
+        timer stops: no 408 lands in the other protocol's byte stream."""
+        clock, transport, other = Clock(), StringTransport(), http.HTTPChannel()
+        wrapper = edge.edge_protocol(EdgeLimits(header_timeout=1.0), clock, lambda ch, err: None)
+        channel = wrapper._channel
+        wrapper.makeConnection(transport)
+
+        def negotiate_h2(self: Any, data: bytes) -> None:
+            self._channel = other  # what _GenericHTTPChannelProtocol.dataReceived does for h2
+
+        self.patch(http._GenericHTTPChannelProtocol, "dataReceived", negotiate_h2)
+        wrapper.dataReceived(b"PRI * HTTP/2.0\r\n")
+        clock.advance(5.0)
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(channel.refused)
+
+    def test_error_bytes(self):
+        """An error answer names its cause, closes the connection and sizes its body."""
+        raw = error_bytes(TooManyHeaders())
+        status, headers, body = split_response(raw)
+        self.assertEqual(status, b"HTTP/1.1 431 Request Header Fields Too Large")
+        self.assertEqual(headers[b"x-ppbridge-error"], [b"too-many-headers"])
+        self.assertEqual(headers[b"connection"], [b"close"])
+        self.assertEqual(int(headers[b"content-length"][0]), len(body))
+        self.assertEqual((HeaderTooLarge.status, HeaderTimeout.status), (431, 408))
+
+    def test_twisted_internals_still_there(self):
+        """The private parts of twisted.web this edge relies on (checked on Twisted 26.10)
+        still exist: fail loudly here rather than silently lose the limits."""
+        self.assertTrue(hasattr(http, "_GenericHTTPChannelProtocol"))
+        channel = http.HTTPChannel()
+        self.assertEqual((channel._receivedHeaderSize, channel._receivedHeaderCount), (0, 0))
+        self.assertEqual((channel.MAX_LENGTH, channel.totalHeadersSize), (16384, 16384))
+        for name in ("lineLengthExceeded", "headerReceived", "allHeadersReceived", "requestDone"):
+            self.assertTrue(callable(getattr(channel, name)), name)
+
+
+class EdgeConfigTests(ConfigTestCase):
+    """[forwarder] max_header_line, max_headers and header_timeout."""
+
+    def test_defaults(self) -> None:
+        """Left out, the limits are 16 KiB a line, 100 header lines and 10 s for a head."""
+        settings = self.forwarder()
+        self.assertEqual((settings.max_header_line, settings.max_headers, settings.header_timeout),
+                         (16384, 100, 10.0))
+
+    def test_values_read(self) -> None:
+        """Given values are used; header_timeout takes decimals."""
+        settings = self.forwarder("max_header_line = 8192\nmax_headers = 496\nheader_timeout = 0.5\n")
+        self.assertEqual((settings.max_header_line, settings.max_headers, settings.header_timeout),
+                         (8192, 496, 0.5))
+
+    def test_ranges(self) -> None:
+        """Out-of-range or mistyped values are one-line errors naming the key and the range."""
+        for line, key, fragment in [
+            ("max_header_line = 1023", "forwarder.max_header_line", "between 1024 and 32768, got 1023"),
+            ("max_header_line = 65536", "forwarder.max_header_line", "between 1024 and 32768"),
+            ("max_header_line = 4096.0", "forwarder.max_header_line", "expected an integer"),
+            ("max_headers = 0", "forwarder.max_headers", "between 1 and 496, got 0"),
+            ("max_headers = 497", "forwarder.max_headers", "between 1 and 496, got 497"),
+            ("header_timeout = 0", "forwarder.header_timeout", "greater than 0, got 0"),
+            ("header_timeout = 3601", "forwarder.header_timeout", "between 0 and 3600"),
+            ('header_timeout = "10s"', "forwarder.header_timeout", "expected a number"),
+        ]:
+            self.assertFileKeyError(self.fails(self.forwarder, line + "\n"), key, fragment)
+
+    def test_example_file_shows_the_defaults(self) -> None:
+        """conf/forwarder.example.toml spells out the three keys with their default values."""
+        from tests.test_config import CONF
+
+        text = (CONF / "forwarder.example.toml").read_text()
+        for line in ("max_header_line = 16384", "max_headers = 100", "header_timeout = 10.0"):
+            self.assertIn("\n" + line + "\n", text)
