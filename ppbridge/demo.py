@@ -17,7 +17,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint
 
 from ppbridge.config import load_forwarder_config, load_proxy_config
-from ppbridge.redis_server import RedisNotFound, RedisServer
+from ppbridge.redis_server import RedisNotFound, RedisServer, redis_server_origin
 from ppbridge.scaffold import make_keys, write_forwarder_config, write_proxy_config
 
 PROXY = "intranet"
@@ -74,6 +74,7 @@ def run(port: int | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="ppbridge-demo-"))
     stoppers: list[Any] = []
     _say(f"ppbridge demo: Redis on {redis.url} (private to this demo)")
+    _say(f"  redis-server: {redis.binary} ({redis_server_origin(redis.binary)})")
     _say("  generating keys (RSA-3072) ...")
     make_keys(folder, ["forwarder", PROXY])
     outcome: list[int] = [0]

