@@ -79,6 +79,7 @@ class ForwarderSettings:
     signing_key_path: Path
     request_timeout: float = 30.0
     stream_idle_timeout: float = 300.0
+    drain_timeout: float = 30.0  # on SIGTERM: seconds in-flight requests may take to finish; 0 = stop at once
     max_body_size: int = 1 << 30  # 0 = no limit
     frame_size: int = 262144
     window: int = 1048576
@@ -132,6 +133,7 @@ class ProxySettings:
     upstream_connect_timeout: float = 10.0
     upstream_timeout: float = 60.0
     stream_idle_timeout: float = 300.0
+    drain_timeout: float = 30.0  # on SIGTERM: seconds in-flight calls may take to finish; 0 = stop at once
     frame_size: int = 262144
     window: int = 1048576
     max_clock_skew: float = 300.0
@@ -156,7 +158,7 @@ _POSITIVE = _Bound(0, above=True)
 _FLOW = {"frame_size": _Bound(MIN_FRAME_SIZE, MAX_FRAME_SIZE, integer=True),
          "window": _Bound(1, MAX_WINDOW, integer=True)}  # and window >= frame_size
 _FORWARDER_NUMBERS = {
-    "request_timeout": _POSITIVE, "stream_idle_timeout": _POSITIVE,
+    "request_timeout": _POSITIVE, "stream_idle_timeout": _POSITIVE, "drain_timeout": _Bound(0),
     "max_body_size": _Bound(0, integer=True), **_FLOW, "announce_interval": _POSITIVE,
     "max_clock_skew": _POSITIVE, "key_grace": _Bound(0), "max_key_age": _Bound(MIN_KEY_AGE, MAX_KEY_AGE),
     # A head the edge lets through always fits one REQ_HEAD: at most 32 KiB (a minimum frame
@@ -166,7 +168,7 @@ _FORWARDER_NUMBERS = {
 }
 _PROXY_NUMBERS = {
     "upstream_connect_timeout": _POSITIVE, "upstream_timeout": _POSITIVE,
-    "stream_idle_timeout": _POSITIVE, **_FLOW, "max_clock_skew": _POSITIVE,
+    "stream_idle_timeout": _POSITIVE, "drain_timeout": _Bound(0), **_FLOW, "max_clock_skew": _POSITIVE,
 }
 _REKEY_NUMBERS = {
     "period": _Bound(1), "min_period": _Bound(1), "max_period": _Bound(1),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -28,8 +28,8 @@ from ppbridge.node import SessionNode
 from ppbridge.ratelimit import NegotiationGate
 from ppbridge.routing import Router
 from ppbridge.streams import RecentlyClosed
-from ppbridge.timers import Periodic, log_failure
-from ppbridge.wire import ID_SIZE, OVERHEAD, MsgType
+from ppbridge.timers import Periodic, log_failure, wait_until
+from ppbridge.wire import ID_SIZE, LEAVING, OVERHEAD, MsgType
 
 if TYPE_CHECKING:
     from ppbridge.webface import ClientStream
@@ -70,6 +70,8 @@ class ForwarderService(MultiService):
         self.refusals = Throttle()  # log lines for refused client requests (bad-target)
         self.last_error: dict[str, str] = {}
         self.streams: dict[bytes, ClientStream] = {}
+        self.listeners: list[IService] = []  # the HTTP ports (children): closed first on stop
+        self.draining = False
         self.closed = RecentlyClosed()
         self._turns: dict[str, int] = {}
         self._waiters: dict[str, list[Deferred[None]]] = {}
@@ -96,6 +98,33 @@ class ForwarderService(MultiService):
         log.info("forwarder {id} serving proxies {names}", id=self.id.hex(), names=", ".join(self.instances))
 
     def stopService(self) -> Deferred[None]:
+        """Drain, then stop (SIGTERM): close the listening ports (new connections are
+        refused), let the requests in flight finish for up to ``drain_timeout`` seconds, then
+        stop everything; requests and streams still open then are ended as :meth:`_stop_now`
+        does."""
+        self.draining = True
+        closing = [defer.maybeDeferred(s.disownServiceParent) for s in self.listeners if s.parent is self]
+        d: Deferred[Any] = defer.gatherResults(closing, consumeErrors=True)
+        d.addErrback(log_failure("closing a listening port failed"))
+        d.addCallback(lambda _: self._drain())
+        return d.addBoth(lambda _: self._stop_now())
+
+    def _drain(self) -> Deferred[None] | None:
+        limit = self.settings.drain_timeout
+        if not self.streams or limit <= 0:
+            return None
+        log.info("draining {n} requests (up to {limit} s)", n=len(self.streams), limit=limit)
+
+        def done(drained: bool) -> None:
+            if drained:
+                log.info("drained")
+            else:
+                log.warn("{n} requests still in flight after {limit} s; ending them", n=len(self.streams),
+                         limit=limit)
+
+        return wait_until(self.clock, lambda: not self.streams, limit).addCallback(done)
+
+    def _stop_now(self) -> Deferred[None]:
         for loop in self._loops:
             loop.stop()
         if self._reannounce is not None and self._reannounce.active():
@@ -136,7 +165,8 @@ class ForwarderService(MultiService):
                     stream.instance_gone(KeyExpired("ppbridge: the proxy's session key expired mid-request"))
             instances[:] = live
         keep = EVICTED_KEEP * self.settings.announce_interval
-        for peer in [p for p, (_, when) in self.evicted.items() if when + keep < now]:
+        busy = {s.peer for s in self.streams.values()}  # a leaving instance still answering
+        for peer in [p for p, (_, when) in self.evicted.items() if when + keep < now and p not in busy]:
             del self.evicted[peer]
             self.keyring.drop_peer(peer)
         for instance in [i for i, name in self.owners.items() if not self._holds_keys(name, i)]:
@@ -202,6 +232,9 @@ class ForwarderService(MultiService):
         if owner is not None and owner != session.proxy and self._holds_keys(owner, session.instance):
             raise BusMessageError("instance-claimed", f"confirmation from proxy {session.proxy} for an instance "
                                                       f"of proxy {owner}")
+        if header.stream_id == LEAVING:
+            self._leaving(session.proxy, peer)
+            return
         if self.keyring.confirm(entry.key_id, peer, self.clock.seconds()):
             self.owners[session.instance] = session.proxy
             self._serve(session.proxy, peer)
@@ -232,6 +265,16 @@ class ForwarderService(MultiService):
         self.key_expired.discard(name)
         for waiter in self._waiters.pop(name, []):
             waiter.callback(None)
+
+    def _leaving(self, name: str, peer: bytes) -> None:
+        """The proxy instance is draining: route nothing new to it. Unlike :meth:`evict`, its
+        requests in flight go on (its answers come under the keys kept, see :meth:`_tidy`)
+        and nothing is announced; it stops heartbeating, so it is not routed to again."""
+        instances = self.instances.get(name, [])
+        if peer in instances:
+            instances.remove(peer)
+            self.evicted[peer] = (name, self.clock.seconds())
+            log.info("proxy instance {peer} is leaving; routing nothing new to it", peer=peer.decode("ascii"))
 
     def _holds_keys(self, name: str, instance: bytes) -> bool:
         """Whether ``name`` still has a key (live or evicted) for ``instance``."""
@@ -358,8 +401,8 @@ class ForwarderService(MultiService):
     def ready(self) -> bool:
         """Can serve: connected to Redis, whether or not any proxy is up (``/readyz``). A
         proxy that is down is answered 503 ``proxy-unavailable`` per request; it must not
-        make a load balancer pull every forwarder."""
-        return self.bus.connected
+        make a load balancer pull every forwarder. Not ready while draining."""
+        return self.bus.connected and not self.draining
 
     def proxy_health(self, name: str) -> tuple[bool, str]:
         """Whether proxy ``name`` can take a request now, and why (``/healthz?proxy=NAME``);

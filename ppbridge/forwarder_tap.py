@@ -41,6 +41,8 @@ def makeService(options: Any) -> IService:
     service = ForwarderService(settings, RedisBus(settings.redis, reactor), reactor)
     site = BridgeSite(service)
     for endpoint in settings.listen:
-        strports.service(endpoint, site, reactor=reactor).setServiceParent(service)
+        listener = strports.service(endpoint, site, reactor=reactor)
+        listener.setServiceParent(service)
+        service.listeners.append(listener)
     add_admin(service, settings.admin_listen, service, reactor)
     return service

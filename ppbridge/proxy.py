@@ -28,9 +28,9 @@ from ppbridge.node import SessionNode
 from ppbridge.ratelimit import ANNOUNCE_BURST, ANNOUNCE_RATE, TokenBucket
 from ppbridge.rekey import RekeySchedule, make_policy
 from ppbridge.streams import RecentlyClosed
-from ppbridge.timers import Periodic, log_failure
+from ppbridge.timers import Periodic, log_failure, wait_until
 from ppbridge.upstream import Upstream, UpstreamCall
-from ppbridge.wire import ID_SIZE, OVERHEAD, STREAM_ID_SIZE, MsgType, RequestHead
+from ppbridge.wire import ID_SIZE, LEAVING, OVERHEAD, STREAM_ID_SIZE, MsgType, RequestHead
 
 log = Logger()
 TICK = 0.25  # the negotiation, rekey and expiry timer
@@ -38,6 +38,7 @@ RETRY_FIRST, RETRY_MAX = 1.0, 30.0
 NO_STREAM = bytes(STREAM_ID_SIZE)
 SILENCE = 3  # announce intervals: a forwarder not heard from is forgotten, one not acknowledging
 # our heartbeats is asked for a new key, and /healthz counts only acknowledged forwarders
+LEAVE_WAIT = 5.0  # seconds, at most, publishing the LEAVING messages may take on stop
 RENEW_AFTER = 4  # key requests heard by a forwarder but never granted before we take a new instance id
 
 
@@ -68,6 +69,7 @@ class ProxyService(MultiService):
                                  settings.upstream_connect_timeout, agent)
         self.data_channel = self.channels.proxy_data(settings.name, self.instance)
         self.calls: dict[tuple[bytes, bytes], UpstreamCall] = {}
+        self.draining = False  # stopping: no heartbeats, no new keys, forwarders told we are leaving
         self.closed = RecentlyClosed()
         self.last_error: str | None = None
         self.heard: dict[bytes, float] = {}  # forwarder -> last valid message from it
@@ -94,6 +96,36 @@ class ProxyService(MultiService):
                  instance=self.instance.hex(), upstream=self.settings.upstream)
 
     def stopService(self) -> Deferred[None]:
+        """Drain, then stop (SIGTERM): tell every forwarder we are leaving (a CONFIRM with
+        stream id LEAVING, so it routes nothing new to us), let the calls in flight finish for
+        up to ``drain_timeout`` seconds, then stop; calls still running then are cancelled."""
+        self.draining = True
+        limit = self.settings.drain_timeout
+        if limit <= 0:
+            return self._stop_now()
+        told = [self.node.send(entry, self.channels.forwarder_control(peer), MsgType.CONFIRM, LEAVING, 0, b"")
+                .addErrback(log_failure("telling a forwarder we are leaving failed"))
+                for peer, entry in self._current().items()] if self.bus.connected else []
+        d: Deferred[Any] = defer.gatherResults(told).addTimeout(min(limit, LEAVE_WAIT), self.clock)
+        d.addErrback(lambda f: log.warn("telling the forwarders we are leaving: {error}", error=f.getErrorMessage()))
+        d.addCallback(lambda _: self._drain(limit))
+        return d.addBoth(lambda _: self._stop_now())
+
+    def _drain(self, limit: float) -> Deferred[None] | None:
+        if self.calls:
+            log.info("draining {n} requests (up to {limit} s)", n=len(self.calls), limit=limit)
+
+            def done(drained: bool) -> None:
+                if drained:
+                    log.info("drained")
+                else:
+                    log.warn("{n} requests still in flight after {limit} s; cancelling them", n=len(self.calls),
+                             limit=limit)
+
+            return wait_until(self.clock, lambda: not self.calls, limit).addCallback(done)
+        return None
+
+    def _stop_now(self) -> Deferred[None]:
         self._tick.stop()
         for call in list(self.calls.values()):
             call.cancel("proxy stopping")
@@ -119,6 +151,8 @@ class ProxyService(MultiService):
             self.bus.unsubscribe(channel).addErrback(log_failure("unsubscribing failed"))
         self.keyring.expire(now)
         self.node.drop_log.flush()
+        if self.draining:
+            return  # no heartbeat (it would make a forwarder route to us again), no new key
         self._forget_silent(now)
         for peer, entry in self._current().items():
             if now - self._beat.get(peer, entry.created) >= entry.session.announce_interval:
@@ -200,7 +234,7 @@ class ProxyService(MultiService):
         self._rekey_delay = min(RETRY_MAX, self._rekey_delay * 2)
 
     def _negotiate(self, target: bytes) -> None:
-        if not self.bus.connected:
+        if not self.bus.connected or self.draining:
             return
         now = self.clock.seconds()
         if not self.keyring.peers():
@@ -242,6 +276,8 @@ class ProxyService(MultiService):
             raise BusMessageError("rate-limited", "announcements over budget")
         forwarder = self.negotiator.verify_announce(data, now).forwarder
         entry = self.keyring.current(forwarder)
+        if self.draining:
+            return  # nothing that would make it route to us again
         if entry is not None:
             self.heard[forwarder] = now
             self._heartbeat(forwarder, entry, now)  # at once: it may have just evicted us
@@ -261,7 +297,9 @@ class ProxyService(MultiService):
         self.last_error = None
         self.metrics.negotiations.labels("granted").inc()
         log.info("key {fp} from forwarder {id}", fp=session.envelope.fingerprint, id=session.forwarder.hex())
-        self.node.send(entry, self.channels.forwarder_control(session.forwarder), MsgType.CONFIRM, NO_STREAM, 0,
+        # A grant for a request made before we began draining: confirm nothing, say we are leaving.
+        stream = LEAVING if self.draining else NO_STREAM
+        self.node.send(entry, self.channels.forwarder_control(session.forwarder), MsgType.CONFIRM, stream, 0,
                        b"").addErrback(log_failure("confirming a key failed"))
 
     def _on_data(self, channel: bytes, data: bytes) -> None:
@@ -355,9 +393,9 @@ class ProxyService(MultiService):
         }
 
     def healthy(self) -> bool:
-        """Connected, and some forwarder acknowledged (recently) that it routes to us."""
+        """Connected, not draining, and some forwarder acknowledged (recently) that it routes to us."""
         now = self.clock.seconds()
-        return self.bus.connected and any(
+        return self.bus.connected and not self.draining and any(
             now - self.acked.get(p, float("-inf")) <= SILENCE * e.session.announce_interval
             for p, e in self._current().items()
         )

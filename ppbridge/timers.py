@@ -61,6 +61,24 @@ class Periodic:
             self._loop.stop()
 
 
+def wait_until(clock: IReactorTime, done: Callable[[], bool], timeout: float, interval: float = 0.05) -> Deferred[bool]:
+    """Fires True as soon as ``done()`` holds (checked now, then every ``interval`` seconds),
+    or False once ``timeout`` seconds have passed without it."""
+    end = clock.seconds() + timeout
+    result: Deferred[bool] = Deferred()
+
+    def check() -> None:
+        if done():
+            result.callback(True)
+        elif clock.seconds() >= end:
+            result.callback(False)
+        else:
+            clock.callLater(min(interval, end - clock.seconds()), check)
+
+    check()
+    return result
+
+
 class Deadline:
     """A one-shot timer that can be pushed back: ``arm(seconds)`` (re)starts it, ``cancel()``
     stops it; when it expires it calls ``on_expiry`` once."""

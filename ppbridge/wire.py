@@ -58,6 +58,9 @@ TAG_SIZE = 16
 OVERHEAD = HEADER_SIZE + TAG_SIZE
 ID_SIZE = 8
 STREAM_ID_SIZE = 16
+# The stream id of a proxy's CONFIRM on a forwarder's control channel saying "I am draining:
+# send me nothing new" (PROTOCOL.md §3.1). Any other id there is a confirmation or heartbeat.
+LEAVING = b"\xff" * STREAM_ID_SIZE
 NONCE_SIZE = 16
 X25519_SIZE = 32
 UNKNOWN_LENGTH = (1 << 64) - 1

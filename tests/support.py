@@ -150,6 +150,8 @@ class Stack:
         for name in routes:
             key_pair(self.folder, name)
         n = len(self.forwarders)
+        # drain_timeout 0: a test's stopService ends what is in flight at once, unless it asks for a drain
+        overrides = {"drain_timeout": 0, **(overrides or {})}
         path = write_forwarder_config(self.folder, redis_url or self.redis.url, "tcp:0", routes, forwarder=overrides,
                                       name=f"forwarder{n}.toml")
         settings = load_forwarder_config(path)
@@ -164,6 +166,7 @@ class Stack:
                   rekey: Mapping[str, TomlValue] | None = None, redis_url: str | None = None) -> ProxyService:
         """A proxy process ``name`` calling ``upstream``, on the stack's Redis or ``redis_url``."""
         key_pair(self.folder, name)
+        overrides = {"drain_timeout": 0, **(overrides or {})}  # as add_forwarder
         settings = load_proxy_config(write_proxy_config(self.folder, name, redis_url or self.redis.url, upstream,
                                                         settings=overrides, rekey=rekey))
         service = ProxyService(settings, RedisBus(settings.redis, reactor), reactor, reactor)

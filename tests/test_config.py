@@ -586,6 +586,15 @@ class DefaultTests(ConfigTestCase):
         self.assertEqual(s.rekey, RekeySettings("fixed", 3600.0, 60.0, 3600.0, 1_000_000, 60.0))
         self.assertRaises(dataclasses.FrozenInstanceError, setattr, s, "name", "other")
 
+    def test_drain_timeout(self) -> None:
+        """drain_timeout defaults to 30 s on both sides, takes 0 (stop at once) and refuses a
+        negative number of seconds."""
+        self.assertEqual((self.forwarder().drain_timeout, self.proxy().drain_timeout), (30.0, 30.0))
+        self.assertEqual((self.forwarder("drain_timeout = 0\n").drain_timeout,
+                          self.proxy("drain_timeout = 2.5\n").drain_timeout), (0.0, 2.5))
+        self.assertFileKeyError(self.fails(self.forwarder, "drain_timeout = -1\n"), "forwarder.drain_timeout")
+        self.assertFileKeyError(self.fails(self.proxy, "drain_timeout = -1\n"), "proxy.drain_timeout")
+
     def test_messages_never_span_lines(self) -> None:
         """A value with a newline is shown escaped, keeping the error on one line."""
         message = self.fails(self.proxy, "[rekey]\nmode = '''a\nb'''\n")

@@ -301,7 +301,7 @@ def forwarder_settings(proxies: tuple[str, ...] = ("alpha", "beta"), signing: st
     routes = tuple(Route(n, public(n), Path(f"/keys/{n}.pub"), path_prefix=f"/{n}") for n in proxies)
     return ForwarderSettings(source=Path("/etc/ppbridge/forwarder.toml"), redis=RedisSettings(),
                              signing_key=private(signing), signing_key_path=Path(f"/keys/{signing}.key"),
-                             proxies=routes, admin_listen=None, **overrides)
+                             proxies=routes, admin_listen=None, **{"drain_timeout": 0.0, **overrides})
 
 
 def proxy_settings(name: str = "alpha", key: str | None = None, forwarder: str = "forwarder",
@@ -309,7 +309,7 @@ def proxy_settings(name: str = "alpha", key: str | None = None, forwarder: str =
     return ProxySettings(source=Path("/etc/ppbridge/proxy.toml"), redis=RedisSettings(), name=name,
                          private_key=private(key or name), private_key_path=Path(f"/keys/{key or name}.key"),
                          forwarder_key=public(forwarder), forwarder_key_path=Path(f"/keys/{forwarder}.pub"),
-                         upstream="http://intranet.example:8000", admin_listen=None, **overrides)
+                         upstream="http://intranet.example:8000", admin_listen=None, **{"drain_timeout": 0.0, **overrides})
 
 
 class Intranet(Resource):
