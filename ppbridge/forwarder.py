@@ -26,6 +26,7 @@ from ppbridge.metrics import Metrics
 from ppbridge.negotiation import ForwarderNegotiator, proxy_peer
 from ppbridge.node import SessionNode
 from ppbridge.ratelimit import NegotiationGate
+from ppbridge.reload import split_settings, warn_held
 from ppbridge.routing import Router
 from ppbridge.streams import RecentlyClosed
 from ppbridge.timers import Periodic, log_failure, wait_until
@@ -38,6 +39,11 @@ log = Logger()
 TIDY_INTERVAL = 1.0
 EVICTED_KEEP = 3  # announce intervals an evicted instance's keys are kept, so a live one can come back
 REANNOUNCE_MIN = 1.0  # seconds between announcements made at once on an eviction
+# What a reload cannot change in a running forwarder (built into ports, the bus, the
+# negotiation, the keyring, the timers or the HTTP site): kept until a restart.
+RESTART_ONLY = ("listen", "admin_listen", "redis", "signing_key", "signing_key_path", "frame_size", "window",
+                "max_clock_skew", "max_key_age", "announce_interval", "key_grace", "max_header_line",
+                "max_headers", "header_timeout", "access_log", "access_log_query")
 
 
 class ForwarderService(MultiService):
@@ -133,6 +139,37 @@ class ForwarderService(MultiService):
             stream.shutdown()
         d = defer.maybeDeferred(super().stopService)
         return d.addBoth(lambda _: self.bus.stop())
+
+    def reload(self, settings: ForwarderSettings) -> None:
+        """Run with ``settings`` (SIGHUP): routes, proxy keys and the timeouts read at use
+        follow; :data:`RESTART_ONLY` keys keep their old values (a warning each). A proxy no
+        longer configured is routed nothing new (404 no-route); its streams in flight finish
+        under the keys kept as for an evicted instance."""
+        settings, applied, held = split_settings(self.settings, settings, RESTART_ONLY)
+        warn_held(settings.source, held)
+        names = [r.name for r in settings.proxies]
+        router, gate = Router(settings.proxies), NegotiationGate(names, self.clock.seconds())
+        now = self.clock.seconds()
+        self.settings, self.router, self.gate = settings, router, gate
+        self.negotiator.set_proxy_keys({r.name: r.public_key for r in settings.proxies})
+        removed = [n for n in self.instances if n not in names]
+        for name in removed:
+            for peer in self.instances.pop(name):
+                self.evicted[peer] = (name, now)
+            for waiter in self._waiters.pop(name, []):
+                waiter.errback(NoRoute())
+            self.last_error.pop(name, None)
+            self.key_expired.discard(name)
+            self._turns.pop(name, None)
+        added = [n for n in names if n not in self.instances]
+        for name in added:
+            self.instances[name] = []
+        what = ", ".join(applied) or "nothing"
+        if added or removed:
+            what += f" (proxies added: {', '.join(added) or 'none'}; removed: {', '.join(removed) or 'none'})"
+        log.info("reloaded {file}: {what}", file=str(settings.source), what=what)
+        if added:
+            self._announce_soon()  # the new proxies may be waiting for an announcement
 
     def _on_state(self, up: bool) -> None:
         self.metrics.redis_up.set(1 if up else 0)
@@ -240,21 +277,24 @@ class ForwarderService(MultiService):
             self._serve(session.proxy, peer)
             log.info("proxy {proxy} (instance {instance}) confirmed key {fp}", proxy=session.proxy,
                      instance=session.instance.hex(), fp=session.envelope.fingerprint)
-        elif peer in self.evicted and self.keyring.current(peer) is entry:
+        elif peer in self.evicted and self.keyring.current(peer) is entry and session.proxy in self.instances:
             # A heartbeat under the current key of an instance we evicted: it is alive (Redis
             # lied, or it was resubscribing). Route to it again.
             del self.evicted[peer]
             self._serve(session.proxy, peer)
             log.info("proxy {proxy} (instance {instance}) is back", proxy=session.proxy,
                      instance=session.instance.hex())
-        if self.keyring.current(peer) is entry:
+        if self.keyring.current(peer) is entry and session.proxy in self.instances:
             # Acknowledge, so the proxy knows this forwarder routes to it (its /healthz).
             self.node.send(entry, self.data_channel(entry), MsgType.CONFIRM, bytes(16), 0, b"").addErrback(
                 log_failure("acknowledging a proxy failed"))
 
     def _serve(self, name: str, peer: bytes) -> None:
-        """Route requests for ``name`` to ``peer`` (it holds a confirmed key)."""
-        instances = self.instances.setdefault(name, [])
+        """Route requests for ``name`` to ``peer`` (it holds a confirmed key); nothing for a
+        name no longer configured (removed by a reload while it held a key)."""
+        instances = self.instances.get(name)
+        if instances is None:
+            return
         if peer not in instances:
             instances.append(peer)
             if len(instances) > 1:  # a restart, most likely: is the old instance still there?

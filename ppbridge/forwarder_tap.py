@@ -8,7 +8,7 @@ from twisted.application import strports
 from twisted.application.service import IService
 
 from ppbridge.config import load_forwarder_config
-from ppbridge.tap import BaseOptions, add_admin
+from ppbridge.tap import BaseOptions, add_admin, add_reload
 
 
 class Options(BaseOptions):
@@ -45,4 +45,5 @@ def makeService(options: Any) -> IService:
         listener.setServiceParent(service)
         service.listeners.append(listener)
     add_admin(service, settings.admin_listen, service, reactor)
+    add_reload(service, options, service.reload, reactor)
     return service

@@ -137,6 +137,11 @@ class ProxyNegotiator:
         self._skew = max_clock_skew
         self._pending: dict[bytes, _Pending] = {}
 
+    def set_limits(self, lifetime: float, max_messages: int) -> None:
+        """The lifetime and message budget asked for from the next key request on (a reload)."""
+        self._lifetime = lifetime
+        self._max_messages = max_messages
+
     def make_request(self, now: float, target: bytes = ANY_FORWARDER) -> tuple[bytes, bytes]:
         """(temporary channel to subscribe to *before* publishing, signed request to publish)."""
         ephemeral = X25519PrivateKey.generate()
@@ -232,6 +237,10 @@ class ForwarderNegotiator:
         self._window = window
         self._skew = max_clock_skew
         self._seen: dict[bytes, float] = {}
+
+    def set_proxy_keys(self, proxy_keys: Mapping[str, rsa.RSAPublicKey]) -> None:
+        """Replace the proxy names and public keys key requests are checked against (a reload)."""
+        self._proxy_keys = dict(proxy_keys)
 
     def handle_request(self, data: bytes, now: float) -> tuple[bytes, bytes, NewSession] | None:
         """Verify a key request; (channel to publish on, signed grant, the new session), or

@@ -27,6 +27,7 @@ from ppbridge.negotiation import ANY_FORWARDER, ProxyNegotiator
 from ppbridge.node import SessionNode
 from ppbridge.ratelimit import ANNOUNCE_BURST, ANNOUNCE_RATE, TokenBucket
 from ppbridge.rekey import RekeySchedule, make_policy
+from ppbridge.reload import split_settings, warn_held
 from ppbridge.streams import RecentlyClosed
 from ppbridge.timers import Periodic, log_failure, wait_until
 from ppbridge.upstream import Upstream, UpstreamCall
@@ -40,6 +41,10 @@ SILENCE = 3  # announce intervals: a forwarder not heard from is forgotten, one 
 # our heartbeats is asked for a new key, and /healthz counts only acknowledged forwarders
 LEAVE_WAIT = 5.0  # seconds, at most, publishing the LEAVING messages may take on stop
 RENEW_AFTER = 4  # key requests heard by a forwarder but never granted before we take a new instance id
+# What a reload cannot change in a running proxy (its identity, its keys, the bus, the admin
+# port, the flow-control sizes it negotiated): kept until a restart.
+RESTART_ONLY = ("redis", "name", "private_key", "private_key_path", "forwarder_key", "forwarder_key_path",
+                "admin_listen", "frame_size", "window", "max_clock_skew")
 
 
 class ProxyService(MultiService):
@@ -65,8 +70,9 @@ class ProxyService(MultiService):
         self.announce_budget = TokenBucket(ANNOUNCE_RATE, ANNOUNCE_BURST, clock.seconds())
         self.schedule = RekeySchedule(make_policy(settings.rekey), settings.rekey.messages_per_key,
                                       settings.rekey.key_lifetime)
-        self.upstream = Upstream(settings.upstream, reactor if reactor is not None else clock,
-                                 settings.upstream_connect_timeout, agent)
+        self._reactor = reactor if reactor is not None else clock
+        self._agent = agent
+        self.upstream = Upstream(settings.upstream, self._reactor, settings.upstream_connect_timeout, agent)
         self.data_channel = self.channels.proxy_data(settings.name, self.instance)
         self.calls: dict[tuple[bytes, bytes], UpstreamCall] = {}
         self.draining = False  # stopping: no heartbeats, no new keys, forwarders told we are leaving
@@ -132,6 +138,32 @@ class ProxyService(MultiService):
         d = defer.maybeDeferred(super().stopService)
         d.addBoth(lambda _: self.upstream.close())
         return d.addBoth(lambda _: self.bus.stop())
+
+    def reload(self, settings: ProxySettings) -> None:
+        """Run with ``settings`` (SIGHUP): the upstream URL and connect timeout (calls in
+        flight finish on the old connection pool, closed once they are done), the rekey
+        policy and the timeouts read at use follow; :data:`RESTART_ONLY` keys keep their old
+        values (a warning each)."""
+        settings, applied, held = split_settings(self.settings, settings, RESTART_ONLY)
+        warn_held(settings.source, held)
+        rekey = settings.rekey
+        schedule = self.schedule
+        if rekey != self.settings.rekey:
+            schedule = RekeySchedule(make_policy(rekey), rekey.messages_per_key, rekey.key_lifetime)
+        upstream = self.upstream
+        if (settings.upstream, settings.upstream_connect_timeout) != (self.settings.upstream,
+                                                                       self.settings.upstream_connect_timeout):
+            upstream = Upstream(settings.upstream, self._reactor, settings.upstream_connect_timeout, self._agent)
+        old_upstream, self.upstream = self.upstream, upstream
+        self.settings, self.schedule = settings, schedule
+        self.negotiator.set_limits(rekey.key_lifetime, rekey.messages_per_key)
+        self.keyring.grace = rekey.grace
+        if old_upstream is not upstream:
+            # The calls in flight hold the old pool's connections: close it once they are over.
+            busy = set(self.calls)
+            d = wait_until(self.clock, lambda: not busy.intersection(self.calls), settings.upstream_timeout)
+            d.addCallback(lambda _: old_upstream.close()).addErrback(log_failure("closing the old upstream failed"))
+        log.info("reloaded {file}: {what}", file=str(settings.source), what=", ".join(applied) or "nothing")
 
     def _on_state(self, up: bool) -> None:
         self.metrics.redis_up.set(1 if up else 0)

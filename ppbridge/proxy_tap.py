@@ -7,7 +7,7 @@ from typing import Any
 from twisted.application.service import IService
 
 from ppbridge.config import load_proxy_config
-from ppbridge.tap import BaseOptions, add_admin
+from ppbridge.tap import BaseOptions, add_admin, add_reload
 
 
 class Options(BaseOptions):
@@ -33,4 +33,5 @@ def makeService(options: Any) -> IService:
     settings = options["settings"]
     service = ProxyService(settings, RedisBus(settings.redis, reactor), reactor, reactor)
     add_admin(service, settings.admin_listen, service, reactor)
+    add_reload(service, options, service.reload, reactor)
     return service

@@ -11,6 +11,7 @@ from twisted.python import usage
 
 from ppbridge.admin import Observable, admin_site
 from ppbridge.errors import ConfigError
+from ppbridge.reload import ReloadOnHangup
 
 
 class BaseOptions(usage.Options):
@@ -43,6 +44,7 @@ class BaseOptions(usage.Options):
         if not self["config"]:
             raise usage.UsageError("--config FILE is required")
         names: Mapping[str, str] = {key: f"--{opt}" for opt, key in self.overrides_map.items()}
+        self["option_names"] = names
         try:
             self["settings"] = type(self).loader(self["config"], self.overrides(), names)
         except ConfigError as err:
@@ -54,3 +56,10 @@ class BaseOptions(usage.Options):
 def add_admin(parent: MultiService, endpoint: str | None, service: Observable, reactor: Any) -> None:
     if endpoint:
         strports.service(endpoint, admin_site(service), reactor=reactor).setServiceParent(parent)
+
+
+def add_reload(parent: MultiService, options: Any, apply: Callable[[Any], None], reactor: Any) -> None:
+    """SIGHUP re-reads ``--config`` with the same command-line overrides as at start."""
+    path, overrides, names = options["config"], options.overrides(), options["option_names"]
+    loader = type(options).loader
+    ReloadOnHangup(path, lambda: loader(path, overrides, names), apply, reactor).setServiceParent(parent)
