@@ -243,3 +243,30 @@ def poll(predicate: Any, timeout: float, what: str, interval: float = 0.05):  # 
         if reactor.seconds() >= deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
         yield deferLater(reactor, interval, lambda: None)
+
+
+def redis_clients(admin: Any) -> dict[str, dict[str, str]]:
+    """CLIENT LIST of a RawRedisClient's server, by client name (unnamed clients left out)."""
+    listing = admin.command("CLIENT", "LIST")
+    assert isinstance(listing, bytes)
+    found = {}
+    for line in listing.decode().splitlines():
+        fields = dict(field.split("=", 1) for field in line.split(" ") if "=" in field)
+        if fields.get("name"):
+            found[fields["name"]] = fields
+    return found
+
+
+@defer.inlineCallbacks
+def sequential_load(client: Client, url: str, running: list[bool], codes: list[int],
+                    pause: float = 0.02):  # type: ignore[no-untyped-def]
+    """GET ``url`` one request after the other (``pause`` seconds between, a reactor delay)
+    while ``running[0]``; each status goes to ``codes``. No request may take over 30 s."""
+    from twisted.internet.task import deferLater
+
+    n = 0
+    while running[0]:
+        response, _ = yield client.fetch(b"GET", f"{url}?n={n}").addTimeout(30, reactor)
+        codes.append(response.code)
+        n += 1
+        yield deferLater(reactor, pause, lambda: None)

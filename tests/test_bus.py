@@ -24,24 +24,12 @@ from ppbridge import bus as bus_module
 from ppbridge.bus import HEALTH_INTERVAL, LOSS_LOG_PERIOD, RedisBus, _SubscriberFactory
 from ppbridge.config import RedisSettings
 from ppbridge.redis_server import RawRedisClient, RedisServer
-from tests.support import poll, start_redis
+from tests.support import poll, redis_clients, start_redis
 
 PUBLIC = b"ns:negotiate"
 MAIN = b"ns:p:alpha:" + b"0" * 16
 PATTERN = b"ns:f:00:*"
 WAIT = 10.0
-
-
-def clients(admin: RawRedisClient) -> dict[str, dict[str, str]]:
-    """CLIENT LIST, by client name (unnamed clients left out)."""
-    listing = admin.command("CLIENT", "LIST")
-    assert isinstance(listing, bytes)
-    found = {}
-    for line in listing.decode().splitlines():
-        fields = dict(field.split("=", 1) for field in line.split(" ") if "=" in field)
-        if fields.get("name"):
-            found[fields["name"]] = fields
-    return found
 
 
 class Watched:
@@ -93,15 +81,15 @@ class PublicSubscriberTests(TestCase):
         watched = Watched(self, server, PUBLIC, MAIN)
         yield delivered(admin, watched, PUBLIC, b"one")
         yield delivered(admin, watched, MAIN, b"two")
-        named = clients(admin)
+        named = redis_clients(admin)
         self.assertEqual(sorted(named), ["ppbridge-public", "ppbridge-publisher", "ppbridge-subscriber"])
         self.assertEqual((named["ppbridge-public"]["sub"], named["ppbridge-public"]["psub"]), ("1", "0"))
         self.assertEqual((named["ppbridge-subscriber"]["sub"], named["ppbridge-subscriber"]["psub"]), ("1", "1"))
         yield watched.bus.stop()
-        yield poll(lambda: not clients(admin), WAIT, "the bus's connections closed")
+        yield poll(lambda: not redis_clients(admin), WAIT, "the bus's connections closed")
         private = Watched(self, server, MAIN)
         yield delivered(admin, private, MAIN, b"three")
-        self.assertEqual(sorted(clients(admin)), ["ppbridge-publisher", "ppbridge-subscriber"])
+        self.assertEqual(sorted(redis_clients(admin)), ["ppbridge-publisher", "ppbridge-subscriber"])
 
     @defer.inlineCallbacks
     def test_losing_the_public_subscriber_is_not_redis_down(self):
@@ -124,13 +112,13 @@ class PublicSubscriberTests(TestCase):
         self.addCleanup(admin.close)
         watched = Watched(self, server, PUBLIC, MAIN)
         yield delivered(admin, watched, PUBLIC, b"before")
-        before = clients(admin)
+        before = redis_clients(admin)
         self.assertEqual(admin.command("CLIENT", "KILL", "ID", before["ppbridge-public"]["id"]), 1)
         yield poll(lambda: watched.bus.public_losses == 1, WAIT, "the loss counted")
         self.assertTrue(watched.bus.connected)
         yield delivered(admin, watched, MAIN, b"meanwhile")
         yield delivered(admin, watched, PUBLIC, b"after")
-        after = clients(admin)
+        after = redis_clients(admin)
         self.assertNotEqual(after["ppbridge-public"]["id"], before["ppbridge-public"]["id"])
         self.assertEqual(after["ppbridge-subscriber"]["id"], before["ppbridge-subscriber"]["id"])
         self.assertEqual(watched.states, [True])
@@ -152,7 +140,7 @@ class PublicSubscriberTests(TestCase):
         watched = Watched(self, server, PUBLIC, MAIN, password=right)
         yield delivered(admin, watched, PUBLIC, b"before")
         admin.command("CONFIG", "SET", "requirepass", wrong)
-        admin.command("CLIENT", "KILL", "ID", clients(admin)["ppbridge-public"]["id"])
+        admin.command("CLIENT", "KILL", "ID", redis_clients(admin)["ppbridge-public"]["id"])
         factory = watched.bus._public.factory
         yield poll(lambda: factory is not None and factory.stopped, WAIT, "the public factory giving up on AUTH")
         self.assertTrue(watched.bus.connected)

@@ -14,13 +14,13 @@ import signal
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from ppbridge.negotiation import proxy_peer
 from ppbridge.wire import LEAVING, MsgType, unpack_header
 from tests.processes import Child, refuses_connections
-from tests.support import Client, poll
+from tests.support import Client, poll, sequential_load
 from tests.test_faults import CONFIRMED, REQUEST_LIMIT, ChildBridge, assert_clean, elapsed_since
 from tests.test_negotiation import CHANNELS, Bridge, forwarder_settings, proxy_settings
 
@@ -39,18 +39,6 @@ def assert_stopped(case: TestCase, child: Child) -> None:
     """``child`` ended as twistd ends on SIGTERM once its services have stopped: it re-raises
     the signal (exit by SIGTERM, no exit status)."""
     case.assertEqual((child.exit_code, child.exit_signal), (None, signal.SIGTERM), child.describe())
-
-
-@defer.inlineCallbacks
-def steady_load(client: Client, url: str, running: list[bool], codes: list[int]):  # type: ignore[no-untyped-def]
-    """GET ``url`` one after the other (a short reactor delay between) while ``running[0]``;
-    each status in ``codes``."""
-    n = 0
-    while running[0]:
-        response, _ = yield client.fetch(b"GET", f"{url}?n={n}").addTimeout(REQUEST_LIMIT, reactor)
-        codes.append(response.code)
-        n += 1
-        yield task.deferLater(reactor, 0.02, lambda: None)
 
 
 class ForwarderDrain(TestCase):
@@ -120,7 +108,7 @@ class ProxyDrain(TestCase):
                 for i in range(2)]
         yield poll(lambda: bridge.app.hits["/slow"] == 2, 10, "both /slow requests reaching the upstream")
         running, codes = [True], []
-        load = steady_load(client, f"{bridge.url}/echo", running, codes)
+        load = sequential_load(client, f"{bridge.url}/echo", running, codes)
         self.addCleanup(lambda: running.__setitem__(0, False) or load)
 
         signalled = reactor.seconds()

@@ -45,11 +45,11 @@ from ppbridge.errors import BusMessageError, BusUnavailable, ConfigError
 from ppbridge.logsafe import BURST, PERIOD
 from ppbridge.metrics import Metrics
 from ppbridge.node import DropLog
-from ppbridge.redis_server import RawRedisClient, RedisServer, free_port
+from ppbridge.redis_server import RedisServer, free_port
 from ppbridge.scaffold import toml_text, write_forwarder_config, write_proxy_config
 from ppbridge.timers import Periodic
 from tests.processes import ERR, OUT, PPBRIDGE, TWISTD, refuses_connections, run, spawn
-from tests.support import Client, Stack, key_pair, listen, poll, start_redis, temp_folder
+from tests.support import Client, Stack, key_pair, listen, poll, redis_clients, start_redis, temp_folder
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 CHANNEL = b"ppbridge:p:ops:0123456789abcdef"  # a main-subscriber channel (not a public one)
@@ -157,18 +157,6 @@ class LogWatch:
             return Failure(AssertionError(f"not within {seconds} s: {what} (saw {len(lines)}: {lines})"))
 
         return waiting.addTimeout(timeout, reactor, onTimeoutCancel=timed_out)
-
-
-def client_list(admin: RawRedisClient) -> dict[str, dict[str, str]]:
-    """CLIENT LIST by client name (unnamed clients left out)."""
-    listing = admin.command("CLIENT", "LIST")
-    assert isinstance(listing, bytes)
-    found = {}
-    for line in listing.decode().splitlines():
-        fields = dict(field.split("=", 1) for field in line.split(" ") if "=" in field)
-        if fields.get("name"):
-            found[fields["name"]] = fields
-    return found
 
 
 def proxy_redis_settings(folder: Path, redis: dict[str, Any]) -> RedisSettings:
@@ -329,7 +317,7 @@ class TlsTests(TestCase):
         self.assertEqual(receivers, 1)
         admin = server.client()
         self.addCleanup(admin.close)
-        named = client_list(admin)
+        named = redis_clients(admin)
         for name in ("ppbridge-publisher", "ppbridge-subscriber"):
             self.assertIn(name, named)
             self.assertEqual(named[name]["laddr"], f"127.0.0.1:{tls_port}", named[name])
@@ -361,7 +349,7 @@ class TlsTests(TestCase):
                 b"Error accepting a client connection") >= 2, WAIT, "the server refusing the handshakes")
             self.assertEqual(watch.states, [], redis)
             self.assertFalse(watch.bus.connected, redis)
-            self.assertEqual(client_list(admin), {}, redis)
+            self.assertEqual(redis_clients(admin), {}, redis)
             yield watch.stop()
 
 
@@ -389,7 +377,7 @@ class AclTests(TestCase):
         watch = BusWatch(self, settings, CHANNEL)
         yield watch.until(watch.states_are(True), "connected as alice")
         self.assertEqual((yield watch.round_trip(b"as alice")), 1)
-        named = client_list(admin)
+        named = redis_clients(admin)
         for name in ("ppbridge-publisher", "ppbridge-subscriber"):
             self.assertIn(name, named)
             self.assertEqual(named[name]["user"], "alice", named[name])
@@ -407,7 +395,7 @@ class AclTests(TestCase):
         watch = BusWatch(self, settings, CHANNEL)
         yield watch.until(watch.states_are(True), "connected")
         self.assertEqual((yield watch.round_trip(b"db 3")), 1)
-        named = client_list(admin)
+        named = redis_clients(admin)
         for name in ("ppbridge-publisher", "ppbridge-subscriber"):
             self.assertIn(name, named)
             self.assertEqual(named[name]["db"], "3", named[name])

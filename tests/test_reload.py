@@ -23,7 +23,7 @@ from ppbridge.sampleapp import make_site
 from ppbridge.scaffold import write_forwarder_config, write_proxy_config
 from ppbridge.webface import BridgeSite
 from tests.processes import TWISTD, spawn
-from tests.support import Client, error_of, key_pair, listen, poll, temp_folder
+from tests.support import Client, error_of, key_pair, listen, poll, sequential_load, temp_folder
 from tests.test_faults import REQUEST_LIMIT, ROUTES, ChildBridge, assert_alive
 
 REDIS_URL = "redis://127.0.0.1:9/0"  # never contacted: the bus is in memory
@@ -219,17 +219,6 @@ class HangupHandler(TestCase):
         self.assertEqual([s.source for s in applied], [path])
 
 
-@defer.inlineCallbacks
-def light_load(client: Client, url: str, running: list[bool], codes: list[int]):  # type: ignore[no-untyped-def]
-    """GET ``url`` one after the other, 50 ms apart, while ``running[0]``; each status in ``codes``."""
-    n = 0
-    while running[0]:
-        response, _ = yield client.fetch(b"GET", f"{url}?n={n}").addTimeout(REQUEST_LIMIT, reactor)
-        codes.append(response.code)
-        n += 1
-        yield task.deferLater(reactor, 0.05, lambda: None)
-
-
 class ChildReload(TestCase):
     timeout = 180
 
@@ -251,7 +240,7 @@ class ChildReload(TestCase):
         yield c_proxy.wait_for(r"calling ")
         client = Client(self)
         running, codes = [True], []
-        load = light_load(client, bridge.url + "/echo", running, codes)
+        load = sequential_load(client, bridge.url + "/echo", running, codes, pause=0.05)
 
         text = bridge.fconf.read_text()
         bridge.fconf.write_text(text + '\n[proxies.c]\npublic_key = "keys/c.pub"\npath_prefix = "/c"\n')
