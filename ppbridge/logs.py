@@ -19,7 +19,6 @@ from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
 
 from ppbridge.errors import RequestError
 from ppbridge.logsafe import escape
-from ppbridge.routing import request_target
 
 NO_CAUSE = "-"
 CLIENT_CLOSED = 499  # the client left before any answer (nginx's convention)
@@ -50,17 +49,6 @@ def status_of(cause: str) -> int:
     if cause == "client-gone":
         return CLIENT_CLOSED
     return CAUSES.get(cause, RequestError.status)
-
-
-def route_name(bridge: Any, request: Any, uri: bytes) -> str:
-    """The configured proxy name ``uri`` routes to, or "-" (a bounded metrics label)."""
-    parsed = request_target(uri)
-    if parsed is None:
-        return NO_CAUSE
-    authority, target = parsed
-    host = authority or request.requestHeaders.getRawHeaders(b"host", [None])[0]
-    found = bridge.router.match(host, target)
-    return found[0].name if found is not None else NO_CAUSE
 
 
 def client_address(request: Any) -> str:

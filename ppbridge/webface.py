@@ -38,7 +38,7 @@ from ppbridge.edge import EdgeLimits, client_of, edge_protocol
 from ppbridge.httpheaders import end_to_end, forwarded_request_headers
 from ppbridge.keyring import KeyEntry
 from ppbridge.logsafe import escape
-from ppbridge.logs import NO_CAUSE, AccessLog, client_address, route_name, status_of
+from ppbridge.logs import NO_CAUSE, AccessLog, client_address, status_of
 from ppbridge.routing import request_target
 from ppbridge.streams import INLINE_MAX, Inbound, Outbound
 from ppbridge.targets import confined
@@ -60,6 +60,7 @@ from ppbridge.wire import (
 )
 
 if TYPE_CHECKING:
+    from ppbridge.config import Route
     from ppbridge.forwarder import ForwarderService
 
 log = Logger()
@@ -168,14 +169,7 @@ class ClientStream:
         limit = bridge.settings.max_body_size
         if limit and length is not None and length > limit:
             raise BodyTooLarge(f"ppbridge: request body of {length} bytes is over max_body_size ({limit})")
-        parsed = request_target(uri)
-        if parsed is None:
-            raise BadRequest()
-        authority, target = parsed  # absolute-form: route by its authority, not Host (RFC 9112 3.2.2)
-        host = authority or request.requestHeaders.getRawHeaders(b"host", [None])[0]
-        if not is_origin_form(target):  # a DEL or another control byte: no proxy would take it
-            raise BadRequest("ppbridge: the request target holds a control character")
-        route, target = bridge.route(host, target)
+        host, route, target = routed(bridge, request, uri)
         if not confined(target):
             raise BadTarget()  # nothing is published: rejected, never normalised
         if not bridge.bus.connected:
@@ -470,6 +464,21 @@ class ClientStream:
                          proxy=self.proxy, instance=instance)
 
 
+def routed(bridge: ForwarderService, request: Request, uri: bytes) -> tuple[bytes | None, Route, bytes]:
+    """(host, route, target with the route's prefix stripped) of a request; BadRequest or
+    NoRoute otherwise. An absolute-form target is routed by its authority, not by Host
+    (RFC 9112 §3.2.2)."""
+    parsed = request_target(uri)
+    if parsed is None:
+        raise BadRequest()
+    authority, target = parsed
+    host = authority or request.requestHeaders.getRawHeaders(b"host", [None])[0]
+    if not is_origin_form(target):  # a DEL or another control byte: no proxy would take it
+        raise BadRequest("ppbridge: the request target holds a control character")
+    route, stripped = bridge.route(host, target)
+    return host, route, stripped
+
+
 def _request_line(request: Request) -> tuple[bytes, bytes]:
     """Method and URI of a request whose body is still arriving.
 
@@ -497,7 +506,10 @@ class BridgeRequest(Request):
             self.stream = ClientStream.open(bridge, self, method, uri, length)
         except RequestError as err:
             self.early_error = err
-            proxy = route_name(bridge, self, uri)  # known unless the route itself failed
+            try:  # the proxy label, known unless the route itself failed
+                proxy = routed(bridge, self, uri)[1].name
+            except RequestError:
+                proxy = NO_CAUSE
             bridge.metrics.request_done(proxy, str(err.status), err.cause, 0.0)
             cast(Any, self.channel).site.access_log.emit(
                 client=client_address(self), method=method, uri=uri, code=err.status, cause=err.cause, bytes_in=0,
