@@ -39,7 +39,7 @@ from zope.interface import implementer
 from ppbridge.errors import BusMessageError
 from ppbridge.negotiation import proxy_peer
 from ppbridge.sampleapp import make_site
-from ppbridge.wire import FLAG_END, Header, MsgType, ResponseHead, unpack_header
+from ppbridge.wire import FLAG_END, OVERHEAD, Header, MsgType, ResponseHead, unpack_header
 from tests.hostile import DROP, PASS, HostileRedis
 from tests.support import Client, Stack, error_of, listen, poll, temp_folder
 from tests.test_streaming import Collect, WatchedUpstream, raw_exchange, read_body, split_response
@@ -229,6 +229,38 @@ class IdleTimeouts(TestCase):
 # --- clients and forwarders that leave ---------------------------------------------------------
 
 
+class UploadInFlight:
+    """A stack whose one client has declared a 4 MiB upload to /upload and sent 512 KiB, of
+    which the upstream has received at least 400 KiB; the rest is withheld."""
+
+    stack: Stack
+    app: Any
+    watched: WatchedUpstream
+    proto: Any  # the client's raw connection
+    stream_id: bytes
+    upstream_lost: Deferred[Any]  # fires when the upstream sees its connection closed
+    reset: Deferred[Header]  # fires when the proxy receives a RESET for the stream
+
+
+@defer.inlineCallbacks
+def upload_in_flight(case: TestCase, forwarder: dict[str, Any] | None = None):  # type: ignore[no-untyped-def]
+    """Start an :class:`UploadInFlight` (forwarder settings overridden by ``forwarder``)."""
+    up = UploadInFlight()
+    site, up.app = make_site()
+    up.watched = WatchedUpstream(site)
+    upstream = yield listen(case, up.watched)
+    up.stack = yield Stack(case).start(forwarder=forwarder, upstreams={"alpha": upstream})
+    proxy_input = BusInput(up.stack.proxies["alpha"])
+    request = (b"POST /upload HTTP/1.1\r\nHost: bridge.test\r\nContent-Type: application/octet-stream\r\n"
+               b"Content-Length: %d\r\n\r\n" % (4 * MiB)) + os.urandom(512 * KiB)
+    up.proto = yield raw_exchange(case, up.stack.url, request)
+    yield bounded(up.watched.when_received(400 * KiB))
+    up.stream_id = only_stream(up.stack.forwarder)
+    up.upstream_lost = up.watched.when_lost()
+    up.reset = proxy_input.resets(up.stream_id)
+    return up
+
+
 class Leaving(TestCase):
     timeout = 60
 
@@ -239,19 +271,9 @@ class Leaving(TestCase):
         and forgets the stream at once; the proxy receives a RESET for that stream and closes
         its upstream connection (the upload never completes: /upload never runs). By the time
         the upstream sees its connection closed, neither side has a stream left."""
-        site, app = make_site()
-        watched = WatchedUpstream(site)
-        upstream = yield listen(self, watched)
-        stack = yield Stack(self).start(forwarder={"request_timeout": 30.0}, upstreams={"alpha": upstream})
-        forwarder, proxy = stack.forwarder, stack.proxies["alpha"]
-        proxy_input = BusInput(proxy)
-        request = (b"POST /upload HTTP/1.1\r\nHost: bridge.test\r\nContent-Type: application/octet-stream\r\n"
-                   b"Content-Length: %d\r\n\r\n" % (4 * MiB)) + os.urandom(512 * KiB)
-        proto = yield raw_exchange(self, stack.url, request)
-        yield bounded(watched.when_received(400 * KiB))
-        stream_id = only_stream(forwarder)
-        upstream_lost = watched.when_lost()
-        reset = proxy_input.resets(stream_id)
+        up = yield upload_in_flight(self, forwarder={"request_timeout": 30.0})
+        stack, app, watched, proto = up.stack, up.app, up.watched, up.proto
+        forwarder, proxy, upstream_lost, reset = stack.forwarder, stack.proxies["alpha"], up.upstream_lost, up.reset
         proto.transport.abortConnection()
         yield bounded(upstream_lost)
         self.assertEqual(forwarder.streams, {})
@@ -788,26 +810,16 @@ class KeyedPeerBreaksRules(TestCase):
         """A client is uploading (declared 4 MiB, 512 KiB sent, the rest withheld), so the
         forwarder cannot deliver a response yet and grants no credit beyond its window
         (1 MiB). A RESP_HEAD (allowed: an upstream may answer before the upload ends)
-        followed by RESP_DATA frames of frame_size - 60 bytes, seq 1, 2, 3..., all sealed
+        followed by RESP_DATA frames of frame_size - 56 bytes, seq 1, 2, 3..., all sealed
         with the proxy's key: the fifth passes 1 MiB. The forwarder drops it as
         "flow-control", counts aborted{reason="flow-control"} and answers the client 502
         protocol-error (nothing of the forged response reaches it); the proxy receives a
         RESET and closes its upstream connection, which never got the whole upload."""
-        site, app = make_site()
-        watched = WatchedUpstream(site)
-        upstream = yield listen(self, watched)
-        stack = yield Stack(self).start(upstreams={"alpha": upstream})
-        forwarder, proxy = stack.forwarder, stack.proxies["alpha"]
-        proxy_input = BusInput(proxy)
-        request = (b"POST /upload HTTP/1.1\r\nHost: bridge.test\r\nContent-Type: application/octet-stream\r\n"
-                   b"Content-Length: %d\r\n\r\n" % (4 * MiB)) + os.urandom(512 * KiB)
-        proto = yield raw_exchange(self, stack.url, request)
-        yield bounded(watched.when_received(400 * KiB))
-        stream_id = only_stream(forwarder)
-        upstream_lost = watched.when_lost()
-        reset = proxy_input.resets(stream_id)
+        up = yield upload_in_flight(self)
+        stack, app, proto, stream_id = up.stack, up.app, up.proto, up.stream_id
+        forwarder, proxy, upstream_lost, reset = stack.forwarder, stack.proxies["alpha"], up.upstream_lost, up.reset
         entry = proxy.keyring.current(forwarder.id)
-        chunk = b"F" * (entry.session.frame_size - 60)
+        chunk = b"F" * (entry.session.frame_size - OVERHEAD)
         yield self.forge(stack, stream_id, MsgType.RESP_HEAD, 0, ResponseHead(200, b"OK", [], None).encode())
         frames = -(-(forwarder.settings.window + 1) // len(chunk))
         for seq in range(1, frames + 1):
