@@ -13,8 +13,12 @@ same limits itself, just before twisted.web would, so each refusal is a proper a
 
 Each answer carries ``X-PPBridge-Error``, a short text body and ``Connection: close``; then
 the connection stops being parsed, lingers (reading and dropping) so the client can read the
-answer, and closes. Every refusal counts in ``ppbridge_requests{proxy="-", outcome=cause}``
-and gets a log line (throttled per cause, client address escaped).
+answer, and closes. Every refusal is counted, access-logged and gets a warning (throttled per
+cause, client address escaped): see ``BridgeSite``.
+
+:class:`Edge` holds one site's connections: the limits new connections take (a reload
+replaces them), and the drain on SIGTERM (idle keep-alive connections close at once, busy ones
+answer ``Connection: close`` and close after their response).
 
 Checked against Twisted 26.10.0: this module relies on HTTPChannel's private
 ``_receivedHeaderSize``/``_receivedHeaderCount`` counters and on ``_GenericHTTPChannelProtocol``
@@ -24,7 +28,7 @@ Checked against Twisted 26.10.0: this module relies on HTTPChannel's private
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
@@ -70,33 +74,85 @@ def error_bytes(err: RequestError) -> bytes:
     return b"\r\n".join(lines) + body
 
 
+def request_line(channel: HTTPChannel) -> tuple[bytes, bytes]:
+    """Method and URI of the request whose head or body ``channel`` is reading (``b"-"`` before
+    its request line). twisted.web keeps them on the channel (private ``_command``/``_path``)
+    until the body is complete: this is the one place that reads them."""
+    return getattr(channel, "_command", None) or b"-", getattr(channel, "_path", None) or b"-"
+
+
+class Edge:
+    """The client connections of one site: the limits each new one takes, the hook told of
+    each refusal (``on_refused(channel, err, seconds)``, seconds since its head began), and
+    the drain."""
+
+    def __init__(self, limits: EdgeLimits, clock: IReactorTime,
+                 on_refused: Callable[[EdgeChannel, RequestError, float], None]) -> None:
+        self.limits = limits  # replaced on reload: connections opened afterwards take the new ones
+        self.clock = clock
+        self.on_refused = on_refused
+        self.open: set[EdgeChannel] = set()
+        self.draining = False
+
+    def protocol(self) -> Any:
+        """What ``Site.protocol`` returns: twisted.web's wrapper with an :class:`EdgeChannel` inside."""
+        return _EdgeProtocol(EdgeChannel(self))
+
+    def drain(self) -> None:
+        """Stop taking requests: idle connections close now, busy ones after their response."""
+        self.draining = True
+        for channel in list(self.open):
+            channel.drain()
+
+
 class EdgeChannel(HTTPChannel):
     """One client connection. Owns the head limits and the head timer; the rest is twisted.web."""
 
     refused = False
+    draining = False
 
-    def __init__(self, limits: EdgeLimits, clock: IReactorTime, on_refused: Any) -> None:
+    def __init__(self, edge: Edge) -> None:
         super().__init__()
-        self.limits = limits
-        self.clock = clock
-        self.on_refused = on_refused  # called with (channel, RequestError) once per refusal
+        self.edge = edge
+        self.limits = limits = edge.limits
+        self.clock = edge.clock
         self.MAX_LENGTH = limits.max_header_line
         self.maxHeaders = limits.max_headers
         self.totalHeadersSize = limits.total_head_size
         self._awaiting_head = True
+        self._head_bytes = False  # a byte of the next request's head has arrived
+        self._head_began = 0.0
         self._head_timer: IDelayedCall | None = None
         self._linger: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.edge.open.add(self)
         self._arm_head_timer()
+        if self.edge.draining:  # accepted in the turn the port closed
+            self.drain()
 
     def dataReceived(self, data: bytes) -> Any:
         if self.refused:
             return None  # lingering: read and drop
-        if self._awaiting_head and self._head_timer is None:
-            self._arm_head_timer()  # the first byte of a later request's head
+        if self._awaiting_head and data:
+            self._head_bytes = True
+            if self._head_timer is None:
+                self._arm_head_timer()  # the first byte of a later request's head
         return super().dataReceived(data)
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """twisted.web's answer, but never kept alive while draining (``Connection: close``)."""
+        keep: bool = super().checkPersistence(request, version)
+        return keep and not self.draining
+
+    def drain(self) -> None:
+        """Serve what is in flight here, answer it with ``Connection: close``, then close;
+        close at once when nothing is (an idle keep-alive connection)."""
+        self.draining = True
+        self.persistent = False  # twisted.web closes after the current response
+        if not self.requests and not self._head_bytes and not self.refused:
+            self.loseConnection()
 
     def lineReceived(self, line: bytes) -> Any:
         if self.refused:
@@ -125,9 +181,11 @@ class EdgeChannel(HTTPChannel):
 
     def requestDone(self, request: Any) -> None:
         self._awaiting_head = True  # the timer starts with the next head's first byte
+        self._head_bytes = False
         super().requestDone(request)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.edge.open.discard(self)
         self._cancel(self._head_timer)
         self._cancel(self._linger)
         super().connectionLost(reason)
@@ -145,7 +203,7 @@ class EdgeChannel(HTTPChannel):
         self.refused = True
         self._cancel(self._head_timer)
         self.setTimeout(None)  # the linger timer closes from now on
-        self.on_refused(self, err)
+        self.edge.on_refused(self, err, self.clock.seconds() - self._head_began)
         transport: Any = self.transport
         transport.write(error_bytes(err))
         half_close = getattr(transport, "loseWriteConnection", None)
@@ -155,6 +213,7 @@ class EdgeChannel(HTTPChannel):
         return True
 
     def _arm_head_timer(self) -> None:
+        self._head_began = self.clock.seconds()
         self._head_timer = self.clock.callLater(self.limits.header_timeout, self._head_timed_out)
 
     def _head_timed_out(self) -> None:
@@ -176,11 +235,6 @@ class _EdgeProtocol(_GenericHTTPChannelProtocol):
         super().dataReceived(data)
         if self._channel is not channel and isinstance(channel, EdgeChannel):
             channel.stand_down()
-
-
-def edge_protocol(limits: EdgeLimits, clock: IReactorTime, on_refused: Any) -> Any:
-    """What ``Site.protocol`` returns: twisted.web's wrapper with an :class:`EdgeChannel` inside."""
-    return _EdgeProtocol(EdgeChannel(limits, clock, on_refused))
 
 
 def client_of(channel: HTTPChannel) -> str:

@@ -33,7 +33,7 @@ from ppbridge.timers import Periodic, log_failure, wait_until
 from ppbridge.wire import ID_SIZE, LEAVING, OVERHEAD, MsgType
 
 if TYPE_CHECKING:
-    from ppbridge.webface import ClientStream
+    from ppbridge.webface import BridgeSite, ClientStream
 
 log = Logger()
 TIDY_INTERVAL = 1.0
@@ -42,8 +42,7 @@ REANNOUNCE_MIN = 1.0  # seconds between announcements made at once on an evictio
 # What a reload cannot change in a running forwarder (built into ports, the bus, the
 # negotiation, the keyring, the timers or the HTTP site): kept until a restart.
 RESTART_ONLY = ("listen", "admin_listen", "redis", "signing_key", "signing_key_path", "frame_size", "window",
-                "max_clock_skew", "max_key_age", "announce_interval", "key_grace", "max_header_line",
-                "max_headers", "header_timeout", "access_log", "access_log_query")
+                "max_clock_skew", "max_key_age", "announce_interval", "key_grace")
 
 
 class ForwarderService(MultiService):
@@ -77,6 +76,7 @@ class ForwarderService(MultiService):
         self.last_error: dict[str, str] = {}
         self.streams: dict[bytes, ClientStream] = {}
         self.listeners: list[IService] = []  # the HTTP ports (children): closed first on stop
+        self.sites: list[BridgeSite] = []  # their sites (each registers itself): drained on stop, reloaded
         self.draining = False
         self.closed = RecentlyClosed()
         self._turns: dict[str, int] = {}
@@ -105,9 +105,9 @@ class ForwarderService(MultiService):
 
     def stopService(self) -> Deferred[None]:
         """Drain, then stop (SIGTERM): close the listening ports (new connections are
-        refused), let the requests in flight finish for up to ``drain_timeout`` seconds, then
-        stop everything; requests and streams still open then are ended as :meth:`_stop_now`
-        does."""
+        refused) and the idle keep-alive connections, let the requests in flight finish
+        (answered with ``Connection: close``) for up to ``drain_timeout`` seconds, then stop
+        everything; requests and streams still open then are ended as :meth:`_stop_now` does."""
         self.draining = True
         closing = [defer.maybeDeferred(s.disownServiceParent) for s in self.listeners if s.parent is self]
         d: Deferred[Any] = defer.gatherResults(closing, consumeErrors=True)
@@ -115,20 +115,29 @@ class ForwarderService(MultiService):
         d.addCallback(lambda _: self._drain())
         return d.addBoth(lambda _: self._stop_now())
 
+    def _connections(self) -> int:
+        return sum(len(site.edge.open) for site in self.sites)
+
     def _drain(self) -> Deferred[None] | None:
+        """Wait (up to ``drain_timeout``) until every stream has ended and every client
+        connection has closed, so the last responses are written out, not cut off."""
         limit = self.settings.drain_timeout
-        if not self.streams or limit <= 0:
+        for site in self.sites:
+            site.edge.drain()
+        if limit <= 0:
             return None
-        log.info("draining {n} requests (up to {limit} s)", n=len(self.streams), limit=limit)
+        had_requests = bool(self.streams)
+        if had_requests:
+            log.info("draining {n} requests (up to {limit} s)", n=len(self.streams), limit=limit)
 
         def done(drained: bool) -> None:
-            if drained:
+            if not drained:
+                log.warn("{n} requests and {c} client connections still open after {limit} s; ending them",
+                         n=len(self.streams), c=self._connections(), limit=limit)
+            elif had_requests:
                 log.info("drained")
-            else:
-                log.warn("{n} requests still in flight after {limit} s; ending them", n=len(self.streams),
-                         limit=limit)
 
-        return wait_until(self.clock, lambda: not self.streams, limit).addCallback(done)
+        return wait_until(self.clock, lambda: not self.streams and not self._connections(), limit).addCallback(done)
 
     def _stop_now(self) -> Deferred[None]:
         for loop in self._loops:
@@ -151,6 +160,8 @@ class ForwarderService(MultiService):
         router, gate = Router(settings.proxies), NegotiationGate(names, self.clock.seconds())
         now = self.clock.seconds()
         self.settings, self.router, self.gate = settings, router, gate
+        for site in self.sites:
+            site.apply(settings)
         self.negotiator.set_proxy_keys({r.name: r.public_key for r in settings.proxies})
         removed = [n for n in self.instances if n not in names]
         for name in removed:

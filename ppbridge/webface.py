@@ -34,7 +34,7 @@ from ppbridge.errors import (
     ProxyUnavailable,
     RequestError,
 )
-from ppbridge.edge import EdgeLimits, client_of, edge_protocol
+from ppbridge.edge import Edge, EdgeLimits, client_of, error_bytes, request_line
 from ppbridge.httpheaders import end_to_end, forwarded_request_headers
 from ppbridge.keyring import KeyEntry
 from ppbridge.logsafe import escape
@@ -60,7 +60,7 @@ from ppbridge.wire import (
 )
 
 if TYPE_CHECKING:
-    from ppbridge.config import Route
+    from ppbridge.config import ForwarderSettings, Route
     from ppbridge.forwarder import ForwarderService
 
 log = Logger()
@@ -156,7 +156,7 @@ class ClientStream:
         # for the access log and the metrics (the request line, before twisted.web sets it)
         self.started = bridge.clock.seconds()
         self.client = client_address(request)
-        self.method, self.uri = _request_line(request)
+        self.method, self.uri = request_line(request.channel)
         self.access: AccessLog = cast(Any, request.channel).site.access_log
         bridge.streams[self.id] = self
         bridge.metrics.active_streams.inc()
@@ -479,17 +479,6 @@ def routed(bridge: ForwarderService, request: Request, uri: bytes) -> tuple[byte
     return host, route, stripped
 
 
-def _request_line(request: Request) -> tuple[bytes, bytes]:
-    """Method and URI of a request whose body is still arriving.
-
-    twisted.web sets ``request.method``/``uri`` only once the body is complete; until then
-    they sit on the channel (``HTTPChannel._command``/``_path``, private). This is the one
-    place that reads them.
-    """
-    channel = request.channel
-    return channel._command, channel._path
-
-
 class BridgeRequest(Request):
     """A twisted.web request that streams its body into a :class:`ClientStream`."""
 
@@ -501,7 +490,7 @@ class BridgeRequest(Request):
         self.content = io.BytesIO()  # never filled: the body streams to the proxy
         self.defaultContentType = None  # an upstream response without Content-Type stays so
         bridge = bridge_of(self)
-        method, uri = _request_line(self)
+        method, uri = request_line(self.channel)
         try:
             self.stream = ClientStream.open(bridge, self, method, uri, length)
         except RequestError as err:
@@ -524,6 +513,12 @@ class BridgeRequest(Request):
         if self.stream is not None:
             self.stream.client_data(data)
 
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting and getattr(self.channel, "draining", False):
+            # The forwarder is draining: this is the connection's last response (EdgeChannel.drain).
+            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        super().write(data)
+
 
 class BridgeResource(Resource):
     """Every path: the stream started in ``gotLength`` now has the whole body."""
@@ -545,23 +540,34 @@ class BridgeSite(Site):
     ``[forwarder] access_log = false``) is written by each stream's end, not by :meth:`log`,
     so requests answered before their body was read, or aborted, get their line too; paths are
     shown without their query unless ``access_log_query``.
-    Its connections are :class:`~ppbridge.edge.EdgeChannel`: request-head limits answered."""
+    Its connections are :class:`~ppbridge.edge.EdgeChannel` (request-head limits answered,
+    drained on stop). The site registers itself with ``bridge``, which drains it on stop and
+    passes it reloaded settings (:meth:`apply`)."""
 
     def __init__(self, bridge: ForwarderService, timeout: float = 60.0) -> None:
         super().__init__(BridgeResource(), requestFactory=BridgeRequest, timeout=timeout,
                          parsePOSTFormSubmission=False)
         self.bridge = bridge
         self.noisy = False  # no "Starting factory <BridgeSite object at 0x...>" line
-        s = bridge.settings
-        self.access_log = AccessLog(s.access_log, s.access_log_query)
-        self.limits = EdgeLimits(s.max_header_line, s.max_headers, s.header_timeout)
+        self.edge = Edge(EdgeLimits(), bridge.clock, self._head_refused)
+        self.apply(bridge.settings)
+        bridge.sites.append(self)
+
+    def apply(self, settings: ForwarderSettings) -> None:
+        """Take the access-log switches and head limits of ``settings`` (the limits apply to
+        connections opened from now on)."""
+        self.access_log = AccessLog(settings.access_log, settings.access_log_query)
+        self.edge.limits = EdgeLimits(settings.max_header_line, settings.max_headers, settings.header_timeout)
 
     def protocol(self) -> Any:  # what Site.buildProtocol builds a connection from
-        return edge_protocol(self.limits, self.bridge.clock, self._head_refused)
+        return self.edge.protocol()
 
-    def _head_refused(self, channel: Any, err: RequestError) -> None:
-        """Count a request head the edge answered itself, and log it (throttled per cause)."""
-        self.bridge.metrics.request_done("-", str(err.status), err.cause, 0.0)
+    def _head_refused(self, channel: Any, err: RequestError, seconds: float) -> None:
+        """Count, access-log and warn of (throttled per cause) a request head the edge answered itself."""
+        self.bridge.metrics.request_done("-", str(err.status), err.cause, seconds)
+        method, uri = request_line(channel)
+        self.access_log.emit(client=client_of(channel), method=method, uri=uri, code=err.status, cause=err.cause,
+                             bytes_in=0, bytes_out=len(error_bytes(err)), duration=seconds, proxy="-", instance="-")
         logged, unlogged = self.bridge.refusals.allow(err.cause, self.bridge.clock.seconds())
         if logged:
             log.warn("answered {status} {cause} to {client} ({unlogged} such answers unlogged in the last period)",

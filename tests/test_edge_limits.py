@@ -22,9 +22,12 @@ from twisted.web import http
 from ppbridge import edge
 from ppbridge.edge import EdgeChannel, EdgeLimits, error_bytes
 from ppbridge.errors import HeaderTimeout, HeaderTooLarge, TooManyHeaders
-from tests.support import Client, Stack
+from ppbridge.config import load_forwarder_config
+from ppbridge.scaffold import write_forwarder_config
+from tests.support import Client, Stack, poll
 from tests.test_config import ConfigTestCase
-from tests.test_streaming import RawHTTP, bounded, raw_exchange, split_response
+from tests.test_observability import capture
+from tests.test_streaming import RawHTTP, bounded, dechunk, raw_exchange, split_response
 
 HEAD = b"GET /echo HTTP/1.1\r\nHost: bridge.test\r\n"
 
@@ -132,16 +135,12 @@ class EdgeLimitsTests(TestCase):
     @defer.inlineCallbacks
     def test_unfinished_head_is_408_after_header_timeout(self):
         """A head that never completes is answered 408 header-timeout after header_timeout
-        (0.5 s here; the bound is 10x), and a connection that sends nothing gets it too."""
+        (0.5 s here; the bound is 10x), and a connection that sends nothing gets it too; each
+        gets a warning naming the client and an access-log line (the request line when it
+        arrived, else "-"; the time the head took, at least header_timeout)."""
         stack = yield Stack(self).start(forwarder={"header_timeout": 0.5})
-        events: list[dict[str, Any]] = []
-
-        def observe(event: dict[str, Any]) -> None:
-            if event.get("cause") == "header-timeout" and "client" in event:
-                events.append(event)
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        warnings = capture(self, "ppbridge.webface")
+        access = capture(self, "ppbridge.access")
         partial = yield raw_exchange(self, stack.url, HEAD + b"X-Slow: 1")
         silent = yield raw_exchange(self, stack.url, b"")
         raw = yield bounded(partial.closed, 5.0)
@@ -150,7 +149,11 @@ class EdgeLimitsTests(TestCase):
         self.assertRefused(raw, 408, b"header-timeout")
         self.assertEqual(refusals(stack, "header-timeout"), 2)
         self.assertEqual(stack.app.hits["/echo"], 0)
-        self.assertEqual([(e["status"], e["client"]) for e in events], [(408, "127.0.0.1")] * 2)
+        self.assertEqual([(e["status"], e["cause"], e["client"]) for e in warnings if "status" in e],
+                         [(408, "header-timeout", "127.0.0.1")] * 2)
+        self.assertEqual(sorted((e["method"], e["path"], e["code"], e["cause"], e["proxy"]) for e in access),
+                         [("-", "-", 408, "header-timeout", "-"), ("GET", "/echo", 408, "header-timeout", "-")])
+        self.assertTrue(all(0.5 <= e["duration"] < 5.0 for e in access), [e["duration"] for e in access])
 
     @defer.inlineCallbacks
     def test_head_timer_ends_with_the_head(self):
@@ -211,12 +214,93 @@ class EdgeLimitsTests(TestCase):
         self.assertEqual(refusals(stack, "header-timeout"), 200)
 
 
+class EdgeReloadTests(TestCase):
+    """Head limits and access-log switches follow a reload (SIGHUP), with no restart."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_reload_applies_head_limits_and_access_log_switches(self):
+        """A forwarder started with the defaults passes a 3,000-byte header line and writes an
+        access-log line with no query; after its file sets max_header_line 2048 and
+        access_log_query true and it reloads, a new connection's 3,000-byte line is answered
+        431 and the next request's line shows its query; after access_log = false and another
+        reload, a request writes no line."""
+        stack = yield Stack(self).start()
+        access = capture(self, "ppbridge.access")
+        big = HEAD + b"X-Big: " + b"v" * 3000 + b"\r\nConnection: close\r\n\r\n"
+        raw = yield self.exchange(stack, big)
+        self.assertEqual(Answer(raw).status, 200)
+        self.reload(stack, {"max_header_line": 2048, "access_log_query": True})
+        raw = yield self.exchange(stack, big)
+        self.assertEqual((Answer(raw).status, Answer(raw).cause()), (431, b"header-too-large"))
+        raw = yield self.exchange(stack, b"GET /echo?q=1 HTTP/1.1\r\nHost: bridge.test\r\nConnection: close\r\n\r\n")
+        self.assertEqual(Answer(raw).status, 200)
+        self.assertEqual([(e["path"], e["code"]) for e in access], [("/echo", 200), ("/echo", 431), ("/echo?q=1", 200)])
+        self.reload(stack, {"access_log": False})
+        raw = yield self.exchange(stack, HEAD + b"Connection: close\r\n\r\n")
+        self.assertEqual((Answer(raw).status, len(access)), (200, 3))
+
+    def reload(self, stack: Stack, forwarder: dict[str, Any]) -> None:
+        """Rewrite the stack's forwarder file with ``forwarder`` keys and reload it."""
+        path = write_forwarder_config(stack.folder, stack.redis.url, "tcp:0", {"alpha": {"path_prefix": "/"}},
+                                      forwarder={"drain_timeout": 0, **forwarder})
+        stack.forwarder.reload(load_forwarder_config(path))
+
+    @defer.inlineCallbacks
+    def exchange(self, stack: Stack, request: bytes):  # type: ignore[no-untyped-def]
+        proto = yield raw_exchange(self, stack.url, request)
+        raw = yield bounded(proto.closed)
+        return raw
+
+
+def complete(raw: bytes) -> bool:
+    """``raw`` holds a whole response with a Content-Length body."""
+    if b"\r\n\r\n" not in raw:
+        return False
+    _, headers, body = split_response(raw)
+    return len(body) >= int(headers[b"content-length"][0])
+
+
+class EdgeDrainTests(TestCase):
+    """Keep-alive connections when the forwarder drains (SIGTERM): real HTTP on 127.0.0.1."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_drain_closes_idle_keepalive_and_ends_busy_ones_after_their_answer(self):
+        """With drain_timeout 20: a kept-alive connection that is idle when the forwarder
+        starts draining is closed at once with nothing written on it; one with a request in
+        flight (/slow, 1 s) gets its 200 with ``Connection: close`` and is then closed, and a
+        request the client pipelined behind it is never served; the drain ends once both
+        connections are gone (not at drain_timeout), and each answer has its access-log line."""
+        stack = yield Stack(self).start(forwarder={"drain_timeout": 20})
+        access = capture(self, "ppbridge.access")
+        idle = yield raw_exchange(self, stack.url, HEAD + b"\r\n")
+        yield poll(lambda: complete(idle.data), 10, "the first answer on the kept-alive connection")
+        answered = len(idle.data)
+        busy = yield raw_exchange(self, stack.url, b"GET /slow?delay=1 HTTP/1.1\r\nHost: bridge.test\r\n\r\n"
+                                  + HEAD + b"\r\n")
+        yield poll(lambda: stack.app.hits["/slow"] == 1, 10, "the /slow request reaching the upstream")
+        stopping = stack.forwarder.stopService()
+        raw_idle = yield bounded(idle.closed, 5.0)
+        self.assertEqual(len(raw_idle), answered)  # closed, nothing more written
+        self.assertFalse(busy.closed.called)
+        raw_busy = yield bounded(busy.closed, 10.0)
+        status, headers, body = split_response(raw_busy)
+        self.assertEqual((status, headers.get(b"connection"), dechunk(body)),
+                         (b"HTTP/1.1 200 OK", [b"close"], (b"slow\n", True)))
+        self.assertEqual(stack.app.hits["/echo"], 1)  # the pipelined one was not served
+        yield bounded(stopping, 10.0)
+        self.assertEqual([(e["path"], e["code"]) for e in access], [("/echo", 200), ("/slow", 200)])
+
+
 class EdgeChannelTests(TestCase):
     """The channel alone: a fake transport and a Clock, no sockets, no real time."""
 
     def channel(self, **limits: Any) -> tuple[EdgeChannel, StringTransport, Clock, list[Any]]:
         clock, refused = Clock(), []
-        channel = EdgeChannel(EdgeLimits(**limits), clock, lambda ch, err: refused.append(err.cause))
+        channel = EdgeChannel(edge.Edge(EdgeLimits(**limits), clock, lambda ch, err, s: refused.append(err.cause)))
         transport = StringTransport()
         channel.makeConnection(transport)
         return channel, transport, clock, refused
@@ -254,7 +338,7 @@ class EdgeChannelTests(TestCase):
         TLS: H2 is not installed here, so the swap is simulated), the edge channel's head
         timer stops: no 408 lands in the other protocol's byte stream."""
         clock, transport, other = Clock(), StringTransport(), http.HTTPChannel()
-        wrapper = edge.edge_protocol(EdgeLimits(header_timeout=1.0), clock, lambda ch, err: None)
+        wrapper = edge.Edge(EdgeLimits(header_timeout=1.0), clock, lambda ch, err, s: None).protocol()
         channel = wrapper._channel
         wrapper.makeConnection(transport)
 
