@@ -280,10 +280,18 @@ class ForwarderService(MultiService):
         if owner is not None and owner != session.proxy and self._holds_keys(owner, session.instance):
             raise BusMessageError("instance-claimed", f"confirmation from proxy {session.proxy} for an instance "
                                                       f"of proxy {owner}")
+        now = self.clock.seconds()
         if header.stream_id == LEAVING:
+            # Draining; under a key just granted (it rekeys for its calls in flight) that key seals
+            # those streams now, but routes nothing new: no _serve, no acknowledgement, kept evicted.
+            if self.keyring.confirm(entry.key_id, peer, now):
+                self.owners[session.instance] = session.proxy
+                self.evicted.setdefault(peer, (session.proxy, now))
+                log.info("proxy instance {peer} is leaving; key {fp} now seals its requests in flight",
+                         peer=peer.decode("ascii"), fp=session.envelope.fingerprint)
             self._leaving(session.proxy, peer)
             return
-        if self.keyring.confirm(entry.key_id, peer, self.clock.seconds()):
+        if self.keyring.confirm(entry.key_id, peer, now):
             self.owners[session.instance] = session.proxy
             self._serve(session.proxy, peer)
             log.info("proxy {proxy} (instance {instance}) confirmed key {fp}", proxy=session.proxy,

@@ -75,7 +75,7 @@ class ProxyService(MultiService):
         self.upstream = Upstream(settings.upstream, self._reactor, settings.upstream_connect_timeout, agent)
         self.data_channel = self.channels.proxy_data(settings.name, self.instance)
         self.calls: dict[tuple[bytes, bytes], UpstreamCall] = {}
-        self.draining = False  # stopping: no heartbeats, no new keys, forwarders told we are leaving
+        self.draining = False  # stopping: forwarders told we are leaving, no heartbeats, keys only for calls
         self.closed = RecentlyClosed()
         self.last_error: str | None = None
         self.heard: dict[bytes, float] = {}  # forwarder -> last valid message from it
@@ -106,6 +106,7 @@ class ProxyService(MultiService):
         stream id LEAVING, so it routes nothing new to us), let the calls in flight finish for
         up to ``drain_timeout`` seconds, then stop; calls still running then are cancelled."""
         self.draining = True
+        self._rekey_at, self._rekey_delay = 0.0, RETRY_FIRST  # rotations for the calls in flight start afresh
         limit = self.settings.drain_timeout
         if limit <= 0:
             return self._stop_now()
@@ -184,7 +185,10 @@ class ProxyService(MultiService):
         self.keyring.expire(now)
         self.node.drop_log.flush()
         if self.draining:
-            return  # no heartbeat (it would make a forwarder route to us again), no new key
+            # No heartbeat (it would make a forwarder route to us again); new keys only where
+            # calls are in flight, so that no call outlives its key.
+            self._rekey_in_flight(now)
+            return
         self._forget_silent(now)
         for peer, entry in self._current().items():
             if now - self._beat.get(peer, entry.created) >= entry.session.announce_interval:
@@ -246,17 +250,32 @@ class ProxyService(MultiService):
         retrying with backoff while a rotation does not complete; ask a forwarder that stopped
         acknowledging our heartbeats for a new key."""
         current = self._current()
-        # A rotation due within half a tick is done now, or a 1 s period would slip a tick.
-        due = [p for p, e in current.items()
-               if self.schedule.due(now + TICK / 2, e.created, e.session.envelope.messages) is not None]
+        due = [p for p, e in current.items() if self._due(now, e)]
         unacked = [p for p, e in current.items()
                    if now - self.acked.get(p, e.created) > SILENCE * e.session.announce_interval]
-        if not due and not unacked:
+        self._rotate(now, [ANY_FORWARDER] if due and len(due) == len(current) else sorted(set(due) | set(unacked)))
+
+    def _rekey_in_flight(self, now: float) -> None:
+        """While draining: rotate, when due, only the keys of forwarders we have calls in flight
+        with (a request addressed to each, never a broadcast), so a call longer than a key's
+        hard lifetime is still answered. A key already past its limits is overdue too."""
+        entries = {p: self.keyring.current(p) for p in self._busy_forwarders()}
+        self._rotate(now, sorted(p for p, e in entries.items() if e is None or self._due(now, e)))
+
+    def _due(self, now: float, entry: KeyEntry) -> bool:
+        # A rotation due within half a tick is done now, or a 1 s period would slip a tick.
+        return self.schedule.due(now + TICK / 2, entry.created, entry.session.envelope.messages) is not None
+
+    def _busy_forwarders(self) -> set[bytes]:
+        return {call.forwarder for call in self.calls.values()}
+
+    def _rotate(self, now: float, targets: list[bytes]) -> None:
+        """Ask ``targets`` for new keys, with backoff while rotations do not complete."""
+        if not targets:
             self._rekey_at, self._rekey_delay = 0.0, RETRY_FIRST
             return
         if now < self._rekey_at:
             return
-        targets = [ANY_FORWARDER] if len(due) == len(current) else sorted(set(due) | set(unacked))
         waiting = self.negotiator.unanswered_targets(now)
         for target in targets:
             if target not in waiting:
@@ -266,10 +285,14 @@ class ProxyService(MultiService):
         self._rekey_delay = min(RETRY_MAX, self._rekey_delay * 2)
 
     def _negotiate(self, target: bytes) -> None:
-        if not self.bus.connected or self.draining:
+        """Ask ``target`` (or every forwarder) for a key. While draining, only a forwarder we
+        have calls in flight with is asked (for them), never every forwarder or a new one."""
+        if not self.bus.connected:
+            return
+        if self.draining and (target == ANY_FORWARDER or target not in self._busy_forwarders()):
             return
         now = self.clock.seconds()
-        if not self.keyring.peers():
+        if not self.keyring.peers() and not self.draining:  # draining: keep our id, the calls use it
             self._retry_at = now + self._retry_delay * random.uniform(0.8, 1.2)
             self._retry_delay = min(RETRY_MAX, self._retry_delay * 2)
             if self._ungranted >= RENEW_AFTER:

@@ -13,12 +13,23 @@ import re
 import signal
 from typing import Any
 
+from treq.testing import RequestTraversalAgent
 from twisted.application.service import Service
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
+from ppbridge.config import RekeySettings
+from ppbridge.forwarder import ForwarderService
+from ppbridge.keyring import KeyEntry
 from ppbridge.negotiation import proxy_peer
-from ppbridge.wire import LEAVING, MsgType, unpack_header
+from ppbridge.proxy import ProxyService
+from ppbridge.webface import BridgeSite
+from ppbridge.wire import LEAVING, KeyGrant, KeyRequest, MsgType, decode_signed, unpack_header
 from tests.processes import Child, refuses_connections
 from tests.support import Client, poll, sequential_load
 from tests.test_faults import CONFIRMED, REQUEST_LIMIT, ChildBridge, assert_clean, elapsed_since
@@ -27,6 +38,10 @@ from tests.test_negotiation import CHANNELS, Bridge, forwarder_settings, proxy_s
 DRAIN = 20.0  # drain_timeout in these tests: far more than the requests in flight need
 SLOW = 3.0  # seconds the upstream takes for the request in flight
 EXIT_BOUND = DRAIN + 10.0  # a draining process is gone by then (generous: it needs SLOW)
+# Rekeying while draining (unit tests): keys live 4 s and rotate every 2 s; the call takes 12 s.
+SHORT_KEYS = RekeySettings(period=2.0, max_key_age=4.0)
+LONG_CALL = 12.0
+SLOW_ANSWER = b"slow answer\n"
 
 
 def confirmed_instances(bridge: ChildBridge) -> set[str]:
@@ -215,3 +230,144 @@ class DrainUnits(TestCase):
         self.assertIsNotNone(forwarder.keyring.current(peer))
         self.bridge.advance(20)
         self.assertEqual([e.session.instance for e in forwarder.candidates("alpha")], [staying.instance])
+
+
+class SlowIntranet(Resource):
+    """The proxy's upstream: answers each GET ``delay`` seconds later on ``clock``."""
+
+    isLeaf = True
+
+    def __init__(self, clock: Clock, delay: float) -> None:
+        super().__init__()
+        self.clock, self.delay = clock, delay
+        self.paths: list[bytes] = []
+
+    def render_GET(self, request: Any) -> Any:
+        self.paths.append(request.path)
+
+        def answer() -> None:
+            request.setHeader(b"content-length", b"%d" % len(SLOW_ANSWER))
+            request.write(SLOW_ANSWER)
+            request.finish()
+
+        self.clock.callLater(self.delay, answer)
+        return NOT_DONE_YET
+
+
+def client_get(forwarder: ForwarderService, clock: Clock, path: bytes) -> StringTransport:
+    """A client connection to the forwarder's site (no socket) that has sent ``GET path``;
+    the transport collects what the forwarder answers."""
+    site = BridgeSite(forwarder)
+    site.reactor = clock  # the connection's timers on the test's clock
+    client = IPv4Address("TCP", "203.0.113.7", 40000)
+    protocol = site.buildProtocol(client)
+    transport = StringTransport(peerAddress=client)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: public.example\r\n\r\n")
+    return transport
+
+
+def key_request_targets(bridge: Bridge, since: int) -> list[bytes]:
+    """The target forwarder of each KEY_REQUEST published after the first ``since``."""
+    requests = bridge.published(MsgType.KEY_REQUEST)[since:]
+    return [decode_signed(m, KeyRequest)[0].target for _, m in requests]
+
+
+def grantors(bridge: Bridge, since: int) -> list[bytes]:
+    """The forwarder of each KEY_GRANT published after the first ``since``."""
+    return [decode_signed(m, KeyGrant)[0].forwarder for _, m in bridge.published(MsgType.KEY_GRANT)[since:]]
+
+
+class RekeyWhileDraining(TestCase):
+    """A draining proxy keeps the keys of its calls in flight alive (PROTOCOL.md §8), on a
+    Clock and the in-memory bus."""
+
+    def setUp(self) -> None:
+        self.bridge = Bridge(self)
+        self.upstream = SlowIntranet(self.bridge.clock, LONG_CALL)
+        self.agent = RequestTraversalAgent(self.upstream)
+        settings = proxy_settings(drain_timeout=30.0, rekey=SHORT_KEYS)
+        self.proxy = ProxyService(settings, self.bridge.broker.client(), self.bridge.clock,
+                                  reactor=self.bridge.clock, agent=self.agent)
+        self.peer = proxy_peer("alpha", self.proxy.instance)
+
+    def start_proxy(self) -> None:
+        self.proxy.startService()
+        self.addCleanup(lambda: self.proxy.stopService() if self.proxy.running else None)
+
+    def run_for(self, seconds: int, each: Any = None) -> None:
+        """Advance the clock a second at a time, passing the upstream's answer on, and call
+        ``each()`` after every second."""
+        for _ in range(seconds):
+            self.bridge.clock.advance(1)
+            self.agent.flush()
+            if each is not None:
+                each()
+
+    def current_key(self, forwarder: ForwarderService) -> KeyEntry:
+        """The forwarder's current key for the proxy instance (there must be one)."""
+        entry = forwarder.keyring.current(self.peer)
+        assert entry is not None, "the forwarder holds no current key for the leaving instance"
+        return entry
+
+    def test_call_longer_than_the_key_lifetime_is_answered(self) -> None:
+        """Keys live 4 s (rotated every 2 s); a GET whose upstream takes 12 s is in flight when
+        the proxy is stopped (drain_timeout 30). Asserted: the client gets 200 with the
+        upstream's body and the proxy's stop completes; the forwarder's current key for that
+        instance has another fingerprint than at the start of the drain, and the answer was
+        sealed under it; every second of the drain the instance is out of routing, and the
+        forwarder acknowledges nothing on its data channel; every key request of the drain is
+        addressed to that forwarder, and there are no more than the schedule asks (one per
+        2 s period, 7 in 13 s), not one per tick."""
+        forwarder = self.bridge.forwarder(forwarder_settings(request_timeout=60.0))
+        self.start_proxy()
+        self.bridge.clock.advance(1)
+        client = client_get(forwarder, self.bridge.clock, b"/alpha/slow")
+        self.assertEqual(self.upstream.paths, [b"/slow"])
+        before = self.current_key(forwarder).session.envelope.fingerprint
+        requests = len(self.bridge.published(MsgType.KEY_REQUEST))
+        data_channel = CHANNELS.proxy_data("alpha", self.proxy.instance)
+        acks = len(self.bridge.published(MsgType.CONFIRM, data_channel))
+        stopping = self.proxy.stopService()
+        routed: list[bool] = []
+        self.run_for(int(LONG_CALL) + 1, lambda: routed.append(self.peer in forwarder.instances["alpha"]))
+
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 200 "), client.value()[:200])
+        self.assertTrue(client.value().endswith(b"\r\n\r\n" + SLOW_ANSWER), client.value()[-200:])
+        self.successResultOf(stopping)
+        self.assertNotEqual(self.current_key(forwarder).session.envelope.fingerprint, before)
+        [(_, answer)] = self.bridge.published(MsgType.RESP_HEAD)
+        self.assertEqual(unpack_header(answer).key_id, self.current_key(forwarder).key_id)
+        self.assertEqual(routed, [False] * (int(LONG_CALL) + 1))
+        self.assertEqual(len(self.bridge.published(MsgType.CONFIRM, data_channel)), acks)
+        targets = key_request_targets(self.bridge, requests)
+        self.assertEqual(set(targets), {forwarder.id})
+        self.assertLessEqual(len(targets), (LONG_CALL + 1) / SHORT_KEYS.period + 1)
+
+    def test_no_key_for_forwarders_without_calls_in_flight(self) -> None:
+        """Two forwarders hold keys with the proxy; a 12 s GET is in flight through the first
+        when the proxy is stopped, and a third forwarder starts (and announces itself) during
+        the drain. Asserted: the call is answered 200 and the proxy stops; the proxy rekeyed
+        during the drain, every key request then addressed to the first forwarder (none to the
+        second or third, no broadcast), and only the first granted keys; the second
+        forwarder's key for the instance was never rotated."""
+        busy = self.bridge.forwarder(forwarder_settings(request_timeout=60.0))
+        idle = self.bridge.forwarder()
+        self.start_proxy()
+        self.bridge.clock.advance(1)
+        self.assertEqual(sorted(self.proxy.keyring.peers()), sorted([busy.id, idle.id]))
+        client = client_get(busy, self.bridge.clock, b"/alpha/slow")
+        idle_rotations = idle.keyring.stats[self.peer].rotations
+        requests, grants = (len(self.bridge.published(t)) for t in (MsgType.KEY_REQUEST, MsgType.KEY_GRANT))
+        stopping = self.proxy.stopService()
+        self.bridge.clock.advance(1)
+        self.bridge.forwarder()  # announces itself at once
+        self.run_for(int(LONG_CALL))
+
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 200 "), client.value()[:200])
+        self.successResultOf(stopping)
+        targets = key_request_targets(self.bridge, requests)
+        self.assertTrue(targets, "the proxy never rekeyed with the forwarder of its call")
+        self.assertEqual(set(targets), {busy.id})
+        self.assertEqual(idle.keyring.stats[self.peer].rotations, idle_rotations)
+        self.assertEqual(set(grantors(self.bridge, grants)), {busy.id})

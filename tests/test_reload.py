@@ -1,8 +1,9 @@
 """Reload on SIGHUP (issue 9, item 2): a running forwarder or proxy re-reads its config file.
 
 Unit tests call ``reload(settings)`` on services over the in-memory bus (real HTTP on
-loopback, configs written and loaded as the taps do); one child-process test sends SIGHUP to
-the installed ``twistd -n ppforwarder`` (see tests/processes.py and tests/test_faults.py).
+loopback, configs written and loaded as the taps do); two child-process tests send SIGHUP to
+the installed ``twistd -n ppforwarder`` and ``twistd -n ppproxy`` (see tests/processes.py and
+tests/test_faults.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from ppbridge.scaffold import write_forwarder_config, write_proxy_config
 from ppbridge.webface import BridgeSite
 from tests.processes import TWISTD, spawn
 from tests.support import Client, error_of, key_pair, listen, poll, sequential_load, temp_folder
-from tests.test_faults import REQUEST_LIMIT, ROUTES, ChildBridge, assert_alive
+from tests.test_faults import (
+    CONFIRMED,
+    PROXY_STARTED,
+    REQUEST_LIMIT,
+    ROUTES,
+    ChildBridge,
+    assert_alive,
+    assert_clean,
+)
 
 REDIS_URL = "redis://127.0.0.1:9/0"  # never contacted: the bus is in memory
 TWO_ROUTES = {"alpha": {"path_prefix": "/"}, "c": {"path_prefix": "/c"}}
@@ -270,3 +279,42 @@ class ChildReload(TestCase):
         self.assertEqual((response.code, c_app.hits["/echo"]), (200, 2))
         assert_alive(self, bridge.forwarder, pid)
         self.assertFalse(re.search("Traceback", c_proxy.text()), c_proxy.describe())
+
+    @defer.inlineCallbacks
+    def test_proxy_sighup_follows_a_new_upstream_and_refuses_a_broken_file(self):
+        """A ``twistd -n ppproxy`` child calling one sample app; its file is rewritten with a
+        second sample app as ``upstream`` and SIGHUP sent: it logs "reloaded <file>: upstream"
+        and the next two GETs are answered 200 by the new app, none more by the old. Then a
+        file with an ftp:// upstream and SIGHUP: exactly one "reload refused" line, naming the
+        file and proxy.upstream; the next GET is still answered by the new app. Throughout, the
+        same process (pid) and the same instance (the only one the forwarder ever confirmed),
+        and no traceback from either child."""
+        bridge = yield ChildBridge(self).start()
+        pid = bridge.proxy.transport.pid
+        instance = (yield bridge.proxy.wait_for(PROXY_STARTED, timeout=1)).group(1)
+        site, new_app = make_site()
+        new_upstream = yield listen(self, site)
+        client = Client(self)
+        response, _ = yield client.fetch(b"GET", bridge.url + "/echo").addTimeout(REQUEST_LIMIT, reactor)
+        self.assertEqual((response.code, bridge.app.hits["/echo"]), (200, 1))
+
+        write_proxy_config(bridge.folder, "alpha", bridge.redis.url, new_upstream)
+        bridge.proxy.signal("HUP")
+        yield bridge.proxy.wait_for(r"reloaded .*alpha\.toml: upstream$", timeout=10)
+        for _ in range(2):
+            response, _ = yield client.fetch(b"GET", bridge.url + "/echo").addTimeout(REQUEST_LIMIT, reactor)
+            self.assertEqual(response.code, 200)
+        self.assertEqual((bridge.app.hits["/echo"], new_app.hits["/echo"]), (1, 2))
+
+        write_proxy_config(bridge.folder, "alpha", bridge.redis.url, "ftp://127.0.0.1:1/")
+        bridge.proxy.signal("HUP")
+        refused = yield bridge.proxy.wait_for(r"reload refused", timeout=10)
+        response, _ = yield client.fetch(b"GET", bridge.url + "/echo").addTimeout(REQUEST_LIMIT, reactor)
+        self.assertEqual((response.code, bridge.app.hits["/echo"], new_app.hits["/echo"]), (200, 1, 3))
+        self.assertIn(str(bridge.pconf), refused.string)
+        self.assertIn("proxy.upstream", refused.string)
+        self.assertEqual(len([x for x in bridge.proxy.lines[1] if "reload refused" in x]), 1)
+        assert_alive(self, bridge.proxy, pid)
+        confirmed = {m.group(1) for m in map(re.compile(CONFIRMED).search, bridge.forwarder.lines[1]) if m}
+        self.assertEqual(confirmed, {instance})
+        assert_clean(self, bridge.forwarder)
