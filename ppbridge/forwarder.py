@@ -33,7 +33,8 @@ from ppbridge.timers import Periodic, log_failure, wait_until
 from ppbridge.wire import ID_SIZE, LEAVING, OVERHEAD, MsgType
 
 if TYPE_CHECKING:
-    from ppbridge.webface import BridgeSite, ClientStream
+    from ppbridge.clientstream import ClientStream
+    from ppbridge.webface import BridgeSite
 
 log = Logger()
 TIDY_INTERVAL = 1.0
