@@ -1,8 +1,8 @@
 """The forwarder: public HTTP in, encrypted pub/sub out (step 4), keys granted (step 2).
 
 :class:`ForwarderService` owns the bus, the negotiation, the keys of every proxy instance and
-the streams in flight; the HTTP face (a twisted.web resource and its request class) lives in
-:mod:`ppbridge.webface` and calls in here.
+the streams in flight; which instances it routes to is its :mod:`ppbridge.instances` table. The
+HTTP face (a twisted.web resource and its request class), :mod:`ppbridge.webface`, calls in here.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from twisted.logger import Logger
 from ppbridge.bus import Bus
 from ppbridge.channels import Channels
 from ppbridge.config import ForwarderSettings, Route
-from ppbridge.errors import BusMessageError, KeyExpired, NoRoute, ProxyUnavailable, RequestError
+from ppbridge.errors import BusMessageError, KeyExpired, NoRoute, RequestError
+from ppbridge.instances import InstanceTable
 from ppbridge.keyring import KeyEntry, Keyring
 from ppbridge.logsafe import Throttle
 from ppbridge.metrics import Metrics
-from ppbridge.negotiation import ForwarderNegotiator, proxy_peer
+from ppbridge.negotiation import ForwarderNegotiator
 from ppbridge.node import SessionNode
 from ppbridge.ratelimit import NegotiationGate
 from ppbridge.reload import split_settings, warn_held
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 
 log = Logger()
 TIDY_INTERVAL = 1.0
-EVICTED_KEEP = 3  # announce intervals an evicted instance's keys are kept, so a live one can come back
 REANNOUNCE_MIN = 1.0  # seconds between announcements made at once on an eviction
 # What a reload cannot change in a running forwarder (built into ports, the bus, the
 # negotiation, the keyring, the timers or the HTTP site): kept until a restart.
@@ -66,28 +66,35 @@ class ForwarderService(MultiService):
         )
         self.gate = NegotiationGate([r.name for r in settings.proxies], clock.seconds())
         self.router = Router(settings.proxies)
-        # Live proxy processes per name, as peers (``name:instance``; see Keyring).
-        self.instances: dict[str, list[bytes]] = {r.name: [] for r in settings.proxies}
-        self.owners: dict[bytes, str] = {}  # instance id -> the one name that may use it
-        self.evicted: dict[bytes, tuple[str, float]] = {}  # peer -> (name, when), keys kept a while
-        self.key_expired: set[str] = set()  # names whose every key passed its hard limits
+        self.table = InstanceTable([r.name for r in settings.proxies], self.keyring, settings.announce_interval)
         self._announced = 0.0
         self._reannounce: IDelayedCall | None = None  # an announcement an eviction asked for
         self.refusals = Throttle()  # log lines for refused client requests (bad-target)
-        self.last_error: dict[str, str] = {}
         self.streams: dict[bytes, ClientStream] = {}
         self.listeners: list[IService] = []  # the HTTP ports (children): closed first on stop
         self.sites: list[BridgeSite] = []  # their sites (each registers itself): drained on stop, reloaded
         self.draining = False
         self.closed = RecentlyClosed()
-        self._turns: dict[str, int] = {}
-        self._waiters: dict[str, list[Deferred[None]]] = {}
         self._control = self.channels.forwarder_control(self.id)
         self._loops = [
             Periodic(clock, settings.announce_interval, self._announce, "announcing"),
             Periodic(clock, TIDY_INTERVAL, self._tidy, "housekeeping"),
         ]
         self.metrics.watch_forwarder(self)  # per-proxy gauges: instances, key age, last negotiation
+
+    @property
+    def instances(self) -> dict[str, list[bytes]]:
+        """Live proxy processes per name, as peers (``name:instance``): see :class:`InstanceTable`."""
+        return self.table.instances
+
+    @property
+    def owners(self) -> dict[bytes, str]:
+        """Instance id -> the one proxy name that may use it."""
+        return self.table.owners
+
+    @property
+    def _turns(self) -> dict[str, int]:
+        return self.table.turns
 
     # lifecycle
 
@@ -164,18 +171,7 @@ class ForwarderService(MultiService):
         for site in self.sites:
             site.apply(settings)
         self.negotiator.set_proxy_keys({r.name: r.public_key for r in settings.proxies})
-        removed = [n for n in self.instances if n not in names]
-        for name in removed:
-            for peer in self.instances.pop(name):
-                self.evicted[peer] = (name, now)
-            for waiter in self._waiters.pop(name, []):
-                waiter.errback(NoRoute())
-            self.last_error.pop(name, None)
-            self.key_expired.discard(name)
-            self._turns.pop(name, None)
-        added = [n for n in names if n not in self.instances]
-        for name in added:
-            self.instances[name] = []
+        added, removed = self.table.configure(names, now)
         what = ", ".join(applied) or "nothing"
         if added or removed:
             what += f" (proxies added: {', '.join(added) or 'none'}; removed: {', '.join(removed) or 'none'})"
@@ -201,25 +197,11 @@ class ForwarderService(MultiService):
         now = self.clock.seconds()
         self.keyring.expire(now)
         self.node.drop_log.flush()
-        for name, instances in self.instances.items():
-            live = [i for i in instances if self.keyring.current(i) is not None]
-            if len(live) < len(instances):
-                log.warn("proxy {proxy}: a session key passed its hard lifetime or message budget before it "
-                         "was rotated; failing closed until the proxy negotiates again", proxy=name)
-                self.last_error[name] = "session key expired before rotation (is the proxy negotiating?)"
-                if not live:
-                    self.key_expired.add(name)
-                # Their answers would come under that key and be dropped: fail them now.
-                for stream in [s for s in self.streams.values() if s.peer in instances and s.peer not in live]:
-                    stream.instance_gone(KeyExpired("ppbridge: the proxy's session key expired mid-request"))
-            instances[:] = live
-        keep = EVICTED_KEEP * self.settings.announce_interval
-        busy = {s.peer for s in self.streams.values()}  # a leaving instance still answering
-        for peer in [p for p, (_, when) in self.evicted.items() if when + keep < now and p not in busy]:
-            del self.evicted[peer]
-            self.keyring.drop_peer(peer)
-        for instance in [i for i, name in self.owners.items() if not self._holds_keys(name, i)]:
-            del self.owners[instance]
+        expired = self.table.drop_expired()
+        # Their answers would come under that key and be dropped: fail them now.
+        for stream in [s for s in self.streams.values() if s.peer in expired]:
+            stream.instance_gone(KeyExpired("ppbridge: the proxy's session key expired mid-request"))
+        self.table.forget(now, {s.peer for s in self.streams.values()})  # a leaving instance still answering
         return self._check_liveness()
 
     def _check_liveness(self) -> Deferred[None] | None:
@@ -230,8 +212,7 @@ class ForwarderService(MultiService):
         when a new instance appears) before requests are sent there. Evicting a live proxy
         that is just resubscribing is harmless: it renegotiates whenever it reconnects.
         """
-        entries = {p: self.keyring.current(p) for peers in self.instances.values() for p in peers}
-        channels = {self.data_channel(e): p for p, e in entries.items() if e is not None}
+        channels = {self.data_channel(e): p for p, e in self.table.keyed().items()}
         if not channels or not self.bus.connected:
             return None
 
@@ -260,8 +241,8 @@ class ForwarderService(MultiService):
         if result is None:
             return  # addressed to another forwarder
         channel, grant, session = result
-        owner = self.owners.get(session.instance)
-        if owner is not None and owner != session.proxy and self._holds_keys(owner, session.instance):
+        owner = self.table.claimed(session.proxy, session.instance)
+        if owner is not None:
             self.metrics.negotiations.labels("refused").inc()
             raise BusMessageError("instance-claimed", f"proxy {session.proxy} asked for a key for an instance "
                                                       f"of proxy {owner}")
@@ -277,8 +258,8 @@ class ForwarderService(MultiService):
             raise BusMessageError("unexpected-type", f"{header.type.name} on the control channel")
         session = entry.session
         peer = session.proxy_peer
-        owner = self.owners.get(session.instance)
-        if owner is not None and owner != session.proxy and self._holds_keys(owner, session.instance):
+        owner = self.table.claimed(session.proxy, session.instance)
+        if owner is not None:
             raise BusMessageError("instance-claimed", f"confirmation from proxy {session.proxy} for an instance "
                                                       f"of proxy {owner}")
         now = self.clock.seconds()
@@ -286,21 +267,19 @@ class ForwarderService(MultiService):
             # Draining; under a key just granted (it rekeys for its calls in flight) that key seals
             # those streams now, but routes nothing new: no _serve, no acknowledgement, kept evicted.
             if self.keyring.confirm(entry.key_id, peer, now):
-                self.owners[session.instance] = session.proxy
-                self.evicted.setdefault(peer, (session.proxy, now))
+                self.table.claim(session.proxy, session.instance, leaving_since=now)
                 log.info("proxy instance {peer} is leaving; key {fp} now seals its requests in flight",
                          peer=peer.decode("ascii"), fp=session.envelope.fingerprint)
-            self._leaving(session.proxy, peer)
+            self.table.leaving(session.proxy, peer, now)
             return
         if self.keyring.confirm(entry.key_id, peer, now):
-            self.owners[session.instance] = session.proxy
+            self.table.claim(session.proxy, session.instance)
             self._serve(session.proxy, peer)
             log.info("proxy {proxy} (instance {instance}) confirmed key {fp}", proxy=session.proxy,
                      instance=session.instance.hex(), fp=session.envelope.fingerprint)
-        elif peer in self.evicted and self.keyring.current(peer) is entry and session.proxy in self.instances:
+        elif self.table.reinstate(session.proxy, peer, entry):
             # A heartbeat under the current key of an instance we evicted: it is alive (Redis
             # lied, or it was resubscribing). Route to it again.
-            del self.evicted[peer]
             self._serve(session.proxy, peer)
             log.info("proxy {proxy} (instance {instance}) is back", proxy=session.proxy,
                      instance=session.instance.hex())
@@ -310,36 +289,15 @@ class ForwarderService(MultiService):
                 log_failure("acknowledging a proxy failed"))
 
     def _serve(self, name: str, peer: bytes) -> None:
-        """Route requests for ``name`` to ``peer`` (it holds a confirmed key); nothing for a
-        name no longer configured (removed by a reload while it held a key)."""
-        instances = self.instances.get(name)
-        if instances is None:
-            return
-        if peer not in instances:
-            instances.append(peer)
-            if len(instances) > 1:  # a restart, most likely: is the old instance still there?
-                d = self._check_liveness()
-                if d is not None:
-                    d.addErrback(log_failure("checking proxy instances failed"))
-        self.last_error.pop(name, None)
-        self.key_expired.discard(name)
-        for waiter in self._waiters.pop(name, []):
-            waiter.callback(None)
+        """Route requests for ``name`` to ``peer`` (see :meth:`InstanceTable.serve`); when it
+        joins another instance, check at once whether that one is still there."""
 
-    def _leaving(self, name: str, peer: bytes) -> None:
-        """The proxy instance is draining: route nothing new to it. Unlike :meth:`evict`, its
-        requests in flight go on (its answers come under the keys kept, see :meth:`_tidy`)
-        and nothing is announced; it stops heartbeating, so it is not routed to again."""
-        instances = self.instances.get(name, [])
-        if peer in instances:
-            instances.remove(peer)
-            self.evicted[peer] = (name, self.clock.seconds())
-            log.info("proxy instance {peer} is leaving; routing nothing new to it", peer=peer.decode("ascii"))
+        def check_others() -> None:
+            d = self._check_liveness()
+            if d is not None:
+                d.addErrback(log_failure("checking proxy instances failed"))
 
-    def _holds_keys(self, name: str, instance: bytes) -> bool:
-        """Whether ``name`` still has a key (live or evicted) for ``instance``."""
-        peer = proxy_peer(name, instance)
-        return self.keyring.current(peer) is not None or peer in self.evicted
+        self.table.serve(name, peer, check_others)
 
     def _on_reply(self, channel: bytes, data: bytes) -> None:
         entry, header, plaintext = self.node.open(channel, data)
@@ -363,25 +321,15 @@ class ForwarderService(MultiService):
 
     def candidates(self, proxy: str) -> list[KeyEntry]:
         """Current keys of the live instances of ``proxy``."""
-        entries = [self.keyring.current(i) for i in self.instances.get(proxy, [])]
-        return [e for e in entries if e is not None]
+        return self.table.candidates(proxy)
 
     def pick(self, proxy: str) -> list[KeyEntry]:
         """The candidates in the order to try them: round robin, one step per call."""
-        entries = self.candidates(proxy)
-        if len(entries) > 1:
-            turn = self._turns.get(proxy, 0)
-            self._turns[proxy] = turn + 1
-            start = turn % len(entries)
-            entries = entries[start:] + entries[:start]
-        return entries
+        return self.table.pick(proxy)
 
     def unavailable(self, name: str) -> RequestError:
         """Why ``name`` cannot take a request now."""
-        if name in self.key_expired:
-            return KeyExpired(f"ppbridge: proxy {name!r} has no session key within its hard lifetime "
-                              f"(rotation overdue)")
-        return ProxyUnavailable(f"ppbridge: proxy {name!r} is not connected or has no key yet")
+        return self.table.unavailable(name)
 
     def evict(self, peer: bytes, reason: str) -> None:
         """Stop routing to a proxy process that seems gone (its data channel reached nobody).
@@ -390,13 +338,7 @@ class ForwarderService(MultiService):
         an announcement goes out at once; a live proxy answers it with a heartbeat under its
         key and is routed to again (see :meth:`_on_confirm`).
         """
-        now = self.clock.seconds()
-        for name, instances in self.instances.items():
-            if peer in instances:
-                instances.remove(peer)
-                self.evicted[peer] = (name, now)
-                self.last_error[name] = reason
-                log.info("proxy instance {peer} is gone: {reason}", peer=peer.decode("ascii"), reason=reason)
+        self.table.evict(peer, reason, self.clock.seconds())
         for stream in [s for s in self.streams.values() if s.peer == peer]:
             stream.instance_gone()
         self._announce_soon()
@@ -412,11 +354,7 @@ class ForwarderService(MultiService):
 
     def wait_for_proxy(self, name: str) -> Deferred[None]:
         """Fires once ``name`` has a confirmed key (at once if it has one now)."""
-        if self.candidates(name):
-            return defer.succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiters.setdefault(name, []).append(d)
-        return d
+        return self.table.wait_for(name)
 
     def data_channel(self, entry: KeyEntry) -> bytes:
         return self.channels.proxy_data(entry.session.proxy, entry.session.instance)
@@ -424,29 +362,9 @@ class ForwarderService(MultiService):
     def status(self) -> dict[str, Any]:
         """The JSON document of ``GET /status``: per proxy, its newest instance's key (by
         fingerprint only) and every live instance."""
-        now = self.clock.seconds()
-        proxies = {}
-        for name, instances in self.instances.items():
-            live = [self._instance_status(i, now) for i in instances]
-            newest = min(live, key=lambda s: s["key_age_s"], default={"key_fingerprint": None})
-            proxies[name] = {**newest, "instances": live, "last_error": self.last_error.get(name)}
+        proxies = self.table.status(self.clock.seconds())
         return {"forwarder": self.id.hex(), "redis_connected": self.bus.connected,
                 "streams": len(self.streams), "proxies": proxies}
-
-    def _instance_status(self, peer: bytes, now: float) -> dict[str, Any]:
-        instance = peer.rsplit(b":", 1)[1].decode("ascii")
-        entry, stats = self.keyring.current(peer), self.keyring.stats.get(peer)
-        if entry is None or stats is None:
-            return {"instance": instance, "key_fingerprint": None, "key_age_s": float("inf")}
-        env = entry.session.envelope
-        return {
-            "instance": instance,
-            "key_fingerprint": env.fingerprint,
-            "key_age_s": round(now - stats.current_since, 3),
-            "messages": env.messages,
-            "rotations": stats.rotations,
-            "period_s": None if stats.period is None else round(stats.period, 3),
-        }
 
     def healthy(self) -> bool:
         """Connected to Redis and holding at least one confirmed key."""
@@ -471,10 +389,4 @@ class ForwarderService(MultiService):
             raise KeyError(name)
         if not self.bus.connected:
             return False, "the forwarder is not connected to Redis"
-        live = len(self.candidates(name))
-        if live:
-            return True, f"{live} live instance{'s' if live > 1 else ''} with a key"
-        if name in self.key_expired:
-            return False, "no session key within its hard lifetime (rotation overdue)"
-        why = self.last_error.get(name)
-        return False, "no live instance with a key" + (f" ({why})" if why else " (not connected, or no key yet)")
+        return self.table.health(name)

@@ -1,13 +1,13 @@
 """The proxy: negotiates its keys (steps 2 and 3) and answers requests from its upstream (step 4).
 
-:class:`ProxyService` owns the bus, the negotiation and rekey schedule, the keys it holds with
-each forwarder and the upstream calls in flight (:mod:`ppbridge.upstream`).
+:class:`ProxyService` owns the bus, the negotiation, the keys it holds with each forwarder and
+the upstream calls in flight (:mod:`ppbridge.upstream`); when it asks for keys, and the rekey
+schedule, are its :class:`~ppbridge.keyrequests.KeyRequests`.
 """
 
 from __future__ import annotations
 
 import os
-import random
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -21,12 +21,14 @@ from ppbridge.bus import Bus
 from ppbridge.channels import Channels
 from ppbridge.config import ProxySettings
 from ppbridge.errors import BusMessageError, GatewayTimeout, ProtocolFailure
+from ppbridge.keyrequests import TICK, KeyRequests
+from ppbridge.keyrequests import RETRY_MAX as RETRY_MAX  # re-exported: the tests read it here
 from ppbridge.keyring import KeyEntry, Keyring
 from ppbridge.metrics import Metrics
 from ppbridge.negotiation import ANY_FORWARDER, ProxyNegotiator
 from ppbridge.node import SessionNode
 from ppbridge.ratelimit import ANNOUNCE_BURST, ANNOUNCE_RATE, TokenBucket
-from ppbridge.rekey import RekeySchedule, make_policy
+from ppbridge.rekey import RekeySchedule
 from ppbridge.reload import split_settings, warn_held
 from ppbridge.streams import RecentlyClosed
 from ppbridge.timers import Periodic, log_failure, wait_until
@@ -34,13 +36,10 @@ from ppbridge.upstream import Upstream, UpstreamCall
 from ppbridge.wire import ID_SIZE, LEAVING, OVERHEAD, STREAM_ID_SIZE, MsgType, RequestHead
 
 log = Logger()
-TICK = 0.25  # the negotiation, rekey and expiry timer
-RETRY_FIRST, RETRY_MAX = 1.0, 30.0
 NO_STREAM = bytes(STREAM_ID_SIZE)
 SILENCE = 3  # announce intervals: a forwarder not heard from is forgotten, one not acknowledging
 # our heartbeats is asked for a new key, and /healthz counts only acknowledged forwarders
 LEAVE_WAIT = 5.0  # seconds, at most, publishing the LEAVING messages may take on stop
-RENEW_AFTER = 4  # key requests heard by a forwarder but never granted before we take a new instance id
 # What a reload cannot change in a running proxy (its identity, its keys, the bus, the admin
 # port, the flow-control sizes it negotiated): kept until a restart.
 RESTART_ONLY = ("redis", "name", "private_key", "private_key_path", "forwarder_key", "forwarder_key_path",
@@ -68,8 +67,8 @@ class ProxyService(MultiService):
         )
         # Signature checks of announcements, a second (a forged one costs as much as a real one).
         self.announce_budget = TokenBucket(ANNOUNCE_RATE, ANNOUNCE_BURST, clock.seconds())
-        self.schedule = RekeySchedule(make_policy(settings.rekey), settings.rekey.messages_per_key,
-                                      settings.rekey.key_lifetime)
+        self.key_requests = KeyRequests(settings.rekey, clock, bus, self.channels, self.negotiator, self.keyring,
+                                        self.metrics, self._renew_instance)
         self._reactor = reactor if reactor is not None else clock
         self._agent = agent
         self.upstream = Upstream(settings.upstream, self._reactor, settings.upstream_connect_timeout, agent)
@@ -77,16 +76,15 @@ class ProxyService(MultiService):
         self.calls: dict[tuple[bytes, bytes], UpstreamCall] = {}
         self.draining = False  # stopping: forwarders told we are leaving, no heartbeats, keys only for calls
         self.closed = RecentlyClosed()
-        self.last_error: str | None = None
         self.heard: dict[bytes, float] = {}  # forwarder -> last valid message from it
         self.acked: dict[bytes, float] = {}  # forwarder -> last acknowledgement that it routes to us
         self._beat: dict[bytes, float] = {}  # forwarder -> when we last sent it a heartbeat
-        self._retry_at = 0.0
-        self._retry_delay = RETRY_FIRST
-        self._ungranted = 0  # key requests in a row, made without a key, that forwarders heard but did not grant
-        self._rekey_at = 0.0
-        self._rekey_delay = RETRY_FIRST
         self._tick = Periodic(clock, TICK, self._on_tick, "negotiation and rekey timer")
+
+    @property
+    def schedule(self) -> RekeySchedule:
+        """The rekey schedule in force (see :class:`KeyRequests`)."""
+        return self.key_requests.schedule
 
     # lifecycle
 
@@ -106,7 +104,7 @@ class ProxyService(MultiService):
         stream id LEAVING, so it routes nothing new to us), let the calls in flight finish for
         up to ``drain_timeout`` seconds, then stop; calls still running then are cancelled."""
         self.draining = True
-        self._rekey_at, self._rekey_delay = 0.0, RETRY_FIRST  # rotations for the calls in flight start afresh
+        self.key_requests.restart_rotations()  # rotations for the calls in flight start afresh
         limit = self.settings.drain_timeout
         if limit <= 0:
             return self._stop_now()
@@ -147,18 +145,13 @@ class ProxyService(MultiService):
         values (a warning each)."""
         settings, applied, held = split_settings(self.settings, settings, RESTART_ONLY)
         warn_held(settings.source, held)
-        rekey = settings.rekey
-        schedule = self.schedule
-        if rekey != self.settings.rekey:
-            schedule = RekeySchedule(make_policy(rekey), rekey.messages_per_key, rekey.key_lifetime)
         upstream = self.upstream
         if (settings.upstream, settings.upstream_connect_timeout) != (self.settings.upstream,
                                                                        self.settings.upstream_connect_timeout):
             upstream = Upstream(settings.upstream, self._reactor, settings.upstream_connect_timeout, self._agent)
         old_upstream, self.upstream = self.upstream, upstream
-        self.settings, self.schedule = settings, schedule
-        self.negotiator.set_limits(rekey.key_lifetime, rekey.messages_per_key)
-        self.keyring.grace = rekey.grace
+        self.settings = settings
+        self.key_requests.reload(settings.rekey)
         if old_upstream is not upstream:
             # The calls in flight hold the old pool's connections: close it once they are over.
             busy = set(self.calls)
@@ -187,32 +180,25 @@ class ProxyService(MultiService):
         if self.draining:
             # No heartbeat (it would make a forwarder route to us again); new keys only where
             # calls are in flight, so that no call outlives its key.
-            self._rekey_in_flight(now)
+            self.key_requests.rekey_in_flight(now, self._busy_forwarders())
             return
         self._forget_silent(now)
-        for peer, entry in self._current().items():
+        current = self._current()
+        for peer, entry in current.items():
             if now - self._beat.get(peer, entry.created) >= entry.session.announce_interval:
                 self._heartbeat(peer, entry, now)
-        self.schedule.policy.observe(now, self.node.messages)
-        if not self.keyring.peers():
-            if now >= self._retry_at:
-                self._negotiate(ANY_FORWARDER)
-            return
-        self._rekey(now)
+        unacked = [p for p, e in current.items()  # not acknowledging our heartbeats: asked for a new key
+                   if now - self.acked.get(p, e.created) > SILENCE * e.session.announce_interval]
+        self.key_requests.tick(now, self.node.messages, unacked)
 
     def _renew_instance(self) -> None:
-        """Take a new instance id. Forwarders hear our requests and grant nothing: our id (it
-        is public, in our data channel's name) may have been claimed at a forwarder by another
-        proxy name while we were away, which makes that forwarder refuse it to us."""
+        """Take a new instance id, and the data channel named after it (see :class:`KeyRequests`)."""
         old = self.data_channel
         self.instance = os.urandom(ID_SIZE)
         self.negotiator.instance = self.instance
         self.data_channel = self.channels.proxy_data(self.settings.name, self.instance)
         self.bus.subscribe(self.data_channel).addErrback(log_failure("subscribing failed"))
         self.bus.unsubscribe(old).addErrback(log_failure("unsubscribing failed"))
-        self._ungranted = 0
-        log.warn("proxy {name}: {n} key requests were heard but not granted; now instance {instance}",
-                 name=self.settings.name, n=RENEW_AFTER, instance=self.instance.hex())
 
     def _current(self) -> dict[bytes, KeyEntry]:
         entries = {p: self.keyring.current(p) for p in self.keyring.peers()}
@@ -245,73 +231,15 @@ class ProxyService(MultiService):
         for call in [c for c in self.calls.values() if c.forwarder == forwarder]:
             call.cancel(why)
 
-    def _rekey(self, now: float) -> None:
-        """Rotate each key due (half its lifetime or message budget, or the policy's period),
-        retrying with backoff while a rotation does not complete; ask a forwarder that stopped
-        acknowledging our heartbeats for a new key."""
-        current = self._current()
-        due = [p for p, e in current.items() if self._due(now, e)]
-        unacked = [p for p, e in current.items()
-                   if now - self.acked.get(p, e.created) > SILENCE * e.session.announce_interval]
-        self._rotate(now, [ANY_FORWARDER] if due and len(due) == len(current) else sorted(set(due) | set(unacked)))
-
-    def _rekey_in_flight(self, now: float) -> None:
-        """While draining: rotate, when due, only the keys of forwarders we have calls in flight
-        with (a request addressed to each, never a broadcast), so a call longer than a key's
-        hard lifetime is still answered. A key already past its limits is overdue too."""
-        entries = {p: self.keyring.current(p) for p in self._busy_forwarders()}
-        self._rotate(now, sorted(p for p, e in entries.items() if e is None or self._due(now, e)))
-
-    def _due(self, now: float, entry: KeyEntry) -> bool:
-        # A rotation due within half a tick is done now, or a 1 s period would slip a tick.
-        return self.schedule.due(now + TICK / 2, entry.created, entry.session.envelope.messages) is not None
-
     def _busy_forwarders(self) -> set[bytes]:
         return {call.forwarder for call in self.calls.values()}
-
-    def _rotate(self, now: float, targets: list[bytes]) -> None:
-        """Ask ``targets`` for new keys, with backoff while rotations do not complete."""
-        if not targets:
-            self._rekey_at, self._rekey_delay = 0.0, RETRY_FIRST
-            return
-        if now < self._rekey_at:
-            return
-        waiting = self.negotiator.unanswered_targets(now)
-        for target in targets:
-            if target not in waiting:
-                log.debug("rekeying with {target}", target=target.hex())
-                self._negotiate(target)
-        self._rekey_at = now + self._rekey_delay * random.uniform(0.8, 1.2)
-        self._rekey_delay = min(RETRY_MAX, self._rekey_delay * 2)
 
     def _negotiate(self, target: bytes) -> None:
         """Ask ``target`` (or every forwarder) for a key. While draining, only a forwarder we
         have calls in flight with is asked (for them), never every forwarder or a new one."""
-        if not self.bus.connected:
-            return
         if self.draining and (target == ANY_FORWARDER or target not in self._busy_forwarders()):
             return
-        now = self.clock.seconds()
-        if not self.keyring.peers() and not self.draining:  # draining: keep our id, the calls use it
-            self._retry_at = now + self._retry_delay * random.uniform(0.8, 1.2)
-            self._retry_delay = min(RETRY_MAX, self._retry_delay * 2)
-            if self._ungranted >= RENEW_AFTER:
-                self._renew_instance()
-        channel, message = self.negotiator.make_request(now, target)
-
-        def publish(_: object) -> Deferred[int]:
-            return self.bus.publish(self.channels.negotiate, message)
-
-        d = self.bus.subscribe(channel).addCallback(publish)
-        d.addCallback(self._request_published).addErrback(log_failure("publishing a key request failed"))
-
-    def _request_published(self, receivers: int) -> None:
-        self.metrics.negotiations.labels("requested").inc()
-        if receivers and not self.keyring.peers():
-            self._ungranted += 1
-        if receivers == 0:
-            self.last_error = "no forwarder is listening on the negotiation channel"
-            log.warn("key request reached no forwarder; retrying")
+        self.key_requests.ask(target, self.draining)
 
     # bus input
 
@@ -336,25 +264,17 @@ class ProxyService(MultiService):
         if entry is not None:
             self.heard[forwarder] = now
             self._heartbeat(forwarder, entry, now)  # at once: it may have just evicted us
-        # A broadcast request still pending may predate this forwarder, so only a request
-        # addressed to it counts (at worst one spare key when both arrive).
-        elif forwarder not in self.negotiator.unanswered_targets(now):
-            log.info("forwarder {id} announced itself; negotiating a key", id=forwarder.hex())
-            self._negotiate(forwarder)
+        else:
+            self.key_requests.announced(forwarder, now)
 
     def _on_grant(self, channel: bytes, data: bytes) -> None:
         now = self.clock.seconds()
-        session = self.negotiator.handle_grant(channel, data, now)
-        entry = self.keyring.add(session, session.forwarder, now, confirmed=True)
-        self.heard[session.forwarder] = now
-        self._retry_delay = RETRY_FIRST
-        self._ungranted = 0
-        self.last_error = None
-        self.metrics.negotiations.labels("granted").inc()
-        log.info("key {fp} from forwarder {id}", fp=session.envelope.fingerprint, id=session.forwarder.hex())
+        entry = self.key_requests.take_grant(channel, data, now)
+        forwarder = entry.session.forwarder
+        self.heard[forwarder] = now
         # A grant for a request made before we began draining: confirm nothing, say we are leaving.
         stream = LEAVING if self.draining else NO_STREAM
-        self.node.send(entry, self.channels.forwarder_control(session.forwarder), MsgType.CONFIRM, stream, 0,
+        self.node.send(entry, self.channels.forwarder_control(forwarder), MsgType.CONFIRM, stream, 0,
                        b"").addErrback(log_failure("confirming a key failed"))
 
     def _on_data(self, channel: bytes, data: bytes) -> None:
@@ -443,7 +363,8 @@ class ProxyService(MultiService):
         return {
             "proxy": self.settings.name, "instance": self.instance.hex(), "redis_connected": self.bus.connected,
             **newest, "period_s": round(self.schedule.period(), 3),
-            "rekey_mode": self.settings.rekey.mode, "streams": len(self.calls), "last_error": self.last_error,
+            "rekey_mode": self.settings.rekey.mode, "streams": len(self.calls),
+            "last_error": self.key_requests.last_error,
             "forwarders": forwarders,
         }
 
