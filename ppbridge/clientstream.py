@@ -45,6 +45,7 @@ from ppbridge.wire import (
     OVERHEAD,
     STREAM_ID_SIZE,
     Header,
+    HeaderList,
     MsgType,
     RequestHead,
     ResponseHead,
@@ -68,6 +69,8 @@ class ClientStream:
     States: ``sent`` (head published, waiting for the response head), ``responding``
     (streaming the response), ``done``. Acts as the push producer of the client response.
     """
+
+    coalesce = True  # small body writes may wait up to streams.COALESCE to fill a frame
 
     def __init__(self, bridge: ForwarderService, request: BridgeRequest, proxy: str, head: RequestHead) -> None:
         self.bridge = bridge
@@ -120,11 +123,17 @@ class ClientStream:
         # gotLength says 0 both for "Content-Length: 0" and for no body at all; only the
         # former is passed on as a length.
         declared = length if request.requestHeaders.hasHeader(b"content-length") else None
+        headers += cls.extra_headers(request)
         head = RequestHead(method, target, headers, bridge.channels.reply(bridge.id), declared)
         stream = cls(bridge, request, route.name, head)
         if not stream.inline:
             stream._send_head(b"", end=False)
         return stream
+
+    @classmethod
+    def extra_headers(cls, request: BridgeRequest) -> HeaderList:
+        """Headers this kind of stream adds to the forwarded ones (none: see tunnel.UpgradeStream)."""
+        return []
 
     # client side
 
@@ -209,7 +218,7 @@ class ClientStream:
         if not head_ends:
             self._outbound = Outbound(entry.session.peer_window, frame - OVERHEAD, self._send_frame,
                                       connection(self.request).pauseProducing, connection(self.request).resumeProducing,
-                                      self.bridge.clock)
+                                      self.bridge.clock if self.coalesce else None)
             self._outbound.write(rest)
             if end:
                 self._outbound.finish()
@@ -253,7 +262,7 @@ class ClientStream:
         self._send(MsgType.WINDOW, 0, encode_window(increment))
 
     def _cancel_upstream(self, why: str) -> None:
-        if self.state in ("sent", "responding"):
+        if self.state not in ("new", "done"):  # the proxy has the head, and the stream is open
             self._send(MsgType.RESET, 0, encode_reset(CANCEL_CODE, why))
 
     # from the proxy

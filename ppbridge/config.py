@@ -106,6 +106,8 @@ class ForwarderSettings:
     max_header_line: int = 16384  # longest request line or header line; longer: 431
     max_headers: int = 100  # header lines per request; more: 431 too-many-headers
     header_timeout: float = 10.0  # seconds to send a whole request head; slower: 408
+    upgrade_idle_timeout: float = 3600.0  # an upgraded connection with no byte either way is closed; 0 = never
+    max_upgraded: int = 1000  # upgraded connections open per proxy; more: 503 upgrade-limit; 0 = no limit
     admin_listen: str | None = "tcp:9180:interface=127.0.0.1"  # None = no admin server
     # Peers whose X-Forwarded-For, Forwarded, X-Forwarded-Host/-Proto are believed.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -168,6 +170,7 @@ _FORWARDER_NUMBERS = {
     # is 64 KiB) and MAX_HEADERS - 4 lines (the forwarder adds up to 4 X-Forwarded-*/Forwarded).
     "max_header_line": Bound(1024, 32768, integer=True), "max_headers": Bound(1, MAX_HEADERS - 4, integer=True),
     "header_timeout": Bound(0, 3600, above=True),
+    "upgrade_idle_timeout": Bound(0), "max_upgraded": Bound(0, integer=True),
 }
 _PROXY_NUMBERS = {
     "upstream_connect_timeout": _POSITIVE, "upstream_timeout": _POSITIVE,

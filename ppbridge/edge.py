@@ -28,12 +28,13 @@ Checked against Twisted 26.10.0: this module relies on HTTPChannel's private
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IProtocol, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol
+from zope.interface import implementer
 
 from ppbridge.errors import HeaderTimeout, HeaderTooLarge, RequestError, TooManyHeaders
 from ppbridge.logsafe import escape
@@ -110,6 +111,7 @@ class EdgeChannel(HTTPChannel):
 
     refused = False
     draining = False
+    tunnel: IProtocol | None = None  # who has the connection after take_over
 
     def __init__(self, edge: Edge) -> None:
         super().__init__()
@@ -190,6 +192,32 @@ class EdgeChannel(HTTPChannel):
         self._cancel(self._linger)
         super().connectionLost(reason)
 
+    def take_over(self, protocol: IProtocol) -> bytes:
+        """Hand this connection to ``protocol`` for good (an upgrade answered 101): no more
+        HTTP parsing, timers or drain; its bytes, its EOF (:meth:`read_ended`) and its loss go
+        to ``protocol``. Returns the bytes the client sent after the request head.
+
+        Uses twisted.web's private ``_protocolUpgradeForWebsockets`` (what Twisted's own
+        WebSocket resource uses) and ``_dataBuffer`` (bytes read while the request was being
+        handled), both checked against Twisted 26.10.0."""
+        self.stand_down()
+        self.setTimeout(None)
+        self.edge.open.discard(self)
+        early, self._dataBuffer = b"".join(self._dataBuffer), []
+        self.tunnel = protocol
+        self._protocolUpgradeForWebsockets(protocol)
+        cast(Any, self.transport).resumeProducing()  # twisted.web pauses reading when a client sends ahead
+        return early
+
+    def read_ended(self) -> None:
+        """The client half-closed (EOF): a taken-over connection's protocol is told; otherwise
+        the client has nothing more to ask, and the connection closes once answers are out."""
+        half = IHalfCloseableProtocol(self.tunnel, None) if self.tunnel is not None else None
+        if half is not None:
+            half.readConnectionLost()
+        elif self.transport is not None:
+            self.transport.loseConnection()
+
     def stand_down(self) -> None:
         """Another protocol (HTTP/2) took the connection over: no more head timer."""
         self._awaiting_head = False
@@ -226,9 +254,21 @@ class EdgeChannel(HTTPChannel):
             call.cancel()
 
 
+@implementer(IHalfCloseableProtocol)
 class _EdgeProtocol(_GenericHTTPChannelProtocol):
     """twisted.web's wrapper, which replaces the channel by an H2Connection when TLS
-    negotiates HTTP/2 (without telling the old one): the edge channel's head timer then stops."""
+    negotiates HTTP/2 (without telling the old one): the edge channel's head timer then stops.
+    Half-closeable, so an upgraded connection can carry the client's EOF (:meth:`EdgeChannel.read_ended`)."""
+
+    def readConnectionLost(self) -> None:
+        channel = self._channel
+        if isinstance(channel, EdgeChannel):
+            channel.read_ended()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        return None
 
     def dataReceived(self, data: bytes) -> None:
         channel = self._channel

@@ -101,6 +101,10 @@ class HeaderTimeout(RequestError):
     status, cause, message = 408, "header-timeout", "ppbridge: the request head was not complete within header_timeout"
 
 
+class UpgradeLimit(RequestError):
+    status, cause, message = 503, "upgrade-limit", "ppbridge: the proxy has max_upgraded upgraded connections open"
+
+
 class ProtocolFailure(RequestError):
     status, cause, message = 502, "protocol-error", "ppbridge: the proxy's answer failed integrity checks"
 

@@ -71,6 +71,7 @@ class ForwarderService(MultiService):
         self._reannounce: IDelayedCall | None = None  # an announcement an eviction asked for
         self.refusals = Throttle()  # log lines for refused client requests (bad-target)
         self.streams: dict[bytes, ClientStream] = {}
+        self.upgraded: dict[str, int] = {}  # upgraded connections open (after their 101), per proxy
         self.listeners: list[IService] = []  # the HTTP ports (children): closed first on stop
         self.sites: list[BridgeSite] = []  # their sites (each registers itself): drained on stop, reloaded
         self.draining = False
@@ -363,8 +364,15 @@ class ForwarderService(MultiService):
         """The JSON document of ``GET /status``: per proxy, its newest instance's key (by
         fingerprint only) and every live instance."""
         proxies = self.table.status(self.clock.seconds())
+        for name, proxy in proxies.items():
+            proxy["upgraded"] = self.upgraded.get(name, 0)
         return {"forwarder": self.id.hex(), "redis_connected": self.bus.connected,
                 "streams": len(self.streams), "proxies": proxies}
+
+    def count_upgraded(self, name: str, delta: int) -> None:
+        """An upgraded connection of proxy ``name`` opened (+1) or closed (-1)."""
+        self.upgraded[name] = self.upgraded.get(name, 0) + delta
+        self.metrics.upgraded_open.labels(name).inc(delta)
 
     def healthy(self) -> bool:
         """Connected to Redis and holding at least one confirmed key."""

@@ -91,3 +91,21 @@ def upstream_request_headers(headers: HeaderList, upstream_host: bytes) -> Heade
     out = [(n, v) for n, v in end_to_end(headers) if n.lower() != b"host"]
     out.append((b"Host", upstream_host))
     return out
+
+
+def upgrade_token(headers: HeaderList) -> bytes | None:
+    """The protocol a request asks to switch to (``Connection: upgrade`` plus one ``Upgrade``
+    header), or None. ``h2c`` is None too: RFC 9110 §7.8 lets a server ignore an Upgrade, so
+    such a request goes on as plain HTTP/1.1 (ppbridge carries HTTP/1.1 semantics)."""
+    connection = {t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",")}
+    values = [v.strip() for n, v in headers if n.lower() == b"upgrade"]
+    if b"upgrade" not in connection or len(values) != 1 or not values[0]:
+        return None
+    if values[0].lower().startswith(b"h2c"):
+        return None
+    return values[0]
+
+
+def upgrade_headers(token: bytes) -> HeaderList:
+    """The two hop-by-hop headers an upgrade request or its 101 answer carries on each hop."""
+    return [(b"Connection", b"Upgrade"), (b"Upgrade", token)]

@@ -56,6 +56,8 @@ class Metrics:
         self.negotiations = Counter("ppbridge_negotiations", "Key negotiations, by result", ["result"], registry=r)
         self.aborted = Counter("ppbridge_streams_aborted", "Streams ended abnormally, by reason", ["reason"], registry=r)
         self.active_streams = Gauge("ppbridge_active_streams", "Streams in flight", registry=r)
+        self.upgraded_open = Gauge("ppbridge_upgraded_connections",
+                                   "Forwarder: upgraded connections (WebSocket...) open, by proxy", ["proxy"], registry=r)
         self.redis_up = Gauge("ppbridge_redis_connected", "1 when the publishing and the main subscribing Redis connections are up", registry=r)
         self.public_losses = Gauge(
             "ppbridge_redis_public_subscriber_losses",

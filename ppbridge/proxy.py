@@ -32,6 +32,7 @@ from ppbridge.rekey import RekeySchedule
 from ppbridge.reload import split_settings, warn_held
 from ppbridge.streams import RecentlyClosed
 from ppbridge.timers import Periodic, log_failure, wait_until
+from ppbridge.upgradecall import UpgradeCall, is_upgrade
 from ppbridge.upstream import Upstream, UpstreamCall
 from ppbridge.wire import ID_SIZE, LEAVING, OVERHEAD, STREAM_ID_SIZE, MsgType, RequestHead
 
@@ -289,7 +290,7 @@ class ProxyService(MultiService):
             head, body = RequestHead.decode(payload)
             if not self.channels.is_reply_of(forwarder, head.reply_channel):
                 raise BusMessageError("bad-reply-channel", "reply channel outside the forwarder's pattern")
-            new = UpstreamCall(self, forwarder, header.stream_id, head)
+            new = (UpgradeCall if is_upgrade(head) else UpstreamCall)(self, forwarder, header.stream_id, head)
             self.calls[key] = new
             self.metrics.active_streams.inc()
             # How long until the forwarder's clock passes the deadline, by our most pessimistic

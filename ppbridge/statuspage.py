@@ -93,7 +93,12 @@ SCRIPT = """
     sum.appendChild(el("span", val(p.requests_1m), "requests"));
     sum.appendChild(el("span", " requests, "));
     sum.appendChild(el("span", val(p.errors_1m), p.errors_1m ? "errors bad" : "errors"));
-    sum.appendChild(el("span", " errors. Last error: "));
+    sum.appendChild(el("span", " errors. "));
+    if (p.upgraded !== undefined) {
+      sum.appendChild(el("span", val(p.upgraded), "upgraded"));
+      sum.appendChild(el("span", " upgraded connections open. "));
+    }
+    sum.appendChild(el("span", "Last error: "));
     sum.appendChild(el("span", val(p.last_error), p.last_error ? "last-error bad" : "last-error muted"));
     s.appendChild(sum);
     s.appendChild(table(rows, first));

@@ -119,10 +119,12 @@ class Upstream:
         self.pool.maxPersistentPerHost = POOL_SIZE
         self.pool._factory = _QuietFactory  # not two log lines per upstream connection
         self.failures = Throttle()  # warn lines for failed upstream calls, per cause
+        # Upgrade calls connect here themselves (None with an injected agent: tests of the calls)
+        self.endpoint: _OneEndpoint | None = None
         if agent is None:
             port = parts.port or (443 if parts.scheme == "https" else 80)
-            endpoints = _OneEndpoint(reactor, parts.scheme, parts.hostname or "", port, connect_timeout)
-            agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
+            self.endpoint = _OneEndpoint(reactor, parts.scheme, parts.hostname or "", port, connect_timeout)
+            agent = Agent.usingEndpointFactory(reactor, self.endpoint, pool=self.pool)
         self.agent = agent
 
     def url(self, target: bytes) -> bytes:
@@ -200,6 +202,8 @@ def classify(failure: Failure) -> RequestError:
 
 class UpstreamCall:
     """One request from a forwarder, executed against the upstream and answered in frames."""
+
+    coalesce = True  # small response writes may wait up to streams.COALESCE to fill a frame
 
     def __init__(self, proxy: ProxyService, forwarder: bytes, stream_id: bytes, head: RequestHead) -> None:
         self.proxy = proxy
@@ -420,7 +424,7 @@ class UpstreamCall:
         if not head_ends:
             credit = self.proxy.peer_window(self.forwarder)
             self._outbound = Outbound(credit, frame - OVERHEAD, self._send_frame, self._pause_upstream,
-                                      self._resume_upstream, self.proxy.clock)
+                                      self._resume_upstream, self.proxy.clock if self.coalesce else None)
             self._outbound.write(rest)
             if end:
                 self._outbound.finish()

@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from ppbridge.clientstream import ClientStream
+from ppbridge.tunnel import UpgradeStream, wants_upgrade
 from ppbridge.edge import Edge, EdgeLimits, client_of, error_bytes, request_line
 from ppbridge.errors import BadTarget, BodyTooLarge, RequestError
 from ppbridge.logsafe import escape
@@ -45,7 +46,8 @@ class BridgeRequest(Request):
         bridge = bridge_of(self)
         method, uri = request_line(self.channel)
         try:
-            self.stream = ClientStream.open(bridge, self, method, uri, length)
+            kind = UpgradeStream if wants_upgrade(self, length) else ClientStream
+            self.stream = kind.open(bridge, self, method, uri, length)
         except RequestError as err:
             self.early_error = err
             try:  # the proxy label, known unless the route itself failed

@@ -6,7 +6,8 @@ from twisted.trial.unittest import TestCase
 
 import ipaddress
 
-from ppbridge.httpheaders import end_to_end, forwarded_request_headers, trusted_peer, upstream_request_headers
+from ppbridge.httpheaders import (end_to_end, forwarded_request_headers, trusted_peer, upgrade_headers, upgrade_token,
+                                  upstream_request_headers)
 
 FRONT = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))  # a trusted load balancer
 
@@ -154,3 +155,29 @@ class UpstreamTests(TestCase):
         out = upstream_request_headers(headers, b"intranet.example")
         self.assertEqual(out, [(b"X-Forwarded-For", b"203.0.113.7"), (b"Authorization", b"Bearer t"),
                                (b"Host", b"intranet.example")])
+
+
+class UpgradeTokenTests(TestCase):
+    """Which requests ppbridge carries as upgrades (``upgrade_token``)."""
+
+    def test_websocket_and_other_tokens(self) -> None:
+        """``Connection: keep-alive, Upgrade`` (any case) with one Upgrade header gives its value as it came."""
+        self.assertEqual(upgrade_token([(b"Connection", b"keep-alive, Upgrade"), (b"Upgrade", b"websocket")]),
+                         b"websocket")
+        self.assertEqual(upgrade_token([(b"connection", b"upgrade"), (b"upgrade", b"x-raw/2")]), b"x-raw/2")
+
+    def test_not_an_upgrade(self) -> None:
+        """No upgrade without ``upgrade`` in Connection, without an Upgrade header, with two
+        Upgrade headers or an empty one (ambiguous: carried as an ordinary request), or for h2c
+        (answered as HTTP/1.1, RFC 9110 §7.8)."""
+        for headers in ([(b"Upgrade", b"websocket")],
+                        [(b"Connection", b"upgrade")],
+                        [(b"Connection", b"upgrade"), (b"Upgrade", b"websocket"), (b"Upgrade", b"x")],
+                        [(b"Connection", b"upgrade"), (b"Upgrade", b"")],
+                        [(b"Connection", b"Upgrade, HTTP2-Settings"), (b"Upgrade", b"h2c")],
+                        [(b"Connection", b"close"), (b"Upgrade", b"websocket")]):
+            self.assertIsNone(upgrade_token(headers), headers)
+
+    def test_upgrade_headers_are_the_hop_pair(self) -> None:
+        """What each hop of an upgrade carries: ``Connection: Upgrade`` and the token."""
+        self.assertEqual(upgrade_headers(b"websocket"), [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")])

@@ -359,8 +359,9 @@ def bounded(d: Deferred[Any], seconds: float = WAIT) -> Deferred[Any]:
 
 
 class ChildBridge:
-    """A private Redis, the sample upstream (in this process), and ``twistd -n ppforwarder`` and
-    ``twistd -n ppproxy`` child processes configured from TOML files; all stopped in cleanup."""
+    """A private Redis, an upstream (the sample app in this process, or the URL given to
+    :meth:`start`), and ``twistd -n ppforwarder`` and ``twistd -n ppproxy`` child processes
+    (route ``alpha`` at ``/``) configured from TOML files; all stopped in cleanup."""
 
     forwarder: Child
     proxy: Child
@@ -373,16 +374,18 @@ class ChildBridge:
         self.redis = start_redis(case)
 
     @defer.inlineCallbacks
-    def start(self, forwarder: dict[str, Any] | None = None):  # type: ignore[no-untyped-def]
+    def start(self, forwarder: dict[str, Any] | None = None, proxy: dict[str, Any] | None = None,
+              upstream: str | None = None):  # type: ignore[no-untyped-def]
         key_pair(self.folder, "forwarder")
         key_pair(self.folder, "alpha")
-        site, self.app = make_site()
-        upstream = yield listen(self.case, site)
+        if upstream is None:
+            site, self.app = make_site()
+            upstream = yield listen(self.case, site)
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         fconf = write_forwarder_config(self.folder, self.redis.url, f"tcp:{port}:interface=127.0.0.1:backlog=1024",
                                        {"alpha": {"path_prefix": "/"}}, forwarder=forwarder)
-        pconf = write_proxy_config(self.folder, "alpha", self.redis.url, upstream)
+        pconf = write_proxy_config(self.folder, "alpha", self.redis.url, upstream, settings=proxy)
         run_dir = temp_folder(self.case)
         self.forwarder = spawn(self.case, run_dir, [TWISTD, "-n", "--pidfile=", "ppforwarder", "--config", str(fconf)],
                                "forwarder")
