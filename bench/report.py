@@ -1,5 +1,5 @@
-"""The printed report: tables with ratios to direct and to ssh -R, the targets, a comparison
-with an earlier run's JSON. Works only on the JSON-ready result dict, so ``--compare`` reads
+"""The printed report: tables with ratios to direct and to ssh -R (HTTP and WebSocket), the
+targets, a comparison with an earlier run's JSON. Works only on the JSON-ready result dict, so ``--compare`` reads
 old files exactly as this run writes them.
 """
 
@@ -95,8 +95,31 @@ def cpu_section(result: Result) -> str:
             total = dl.get("row_s_per_gb")
             out.append([f"{name} download", f"{parts} (s/GB)" if total is not None else "-",
                         "-" if total is None else f"{total:.2f} s/GB", up, "-"])
+        out += _ws_cpu_rows(name, row)
     return table(["measurement", "row processes (CPU s per 1000 req)", "row total", "upstream (not counted)",
                   "client"], out)
+
+
+def _ws_cpu_rows(name: str, row: Result) -> list[list[str]]:
+    """The CPU lines of a row's WebSocket runs: per 1000 round trips, per GB carried."""
+    ws = row.get("ws") or {}
+    out = []
+    for conc, run in ws.get("echo", {}).items():
+        parts = ", ".join(f"{role} {v:.3f}" for role, v in run.get("cpu_s_per_1k", {}).items())
+        up = ", ".join(f"{role} {v:.3f}" for role, v in run.get("helpers_cpu_s_per_1k", {}).items())
+        client = run["client_cpu_s"] / run["messages"] * 1000 if run["messages"] else 0.0
+        us = run.get("row_us_per_msg")
+        label = f"{parts} (per 1000 round trips)" if parts else "(no tunnel processes)"
+        out.append([f"{name} WebSocket c{conc}", label, fmt(None if us is None else us / 1000, 3), up, f"{client:.3f}"])
+    tp = ws.get("throughput")
+    if tp:
+        parts = ", ".join(f"{role} {v:.2f}" for role, v in tp.get("cpu_s_per_gb", {}).items())
+        up = ", ".join(f"{role} {v:.2f}" for role, v in tp.get("helpers_cpu_s_per_gb", {}).items())
+        total = tp.get("row_s_per_gb")
+        client = tp["client_cpu_s"] / (tp["carried_bytes"] / 1e9) if tp.get("carried_bytes") else 0.0
+        out.append([f"{name} WebSocket throughput", f"{parts} (s/GB carried)" if parts else "-",
+                    "-" if total is None else f"{total:.2f} s/GB", up, f"{client:.2f} s/GB"])
+    return out
 
 
 def _helpers(run: Result, suffix: str) -> Mapping[str, float]:
@@ -115,6 +138,12 @@ def counters_section(result: Result) -> str | None:
         dl = row.get("download") or {}
         if dl.get("per_mib"):
             out.append([f"{name} download", "per MiB", _counters(dl["per_mib"])])
+        ws = row.get("ws") or {}
+        for conc, run in ws.get("echo", {}).items():
+            if run.get("per_message"):
+                out.append([f"{name} WebSocket c{conc}", "per round trip", _counters(run["per_message"])])
+        if (ws.get("throughput") or {}).get("per_mib"):
+            out.append([f"{name} WebSocket throughput", "per MiB carried", _counters(ws["throughput"]["per_mib"])])
     return table(["measurement", "", "Redis commands and bytes"], out) if out else None
 
 
@@ -141,14 +170,65 @@ def download_section(result: Result) -> str:
 
 def memory_section(result: Result) -> str:
     out = []
+    with_ws = any("after_ws" in row.get("rss_mib", {}) for row in _ok(result["rows"]).values())
     for name, row in _ok(result["rows"]).items():
         rss = row.get("rss_mib", {})
         small_peak, dl_peak = rss.get("after_small", {}), rss.get("after_download", {})
-        for role in dl_peak or small_peak:
+        ws_peak = rss.get("after_ws", {})
+        for role in ws_peak or dl_peak or small_peak:
             a, b = small_peak.get(role), dl_peak.get(role)
             grow = None if a is None or b is None else b - a
-            out.append([name, role, fmt(a), fmt(b), fmt(grow)])
-    return table(["row", "process", "peak RSS MiB after small reqs", "after big download", "growth"], out)
+            out.append([name, role, fmt(a), fmt(b), fmt(grow)] + ([fmt(ws_peak.get(role))] if with_ws else []))
+    return table(["row", "process", "peak RSS MiB after small reqs", "after big download", "growth"]
+                 + (["after WebSocket"] if with_ws else []), out)
+
+
+def _any_ws(result: Result) -> bool:
+    return any(row.get("ws") for row in _ok(result["rows"]).values())
+
+
+def ws_sections(result: Result) -> list[str]:
+    """The WebSocket tables (echo round trips, one-connection throughput), or why there are none."""
+    meta = result["meta"].get("ws")
+    if not meta:
+        return []  # a run saved before the WebSocket measurements existed
+    if meta.get("skipped"):
+        return ["", f"WebSocket: skipped ({meta['skipped']})"]
+    rows = {name: row for name, row in _ok(result["rows"]).items() if row.get("ws")}
+    parts = ["", (f"WebSocket echo round trips ({meta['path']}, the same hop for every row):"
+                  f" {meta['echo_bytes']}-byte binary messages, each connection sends one, waits for its echo,"
+                  f" repeats; {meta['duration']:g} s per run after {meta['warmup']:g} s warm-up; {meta['tool']}")]
+    for name, row in rows.items():
+        if row["ws"].get("status") != "ok":
+            parts.append(f"row {name!r} WebSocket failed: {row['ws'].get('reason')}")
+    echo = {name: row["ws"].get("echo", {}) for name, row in rows.items()}
+    direct, ssh = echo.get("direct", {}), echo.get("ssh -R", {})
+    out = []
+    for name, runs in echo.items():
+        for i, (conc, run) in enumerate(runs.items()):
+            d, s = direct.get(conc), ssh.get(conc)
+            out.append([name if i == 0 else "", conc, fmt(run["round_trips_per_s"], 0), fmt(run["p50_ms"], 2),
+                        fmt(run["p99_ms"], 2), str(sum(run["errors"].values())),
+                        ratio(run["p50_ms"], field(d, "p50_ms")), ratio(run["p50_ms"], field(s, "p50_ms")),
+                        ratio(run["p99_ms"], field(d, "p99_ms")), ratio(run["p99_ms"], field(s, "p99_ms")),
+                        ratio(run["round_trips_per_s"], field(s, "round_trips_per_s")),
+                        fmt(run.get("row_us_per_msg"), 0), fmt(run.get("others_cpu_pct"), 0)])
+    if out:
+        parts.append(table(["row", "conns", "round trips/s", "p50 ms", "p99 ms", "errors", "p50 vs direct",
+                            "p50 vs ssh", "p99 vs direct", "p99 vs ssh", "rt/s vs ssh", "row CPU us/msg",
+                            "others %CPU"], out))
+    tps = {name: row["ws"]["throughput"] for name, row in rows.items() if row["ws"].get("throughput")}
+    if tps:
+        base = {k: tps[k]["mb_s"] for k in ("direct", "ssh -R") if k in tps}
+        parts += ["", (f"WebSocket throughput, one connection: {meta['throughput_mib']} MiB binary messages,"
+                       f" {meta['inflight']} on their way at once, each echoed back; MB/s = echoed bytes received"
+                       " per second (as many went the other way meanwhile); CPU per GB carried (both ways)")]
+        parts.append(table(["row", "MB/s", "vs direct", "vs ssh", "handshake ms", "row CPU s/GB", "others %CPU",
+                            "errors"], [
+            [name, fmt(tp["mb_s"], 0), ratio(tp["mb_s"], base.get("direct")), ratio(tp["mb_s"], base.get("ssh -R")),
+             fmt(tp["handshake_ms"], 2), fmt(tp.get("row_s_per_gb"), 2), fmt(tp.get("others_cpu_pct"), 0),
+             str(sum(tp["errors"].values()))] for name, tp in tps.items()]))
+    return parts
 
 
 def wan_section(wan: Result) -> str:
@@ -236,13 +316,15 @@ def render(result: Result) -> str:
 def rows_sections(result: Result) -> list[str]:
     """The tables of the ordinary rows, each after a blank line and its title."""
     parts = ["", "Small requests (100-byte body)", small_section(result),
-             "", "CPU by process (CPU seconds per 1000 requests = ms per request; download: per GB)",
+             "", (("CPU by process (CPU seconds per 1000 requests or WebSocket round trips = ms per each;"
+                   " download and WebSocket throughput: per GB)") if _any_ws(result) else
+                  "CPU by process (CPU seconds per 1000 requests = ms per request; download: per GB)"),
              cpu_section(result)]
     counters = counters_section(result)
     if counters:
         parts += ["", "Through Redis (INFO commandstats/stats deltas)", counters]
-    return parts + ["", "One-stream download", download_section(result),
-                    "", "Peak memory (VmHWM; largest process of each role)", memory_section(result)]
+    return parts + ["", "One-stream download", download_section(result)] + ws_sections(result) + [
+        "", "Peak memory (VmHWM; largest process of each role)", memory_section(result)]
 
 
 def _figures(row: Result) -> dict[str, float]:
@@ -258,6 +340,15 @@ def _figures(row: Result) -> dict[str, float]:
         figures["download MB/s"] = dl["median_mb_s"]
         if dl.get("row_s_per_gb") is not None:
             figures["download row CPU s/GB"] = dl["row_s_per_gb"]
+    ws = row.get("ws") or {}
+    for conc, run in ws.get("echo", {}).items():
+        figures[f"WebSocket c{conc} round trips/s"] = run["round_trips_per_s"]
+        figures[f"WebSocket c{conc} p50 ms"] = run["p50_ms"]
+        figures[f"WebSocket c{conc} p99 ms"] = run["p99_ms"]
+        if run.get("row_us_per_msg") is not None:
+            figures[f"WebSocket c{conc} row CPU us/msg"] = run["row_us_per_msg"]
+    if ws.get("throughput"):
+        figures["WebSocket MB/s"] = ws["throughput"]["mb_s"]
     peaks = row.get("rss_mib", {}).get("after_download", {})
     for role in row.get("row_roles", []):
         if role in peaks:

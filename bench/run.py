@@ -2,8 +2,9 @@
 
 Starts a fast upstream (nginx, else a Twisted static server), then each row in turn (direct,
 ppbridge, ssh -R), measures small-request throughput and latency at several concurrencies, a
-one-stream download of a big file, the CPU time and peak memory of every process of the row,
-prints the table with ratios and targets, and writes the figures as JSON under bench/results/.
+one-stream download of a big file, WebSocket echo round trips and one-connection WebSocket
+throughput (nginx only), the CPU time and peak memory of every process of the row, prints the
+table with ratios and targets, and writes the figures as JSON under bench/results/.
 A benchmark, not a test: it reports, and exits 0 unless it could not run at all.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -34,10 +36,20 @@ import report
 import rows
 from loadgen import Downloader, LoadGenerator, LoadResult
 from procstats import Snapshot, loadavg, machine_busy_seconds, peak_rss_mib
-from upstreams import BIG_PATH, SMALL_PATH, Upstream, start_upstream
+from upstreams import BIG_PATH, SMALL_PATH, WS_PATH, Upstream, start_upstream
+
+WS_IMPORT_ERROR = ""
+try:
+    import wsload
+except ImportError as _err:  # websockets missing: the WebSocket measurements are skipped
+    wsload = None  # type: ignore[assignment]
+    WS_IMPORT_ERROR = f"the websockets library is not importable ({_err}): pip install websockets"
 
 HERE = Path(__file__).resolve().parent
 ROW_NAMES = {"direct": "direct", "ppbridge": "ppbridge", "ssh": "ssh -R"}
+WS_SMALL = 100  # bytes per WebSocket echo message
+WS_BIG_MIB = 1  # MiB per WebSocket throughput message
+WS_INFLIGHT = 4  # throughput messages on their way at once
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (1: the rest of 2 cores is the row's)")
     p.add_argument("--downloader", choices=("auto", "curl", "python"), default="auto", help="download client")
     p.add_argument("--no-nginx", action="store_true", help="use the Twisted static upstream even if nginx exists")
+    p.add_argument("--no-ws", action="store_true", help="skip the WebSocket measurements")
+    p.add_argument("--ws-duration", type=float,
+                   help="seconds per WebSocket run, after --warmup seconds discarded (default 5; quick 2)")
+    p.add_argument("--ws-concurrency", default="1,16", help="comma-separated WebSocket connection counts (1,16)")
     p.add_argument("--compare", type=Path, metavar="OLD.json", help="print before/after against an earlier run")
     p.add_argument("--show", type=Path, metavar="RUN.json", help="print the report of a saved run, run nothing")
     p.add_argument("--results", type=Path, default=HERE / "results", help="folder for the JSON (bench/results)")
@@ -70,11 +86,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.duration = args.duration if args.duration is not None else (2.0 if quick else 8.0)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if quick else 2.0)
     args.download_time = args.download_time if args.download_time is not None else (0.0 if quick else 5.0)
+    args.ws_duration = args.ws_duration if args.ws_duration is not None else (2.0 if quick else 5.0)
     args.conc = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    args.ws_conc = [int(c) for c in args.ws_concurrency.split(",") if c.strip()]
     args.row_keys = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in args.row_keys if r not in ROW_NAMES]
-    if unknown or not args.conc or min(args.conc) < 1:
-        p.error(f"bad --rows {unknown} or --concurrency {args.concurrency!r}")
+    if unknown or not args.conc or min(args.conc) < 1 or not args.ws_conc or min(args.ws_conc) < 1:
+        p.error(f"bad --rows {unknown}, --concurrency {args.concurrency!r} or --ws-concurrency"
+                f" {args.ws_concurrency!r}")
     if args.wan_only and args.wan_delay is None:
         p.error("--wan-only needs --wan-delay MS")
     return args
@@ -89,9 +108,9 @@ class Bench:
     """One benchmark run: options, clients, the upstream, and the result being built."""
 
     def __init__(self, args: argparse.Namespace, tmp: Path, upstream: Upstream,
-                 loadgen: LoadGenerator, downloader: Downloader) -> None:
+                 loadgen: LoadGenerator, downloader: Downloader, ws: wsload.WsClient | None = None) -> None:
         self.args, self.tmp, self.upstream = args, tmp, upstream
-        self.loadgen, self.downloader = loadgen, downloader
+        self.loadgen, self.downloader, self.ws = loadgen, downloader, ws
 
     def measured(self, run: rows.RowRun, action: Callable[[], Any]) -> tuple[Any, dict[str, float], float,
                                                                            dict[str, float]]:
@@ -163,8 +182,64 @@ class Bench:
         rss: dict[str, Any] = {"after_small": _rounded(peak_rss_mib(everything))}
         result["download"] = self.download_run(run)
         rss["after_download"] = _rounded(peak_rss_mib(everything))
+        if self.ws is not None:
+            result["ws"] = self.ws_row(run)
+            rss["after_ws"] = _rounded(peak_rss_mib(everything))
         result["rss_mib"] = rss
         return result
+
+    def ws_row(self, run: rows.RowRun) -> dict[str, Any]:
+        """The WebSocket figures of a row: echo round trips at each --ws-concurrency, then one
+        connection's throughput; a failure is reported with the figures measured before it."""
+        url = "ws://" + run.base_url.removeprefix("http://") + WS_PATH
+        wsrun = dataclasses.replace(run, helpers={**run.helpers, **self.upstream.ws_roles()})
+        out: dict[str, Any] = {"status": "ok", "url": url, "echo": {}}
+        try:
+            for conc in self.args.ws_conc:
+                out["echo"][str(conc)] = self.ws_run(wsrun, url, "echo", conc, WS_SMALL)
+            out["throughput"] = self.ws_run(wsrun, url, "throughput", 1, WS_BIG_MIB << 20)
+        except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as err:
+            say(f"  {run.name} WebSocket: FAILED: {err}")
+            out.update(status="failed", reason=str(err).splitlines()[0] if str(err) else repr(err))
+        return out
+
+    def ws_run(self, run: rows.RowRun, url: str, mode: str, conc: int, size: int) -> dict[str, Any]:
+        """One bench/wsload.py run, its warm-up discarded, measured like the small requests:
+        CPU per process from /proc around the measured seconds (the client's apart)."""
+        assert self.ws is not None
+        with self.ws.session(url, mode, conc, size, self.args.warmup, self.args.ws_duration,
+                             WS_INFLIGHT) as session:
+            res: wsload.WsResult
+            res, used, others, grown = self.measured(run, session.measure)
+        own = {role: used[role] for role in run.roles}
+        figures: dict[str, Any] = res.to_json()
+        figures.update({"cpu_s": {r: round(v, 3) for r, v in used.items()},
+                        "others_cpu_pct": round(others / max(res.seconds, 1e-9) * 100, 1)})
+        if mode == "echo":
+            n = max(1, res.messages)
+            figures.update({
+                "cpu_s_per_1k": {r: round(v / n * 1000, 4) for r, v in own.items()},
+                "helpers_cpu_s_per_1k": {r: round(used[r] / n * 1000, 4) for r in run.helpers},
+                "row_us_per_msg": round(sum(own.values()) / n * 1e6, 1) if own else None,
+                "per_message": {k: round(v / n, 2) for k, v in grown.items()},
+            })
+            say(f"  {run.name} WebSocket c{conc}: {res.rate:,.0f} round trips/s, p50 {res.p50_ms:.2f} ms,"
+                f" p99 {res.p99_ms:.2f} ms, errors {sum(res.errors.values())}"
+                + (f", row CPU {figures['row_us_per_msg']:.0f} us/msg" if own else "")
+                + f", rest of machine {figures['others_cpu_pct']:.0f}% CPU")
+        else:
+            carried = max(1, 2 * res.bytes_total)  # every echoed byte crossed the row twice
+            gb = carried / 1e9
+            figures.update({
+                "carried_bytes": carried,
+                "cpu_s_per_gb": {r: round(v / gb, 3) for r, v in own.items()},
+                "helpers_cpu_s_per_gb": {r: round(used[r] / gb, 3) for r in run.helpers},
+                "row_s_per_gb": round(sum(own.values()) / gb, 3) if own else None,
+                "per_mib": {k: round(v / (carried / 2**20), 2) for k, v in grown.items()},
+            })
+            say(f"  {run.name} WebSocket throughput: {res.mb_s or 0:,.0f} MB/s echoed ({size >> 20} MiB messages,"
+                f" {WS_INFLIGHT} on their way), errors {sum(res.errors.values())}")
+        return figures
 
     def row_factory(self, key: str) -> Callable[[], AbstractContextManager[rows.RowRun]]:
         if key == "direct":
@@ -339,10 +414,22 @@ def run_all(args: argparse.Namespace, tmp: Path, result: dict[str, Any], started
     downloader = Downloader(args.downloader)
     meta.update(loadgen=loadgen.tool, downloader=downloader.tool)
     meta["notes"] += [n for n in (loadgen.note, downloader.note) if n]
-    with start_upstream(tmp, args.big_mib << 20, allow_nginx=not args.no_nginx) as upstream:
+    ws_wanted = not args.no_ws and not args.wan_only and wsload is not None
+    with start_upstream(tmp, args.big_mib << 20, allow_nginx=not args.no_nginx, ws=ws_wanted) as upstream:
         meta["upstream"] = upstream.kind
         meta["notes"] += upstream.notes
-        bench = Bench(args, tmp, upstream, loadgen, downloader)
+        ws = None
+        skipped = ("--no-ws" if args.no_ws else "--wan-only" if args.wan_only
+                   else WS_IMPORT_ERROR if wsload is None else upstream.ws_skipped)
+        if not skipped:
+            ws = wsload.WsClient(tmp)
+        meta["ws"] = {"skipped": skipped or None, "tool": ws.tool if ws else None, "duration": args.ws_duration,
+                      "warmup": args.warmup, "concurrency": args.ws_conc, "echo_bytes": WS_SMALL,
+                      "throughput_mib": WS_BIG_MIB, "inflight": WS_INFLIGHT,
+                      "path": f"nginx {WS_PATH} -> bench/wsecho.py" if ws else None}
+        if skipped:
+            say(f"WebSocket measurements skipped: {skipped}")
+        bench = Bench(args, tmp, upstream, loadgen, downloader, ws)
         if not args.wan_only:
             for key in args.row_keys:
                 name = ROW_NAMES[key]

@@ -1,7 +1,9 @@
 """The fast upstream every row calls: nginx when installed, else a Twisted static server.
 
 Both serve the same two files from a folder in the run's temp dir: ``/small.txt`` (a 100-byte
-body) and ``/big.bin`` (64 MiB of random bytes by default).
+body) and ``/big.bin`` (64 MiB of random bytes by default). With nginx, ``/ws`` is also
+proxied (HTTP/1.1, ``Upgrade``/``Connection`` passed on) to bench/wsecho.py, a WebSocket echo
+server, so every row reaches WebSocket through the same base URL and the same extra hop.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from pathlib import Path
 
 from ppbridge.redis_server import free_port
 
-from children import Child, http_ok, wait_until
+from children import Child, http_ok, port_open, wait_until
 from procstats import PidSource
 
 SMALL_PATH = "/small.txt"
 BIG_PATH = "/big.bin"
+WS_PATH = "/ws"
 SMALL_SIZE = 100
 START_TIMEOUT = 15.0
 HERE = Path(__file__).resolve().parent
@@ -36,6 +39,10 @@ class Upstream:
     child: Child
     big_size: int
     notes: list[str] = field(default_factory=list)
+    ws_child: Child | None = None
+    """bench/wsecho.py, when ``/ws`` is served (nginx only)."""
+    ws_skipped: str = ""
+    """Why there is no ``/ws`` (empty when there is)."""
 
     @property
     def base_url(self) -> str:
@@ -43,6 +50,10 @@ class Upstream:
 
     def roles(self) -> dict[str, PidSource]:
         return {"nginx" if self.kind.startswith("nginx") else "upstream": self.child.pids}
+
+    def ws_roles(self) -> dict[str, PidSource]:
+        """The processes a WebSocket message passes through upstream: nginx and the echo server."""
+        return {**self.roles(), **({"wsecho": self.ws_child.pids} if self.ws_child else {})}
 
 
 def _write_files(www: Path, big_size: int) -> None:
@@ -65,11 +76,25 @@ def nginx_version(binary: str) -> str:
     return (out.stderr or out.stdout).strip().replace("nginx version: ", "")
 
 
-def _nginx_config(tmp: Path, www: Path, port: int) -> Path:
-    """A self-contained nginx.conf: one worker, no access log, every path in ``tmp``."""
+def _nginx_config(tmp: Path, www: Path, port: int, ws_port: int | None = None) -> Path:
+    """A self-contained nginx.conf: one worker, no access log, every path in ``tmp``; with
+    ``ws_port``, ``/ws`` proxied to the WebSocket echo server there (upgrade passed on)."""
     temp = tmp / "nginx-temp"
     temp.mkdir()
     paths = {name: temp / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    ws = "" if ws_port is None else f"""
+        location = {WS_PATH} {{
+            proxy_pass http://127.0.0.1:{ws_port};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_set_header Host $host;
+            proxy_buffer_size 64k;  # the relay buffer of each direction once upgraded
+            proxy_buffers 4 64k;
+            proxy_busy_buffers_size 64k;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+        }}"""
     conf = tmp / "nginx.conf"
     conf.write_text(f"""daemon off;
 master_process on;
@@ -93,7 +118,7 @@ http {{
     server {{
         listen 127.0.0.1:{port} backlog=1024;
         root {www};
-        location / {{ }}
+        location / {{ }}{ws}
     }}
 }}
 """)
@@ -101,25 +126,47 @@ http {{
 
 
 @contextlib.contextmanager
-def start_upstream(tmp: Path, big_size: int, allow_nginx: bool = True) -> Iterator[Upstream]:
-    """Start nginx (if installed and allowed) or the Twisted static server; stop it on exit."""
+def start_upstream(tmp: Path, big_size: int, allow_nginx: bool = True, ws: bool = True) -> Iterator[Upstream]:
+    """Start nginx (if installed and allowed) or the Twisted static server, and with nginx
+    (and ``ws``) the WebSocket echo server behind its ``/ws``; stop them on exit."""
     www = tmp / "www"
     _write_files(www, big_size)
     port = free_port()
     nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
     notes: list[str] = []
-    if nginx and allow_nginx:
-        conf = _nginx_config(tmp, www, port)
-        child = Child("nginx", [nginx, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "nginx-error.log")], tmp)
-        kind = f"nginx {nginx_version(nginx)} (1 worker, sendfile)"
-    else:
-        notes.append("nginx not installed: upstream is bench/staticserver.py (twisted.web.static)"
-                     if not nginx else "nginx disabled (--no-nginx): upstream is bench/staticserver.py")
-        child = Child("staticserver", [sys.executable, str(HERE / "staticserver.py"), "--root", str(www),
-                                       "--port", str(port)], tmp)
-        kind = "twisted.web.static (bench/staticserver.py)"
-    try:
+    ws_child: Child | None = None
+    ws_skipped = "" if ws else "--no-ws"
+    with contextlib.ExitStack() as stack:
+        if nginx and allow_nginx:
+            ws_port = None
+            if ws:
+                ws_child, ws_port, ws_skipped = _start_wsecho(tmp)
+                if ws_child is not None:
+                    stack.callback(ws_child.stop)  # after nginx's stop (callbacks run last in, first out)
+            conf = _nginx_config(tmp, www, port, ws_port)
+            child = Child("nginx", [nginx, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "nginx-error.log")],
+                          tmp)
+            kind = f"nginx {nginx_version(nginx)} (1 worker, sendfile)"
+        else:
+            notes.append("nginx not installed: upstream is bench/staticserver.py (twisted.web.static)"
+                         if not nginx else "nginx disabled (--no-nginx): upstream is bench/staticserver.py")
+            child = Child("staticserver", [sys.executable, str(HERE / "staticserver.py"), "--root", str(www),
+                                           "--port", str(port)], tmp)
+            kind = "twisted.web.static (bench/staticserver.py)"
+            if ws:
+                ws_skipped = "no nginx: the Twisted static upstream does not pass /ws on to the echo server"
+        stack.callback(child.stop)
         wait_until(lambda: http_ok(f"http://127.0.0.1:{port}{SMALL_PATH}"), START_TIMEOUT, "the upstream", child)
-        yield Upstream(kind, port, child, big_size, notes)
-    finally:
+        yield Upstream(kind, port, child, big_size, notes, ws_child, ws_skipped)
+
+
+def _start_wsecho(tmp: Path) -> tuple[Child | None, int | None, str]:
+    """bench/wsecho.py on a free port: (child, port, "") or (None, None, why not)."""
+    port = free_port()
+    child = Child("wsecho", [sys.executable, str(HERE / "wsecho.py"), "--port", str(port)], tmp)
+    try:
+        wait_until(lambda: port_open(port), START_TIMEOUT, "the WebSocket echo server", child)
+    except RuntimeError as err:
         child.stop()
+        return None, None, f"bench/wsecho.py did not start: {str(err).splitlines()[0]} {child.log_tail(3)}"
+    return child, port, ""
