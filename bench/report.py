@@ -308,9 +308,35 @@ def render(result: Result) -> str:
         parts += rows_sections(result)
     if result.get("wan"):
         parts += ["", wan_section(result["wan"])]
+    if result.get("capacity"):
+        parts += capacity_sections(result["capacity"])
     if result.get("targets"):
         parts += ["", "Targets (informational: a benchmark never fails)", targets_section(result["targets"])]
     return "\n".join(parts)
+
+
+def capacity_sections(cap: Result) -> list[str]:
+    """The PUBLISH cases of the capacity measurement and the model derived from them
+    (docs/CAPACITY.md explains both)."""
+    if cap.get("status") != "ok":
+        return ["", f"Capacity of one Redis: {cap.get('status')}: {cap.get('reason')}"]
+    redis = cap.get("redis", {})
+    parts = ["", (f"Capacity of one Redis: PUBLISH to {cap['channel']}, {cap['seconds']:g} s per case after"
+                  f" {cap['warmup']:g} s warm-up, counted by Redis (INFO) and /proc; {redis.get('version', '?')};"
+                  f" client-output-buffer-limit {redis.get('client_output_buffer_limit', '?')};"
+                  f" load average {cap.get('loadavg_before')} -> {cap.get('loadavg_after')}")]
+    parts += [f"note: {note}" for note in cap.get("notes", [])]
+    parts.append(table(["case", "tool", "PUBLISH/s", "Redis %CPU", "Redis us/PUBLISH", "in MB/s", "out MB/s",
+                        "peak out buf KiB", "subs lost", "others %CPU"], [
+        [name, c["tool"], fmt(c["publish_per_s"], 0), fmt(c["redis_cpu_pct"], 0), fmt(c["redis_us_per_publish"], 2),
+         fmt(c["in_mb_s"], 0), fmt(c["out_mb_s"], 0), fmt(c["peak_output_buffer_bytes"] / 1024, 0),
+         str(c["subscribers_lost"]), fmt(c["others_cpu_pct"], 0)] for name, c in cap["cases"].items()]))
+    found = cap.get("model") or {}
+    if found:
+        parts += ["", "Capacity model (each figure from the JSON fields or figures named under capacity.model)"]
+        width = max(len(name) for name in found)
+        parts += [f"{name.ljust(width)}  {f['value']:>12,}  {f['how']}" for name, f in found.items()]
+    return parts
 
 
 def rows_sections(result: Result) -> list[str]:

@@ -24,6 +24,7 @@ from ppbridge.scaffold import make_keys, write_forwarder_config, write_proxy_con
 
 from children import Child, http_ok, port_open, wait_until
 from procstats import PidSource
+from pubload import Resp
 from upstreams import SMALL_PATH, Upstream
 
 HERE = Path(__file__).resolve().parent
@@ -76,8 +77,10 @@ def _wait_ready(url: str, children: list[Child], what: str) -> None:
 
 
 def redis_counters(redis: RedisServer) -> dict[str, float]:
-    """Calls per Redis command and bytes through Redis so far (INFO commandstats and stats)."""
-    with redis.client() as client:
+    """Calls per Redis command and bytes through Redis so far (INFO commandstats and stats),
+    read with the bench's own client (bench/pubload.py), whatever the installed ppbridge's
+    ``RedisServer`` offers."""
+    with Resp(redis.port, redis.host, redis.password) as client:
         commands, stats = client.info("commandstats"), client.info("stats")
     counters: dict[str, float] = {}
     for key, value in commands.items():

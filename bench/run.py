@@ -3,8 +3,10 @@
 Starts a fast upstream (nginx, else a Twisted static server), then each row in turn (direct,
 ppbridge, ssh -R), measures small-request throughput and latency at several concurrencies, a
 one-stream download of a big file, WebSocket echo round trips and one-connection WebSocket
-throughput (nginx only), the CPU time and peak memory of every process of the row, prints the
-table with ratios and targets, and writes the figures as JSON under bench/results/.
+throughput (nginx only), the CPU time and peak memory of every process of the row; then the
+capacity of one Redis (PUBLISH throughput at ppbridge's message sizes, combined with the ppbridge
+row's Redis commands and bytes per request: docs/CAPACITY.md); prints the table with ratios and
+targets, and writes the figures as JSON under bench/results/.
 A benchmark, not a test: it reports, and exits 0 unless it could not run at all.
 """
 
@@ -32,6 +34,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import capacity
 import report
 import rows
 from loadgen import Downloader, LoadGenerator, LoadResult
@@ -74,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ws-duration", type=float,
                    help="seconds per WebSocket run, after --warmup seconds discarded (default 5; quick 2)")
     p.add_argument("--ws-concurrency", default="1,16", help="comma-separated WebSocket connection counts (1,16)")
+    p.add_argument("--no-capacity", action="store_true",
+                   help="skip the capacity measurement (PUBLISH throughput of a private Redis)")
+    p.add_argument("--capacity-seconds", type=float,
+                   help="seconds per capacity case, after a warm-up of at most 1 s (default 3; quick 1.5)")
     p.add_argument("--compare", type=Path, metavar="OLD.json", help="print before/after against an earlier run")
     p.add_argument("--show", type=Path, metavar="RUN.json", help="print the report of a saved run, run nothing")
     p.add_argument("--results", type=Path, default=HERE / "results", help="folder for the JSON (bench/results)")
@@ -87,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (0.5 if quick else 2.0)
     args.download_time = args.download_time if args.download_time is not None else (0.0 if quick else 5.0)
     args.ws_duration = args.ws_duration if args.ws_duration is not None else (2.0 if quick else 5.0)
+    args.capacity_seconds = args.capacity_seconds if args.capacity_seconds is not None else (1.5 if quick else 3.0)
     args.conc = [int(c) for c in args.concurrency.split(",") if c.strip()]
     args.ws_conc = [int(c) for c in args.ws_concurrency.split(",") if c.strip()]
     args.row_keys = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -436,6 +444,13 @@ def run_all(args: argparse.Namespace, tmp: Path, result: dict[str, Any], started
                 result["rows"][name] = bench.run_row(name, bench.row_factory(key), bench.measure_row)
         if args.wan_delay is not None:
             result["wan"] = bench.wan()
+    if not args.no_capacity and not args.wan_only:  # the upstream is stopped: Redis and its clients only
+        say("capacity: PUBLISH throughput of a private redis-server")
+        result["capacity"] = capacity.measure(tmp / "capacity", min(args.warmup, 1.0), args.capacity_seconds)
+        result["capacity"]["model"] = capacity.model(result)
+        if args.profile:
+            result["capacity"]["notes"].append("forwarder and proxy ran under cProfile: their per-request CPU,"
+                                               " and the process counts derived from it, are inflated")
     if args.profile:
         meta["profiles"] = save_profiles(tmp / "profiles", args.results, started)
 
