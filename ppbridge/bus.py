@@ -1,7 +1,8 @@
 """The pub/sub bus: the interface and RedisBus (txredisapi); MemoryBus is in ppbridge.memorybus.
 
-This is the only module that imports txredisapi. Everything that works around txredisapi
-1.6.0 lives here, each in one clearly named place:
+This module and :mod:`ppbridge.sentinel` (finding the master behind Redis Sentinel) are the
+only ones that import txredisapi. Everything that works around txredisapi 1.6.0 lives in
+them, each in one clearly named place:
 
 * binary safety: ``charset=None, convertNumbers=False`` on both connections
   (:func:`_binary_safe`), or payloads come back as str/int;
@@ -10,6 +11,10 @@ This is the only module that imports txredisapi. Everything that works around tx
   serialised with a lock per subscriber connection (:meth:`RedisBus._subscription`);
 * a failed AUTH/SELECT during a reconnect stops reconnecting for good: the watchdog
   (:meth:`RedisBus._watch`) replaces a factory that gave up;
+* a refusal for want of a permission (NOPERM, NOAUTH, WRONGPASS: an ACL user or password
+  problem) is not retried at once: one line per backoff step says what to fix, and the
+  watchdog retries the refused setup or subscription when the step is over
+  (:mod:`ppbridge.redisperm`, :meth:`RedisBus._command_refused`);
 * no CLIENT SETNAME option: :class:`_Guarded` names each connection (``ppbridge-publisher``,
   ``-subscriber``, ``-public``) so an operator can tell them apart in CLIENT LIST;
 * Twisted's ClientService logs a line per reconnection, which a flood would turn into
@@ -26,17 +31,19 @@ from typing import Any, Callable, Protocol, TypeVar
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger, LogPublisher
 from twisted.python.failure import Failure
 
+from ppbridge import redisperm
+from ppbridge.redistls import RedisTLSEndpoint
 from ppbridge.channels import Channels
 from ppbridge.config import MAX_FRAME_SIZE, RedisSettings
-from ppbridge.errors import BusUnavailable
+from ppbridge.errors import BusUnavailable, RedisPermission
 from ppbridge.logsafe import Throttle, escape
 from ppbridge.respguard import RespGuard, RespProtocolError
+from ppbridge.sentinel import Address, Failover, is_readonly
 from ppbridge.timers import Periodic, log_failure
 from ppbridge.wire import OVERHEAD
 
@@ -79,8 +86,6 @@ class Bus(Protocol):
 
     def unsubscribe(self, channel: bytes) -> Deferred[None]: ...
 
-    def psubscribe(self, pattern: bytes) -> Deferred[None]: ...
-
     def numsub(self, channels: list[bytes]) -> Deferred[dict[bytes, int]]: ...
 
 
@@ -89,8 +94,9 @@ def _ignore(*args: object) -> None:
 
 
 def _as_unavailable(failure: Failure) -> Failure:
-    """txredisapi's ConnectionError (link lost mid-command) as our BusUnavailable."""
-    if failure.check(txredisapi.ConnectionError):
+    """txredisapi's ConnectionError (link lost mid-command), or a ``-READONLY`` (the server
+    is a replica now: the bus is reconnecting to the master), as our BusUnavailable."""
+    if failure.check(txredisapi.ConnectionError) or is_readonly(failure.value):
         return Failure(BusUnavailable(f"ppbridge: Redis connection lost ({failure.getErrorMessage()})"))
     return failure
 
@@ -111,11 +117,18 @@ _FactoryT = TypeVar("_FactoryT", bound=txredisapi.RedisFactory)
 
 
 class _Backoff:
-    """Reconnect quickly: 0.1 s doubling to 2 s, with txredisapi's jitter."""
+    """Reconnect quickly: 0.1 s doubling to 2 s, with txredisapi's jitter. A connection
+    dropped because its server was not the master (behind sentinels) counts as a failed
+    attempt: txredisapi's ClientService forgets failures once a transport is made."""
 
     initialDelay = 0.1
     factor = 2.0
     maxDelay = 2.0
+    refusals = 0  # connections in a row whose server was not the master
+
+    def retryDelay(self, attempt: int) -> float:
+        delay: float = super().retryDelay(attempt + self.refusals)  # type: ignore[misc]
+        return delay
 
 
 class _Guarded:
@@ -126,20 +139,63 @@ class _Guarded:
     reader calls it again with ``unpause=True`` for bytes it has already been given.
 
     Once AUTH/SELECT passed, the connection names itself (CLIENT SETNAME ``ppbridge-<role>``,
-    sent ahead of anything else; a refusal, e.g. by an ACL, is ignored)."""
+    sent ahead of anything else; a refusal, e.g. by an ACL, is ignored). Behind sentinels
+    (:mod:`ppbridge.sentinel`) it then asks the server's role and is kept (``checked``) only
+    if it is the master; a ``-READONLY`` reply later on means it no longer is."""
 
     guard: RespGuard | None = None  # None before the connection and after a refusal
     transport: Any  # the protocol's; declared for the type checker
+    factory: Any
     connected: int
     name = "connection"
     role = b"connection"
+    checked = True  # the server is the master (behind sentinels: once ROLE said so)
 
     def new_guard(self) -> RespGuard:
         return RespGuard()
 
+    @property
+    def master(self) -> Address | None:
+        """Behind sentinels: the address they gave for this connection (None without them)."""
+        return getattr(self.factory, "master", None)
+
     def connectionMade(self):  # type: ignore[no-untyped-def]
         self.guard = self.new_guard()
-        return super().connectionMade().addCallback(self._set_name)  # type: ignore[misc]
+        d = super().connectionMade().addCallback(self._set_name)  # type: ignore[misc]
+        failover: Failover | None = self.factory.bus._failover
+        if failover is not None:
+            self.checked = False
+            d.addCallback(lambda result: self._check(failover).addCallback(lambda _: result))
+        return d
+
+    def _check(self, failover: Failover) -> Deferred[None]:
+        if not (self.connected and self._ready):  # type: ignore[attr-defined]
+            return defer.succeed(None)  # AUTH/SELECT failed
+        d = failover.check(self).addTimeout(HEALTH_TIMEOUT, self.factory.bus._clock)
+        return d.addCallbacks(self._judged, self._not_judged)
+
+    def _judged(self, master: bool) -> None:
+        if master:
+            self.checked, self.factory.refusals = True, 0
+            self.master_confirmed()
+        else:  # logged by failover.check; the next attempt asks the sentinels again
+            self.factory.refusals += 1
+            self.transport.abortConnection()
+
+    def _not_judged(self, failure: Failure) -> None:
+        if not failure.check(txredisapi.ConnectionError):
+            self.factory.bus._warn("role", "Redis {name}: no answer to ROLE ({err}); reconnecting", name=self.name,
+                                   err=escape(failure.getErrorMessage(), 200))
+            self.transport.abortConnection()
+
+    def master_confirmed(self) -> None:
+        """Behind sentinels, once ROLE said the server is the master."""
+
+    def replyReceived(self, reply: object) -> None:
+        if self.master is not None and is_readonly(reply):
+            self.factory.bus._leave(self.master, "it answered -READONLY")
+            self.transport.abortConnection()  # already, unless it was still being set up
+        super().replyReceived(reply)  # type: ignore[misc]
 
     def _set_name(self, result: object) -> object:
         if self.connected:
@@ -171,6 +227,10 @@ class _Publisher(_Guarded, txredisapi.RedisProtocol):
     name = "publisher"
     role = b"publisher"
 
+    def master_confirmed(self) -> None:
+        if self in self.factory.pool and not self.factory.disconnectCalled:
+            self.factory.bus._publisher_up(self)  # else addConnection() does, once it runs
+
     def _build_command(self, *args: bytes | bytearray | str | int, **kwargs: object) -> bytes:
         parts: list[bytes | bytearray] = [b"*%d\r\n" % len(args)]
         for arg in args:
@@ -192,7 +252,7 @@ class _PublisherFactory(_Backoff, txredisapi.RedisFactory):
 
     def addConnection(self, conn: txredisapi.RedisProtocol) -> None:
         super().addConnection(conn)
-        if conn.connected and not self.disconnectCalled:
+        if conn.connected and not self.disconnectCalled and conn.checked:
             self.bus._publisher_up(conn)
 
     def delConnection(self, conn: txredisapi.RedisProtocol) -> None:
@@ -216,6 +276,7 @@ class _Slot:
         self.factory: _SubscriberFactory | None = None
         self.proto: _Subscriber | None = None
         self.joining: _Subscriber | None = None  # connected, being resubscribed
+        self.denied: _Subscriber | None = None  # connected, its subscriptions refused (ACL): the watchdog retries
 
 
 class _Subscriber(_Guarded, txredisapi.SubscriberProtocol):
@@ -242,8 +303,8 @@ class _Subscriber(_Guarded, txredisapi.SubscriberProtocol):
     def connectionMade(self):  # type: ignore[no-untyped-def]
         # Twisted ignores what connectionMade returns, so nothing may escape from here.
         try:
-            yield super().connectionMade()  # AUTH, SELECT, SETNAME
-            if self.connected and self._ready:
+            yield super().connectionMade()  # AUTH, SELECT, SETNAME; behind sentinels ROLE
+            if self.connected and self._ready and self.checked:
                 yield self.factory.bus._subscriber_up(self)
         except Exception as err:
             self.factory.bus._warn("setup", "Redis {name} connection failed while starting: {err}", name=self.name,
@@ -300,6 +361,8 @@ class RedisBus:
         self.public_channels = frozenset((channels.negotiate, channels.announce))
         self._clock = clock
         self._reactor = reactor if reactor is not None else clock
+        # Behind sentinels every connection finds the master through them (ppbridge.sentinel).
+        self._failover = Failover(settings, clock, self._endpoint, self._follow) if settings.sentinels else None
         self._main = _Slot("subscriber", b"subscriber", self.limit_for)
         self._public = _Slot("public subscriber", b"public", lambda channel: SMALL_MESSAGE)
         self._pub: txredisapi.RedisProtocol | None = None
@@ -309,6 +372,7 @@ class RedisBus:
         self._stopped: Deferred[Any] | None = None
         self._was_connected = False
         self._failures = Throttle()  # warn lines for lost or failed connections, per kind
+        self._refusals = redisperm.Refusals(settings.username)  # permission refusals: a line, a retry per step
         self._losses_logged = 0
         self._loss_log_at = float("-inf")
 
@@ -321,16 +385,22 @@ class RedisBus:
 
     # lifecycle
 
-    def _endpoint(self) -> object:
+    def _endpoint(self, host: str | None = None, port: int | None = None) -> object:
+        """TCP, or TLS (:mod:`ppbridge.redistls`): a failed TLS setup is one warn line naming
+        its cause and a failed attempt, retried with the backoff; never a failed SELECT. To
+        ``host``:``port`` when given (a sentinel, or the master they named), else the URL's."""
         s = self.settings
-        endpoint = HostnameEndpoint(self._reactor, s.host, s.port, timeout=10)
+        where = f"{host}:{port}" if host is not None else s.where
+        endpoint = HostnameEndpoint(self._reactor, host or s.host, port or s.port, timeout=10)
         if not s.tls:
             return endpoint
-        trust = Certificate.loadPEM(s.ca_file.read_bytes()) if s.ca_file else platformTrust()
-        return wrapClientTLS(optionsForClientTLS(s.host, trustRoot=trust), endpoint)
+        return RedisTLSEndpoint(endpoint, s, self._clock, lambda cause: self._warn(
+            "tls", "Redis TLS to {where} failed: {cause}; retrying", where=where, cause=cause), hostname=host, port=port)
 
     def start(self) -> None:
         self._running = True
+        if self._failover is not None:
+            self._failover.start()
         self._pub_factory = self._connect(_PublisherFactory(self))
         self._main.factory = self._connect(_SubscriberFactory(self, self._main))
         self._open_public()
@@ -345,9 +415,8 @@ class RedisBus:
         _binary_safe(factory, self.settings)
         # The factory's first-connection Deferred fails when Redis refuses AUTH/SELECT; the
         # watchdog deals with that, this only keeps the failure from going unhandled.
-        factory.deferred.addErrback(lambda f: log.warn("Redis refused the connection: {err}",
-                                                       err=f.getErrorMessage()))
-        factory.startConnecting(self._endpoint())
+        factory.deferred.addErrback(self._setup_failed, factory)
+        factory.startConnecting(self._endpoint() if self._failover is None else self._failover.endpoint(factory))
         if isinstance(factory, _SubscriberFactory) and factory.slot is self._public:
             _quiet_reconnects(factory)  # its losses have a line of their own, once a minute
         return factory
@@ -359,7 +428,8 @@ class RedisBus:
             self._running = False
             self._watchdog.stop()
             factories = [f for f in (self._pub_factory, self._main.factory, self._public.factory) if f is not None]
-            self._stopped = defer.gatherResults([f.disconnect() for f in factories], consumeErrors=True)
+            waits = [f.disconnect() for f in factories] + ([self._failover.stop()] if self._failover else [])
+            self._stopped = defer.gatherResults(waits, consumeErrors=True)
             self._stopped.addBoth(_ignore)
         waiter: Deferred[None] = Deferred()  # one per call: the first call's chain stays its own
         self._stopped.addBoth(lambda _: waiter.callback(None))
@@ -389,7 +459,9 @@ class RedisBus:
             yield slot.lock.run(self._resubscribe, slot, proto)
         except txredisapi.ConnectionError:
             return  # lost while resubscribing: counted and retried like any loss
-        except Exception:
+        except Exception as err:
+            if self._subscriptions_refused(slot, proto, err):
+                return  # kept up, unsubscribed: the watchdog retries once the backoff step is over
             log.failure("resubscribing the Redis {name} failed; dropping the connection to retry", name=slot.name)
             proto.transport.loseConnection()
             return
@@ -437,11 +509,55 @@ class RedisBus:
         if now != self._was_connected:
             self._was_connected = now
             if now:
-                log.info("Redis connected ({host}:{port})", host=self.settings.host, port=self.settings.port)
+                log.info("Redis connected ({where})", where=self._where(), host=self.settings.host,
+                         port=self.settings.port)
             else:
-                self._warn("disconnected", "Redis disconnected ({host}:{port}); reconnecting",
+                self._warn("disconnected", "Redis disconnected ({where}); reconnecting", where=self._where(),
                            host=self.settings.host, port=self.settings.port)
             self.on_state(now)
+
+    def _where(self) -> str:
+        """Where Redis is, for a log line: host:port, or behind sentinels the master in use."""
+        if self._failover is None:
+            return f"{self.settings.host}:{self.settings.port}"
+        master = getattr(self._pub, "master", None)
+        return self.settings.where + (f"; master at {master[0]}:{master[1]}" if master else "")
+
+    # following a failover (behind sentinels: ppbridge.sentinel)
+
+    def _connections(self) -> list[Any]:
+        """Every connection that is up and past its setup."""
+        slots = (self._main, self._public)
+        found = [self._pub] + [getattr(s, a) for s in slots for a in ("proto", "joining", "denied")]
+        return [p for i, p in enumerate(found) if p is not None and p not in found[:i]]
+
+    def _leave(self, master: Address, why: str) -> None:
+        """``master`` is no longer the master (``why``): drop every connection to it; each
+        comes back through the sentinels, resubscribes, and the services renegotiate."""
+        gone = [p for p in self._connections() if p.master == master and p.transport is not None]
+        if gone:
+            self._warn("not-master", "Redis at {host}:{port} is no longer the master ({why}); reconnecting through"
+                       " the sentinels", host=master[0], port=master[1], why=why)
+        for proto in gone:
+            proto.transport.abortConnection()
+
+    def _follow(self, master: Address, moved: bool) -> None:
+        """The sentinels name ``master``: leave every other server. When they have just
+        moved it (+switch-master), a connection waiting out its backoff, or still trying the
+        old address (a dead host: up to the connect timeout), starts over at once."""
+        for old in {p.master for p in self._connections() if p.master not in (None, master)}:
+            self._leave(old, f"the sentinels name {master[0]}:{master[1]}")
+        if not (moved and self._running):
+            return
+        if self._pub_factory is not None and not self._pub_factory.pool and not _gave_up(self._pub_factory):
+            self._pub_factory = self._restart(self._pub_factory, _PublisherFactory(self))
+        for slot in (self._main, self._public):
+            if slot.factory is not None and not slot.factory.pool and not _gave_up(slot.factory):
+                slot.factory = self._restart(slot.factory, _SubscriberFactory(self, slot))
+
+    def _restart(self, old: Any, new: _FactoryT) -> _FactoryT:
+        old.disconnect().addErrback(log_failure("closing a Redis factory failed"))
+        return self._connect(new)
 
     def _warn(self, kind: str, fmt: str, **fields: object) -> None:
         """A Redis failure at warn level, at most logsafe.BURST lines a minute per ``kind``."""
@@ -451,23 +567,81 @@ class RedisBus:
         if unlogged:
             log.warn("{n} more Redis failures ({kind}) were not logged", n=unlogged, kind=kind)
 
+    # permission refusals (ACL users, passwords): see ppbridge.redisperm
+
+    def _setup_failed(self, failure: Failure, factory: Any) -> None:
+        """The first connection of ``factory`` failed its AUTH/SELECT: txredisapi stops trying
+        for good and the watchdog replaces the factory, after a backoff step when Redis refused
+        for want of a permission (then marked ``factory.refused``)."""
+        code = redisperm.code_of(failure)
+        if code is None:
+            log.warn("Redis refused the connection: {err}", err=failure.getErrorMessage())
+            return
+        factory.refused = code
+        name = "publisher" if isinstance(factory, _PublisherFactory) else factory.slot.name
+        what = f"SELECT {self.settings.db} (the {name} connection)" if code == "NOPERM" else f"the {name} connection"
+        self._refusals.note(name, code, what, self._clock.seconds())
+
+    def _subscriptions_refused(self, slot: _Slot, proto: _Subscriber, err: Exception) -> bool:
+        """True when Redis refused ``proto``'s (re)subscription for want of a permission: then
+        logged (once per backoff step) and ``proto`` kept up but unsubscribed, for the watchdog
+        to try again (dropping it would only reconnect and be refused again, in a loop)."""
+        code = redisperm.code_of(err)
+        if code is None:
+            return False
+        slot.denied = proto
+        what = redisperm.describe("SUBSCRIBE", sorted(slot.channels))
+        if slot.patterns:
+            what += " / " + redisperm.describe("PSUBSCRIBE", sorted(slot.patterns))
+        self._refusals.note(slot.name, code, what, self._clock.seconds())
+        return True
+
+    def _retry_refused(self, slot: _Slot) -> None:
+        """Subscribe ``slot``'s connection again once the backoff step of its refusal is over."""
+        proto = slot.denied
+        if proto is None or not self._refusals.due(slot.name, self._clock.seconds()):
+            return
+        slot.denied = None
+        if self._running and proto.connected:
+            self._subscriber_up(proto).addErrback(log_failure("resubscribing failed"))
+
+    def _command_refused(self, failure: Failure, command: str, channels: tuple[bytes, ...] = (),
+                         key: str | None = None) -> Failure:
+        """The errback of a command: a refusal for want of a permission becomes RedisPermission
+        (logged once per backoff step per ``key``, by default the command); a lost link
+        BusUnavailable (:func:`_as_unavailable`)."""
+        code = redisperm.code_of(failure)
+        if code is None:
+            return _as_unavailable(failure)
+        self._refusals.note(key or command, code, redisperm.describe(command, channels), self._clock.seconds(),
+                            retry=False)
+        return Failure(RedisPermission(f"ppbridge: Redis refused {command} ({code})"))
+
     # watchdog
 
     def _watch(self) -> Deferred[None]:
-        """Replace factories that gave up (failed AUTH/SELECT), PING every link that is up,
-        and log public-subscriber losses left unreported."""
+        """Replace factories that gave up (failed AUTH/SELECT), subscribe again connections whose
+        subscriptions Redis refused (both once their backoff step is over, when the refusal was
+        for want of a permission), PING every link that is up, and log public-subscriber losses
+        left unreported."""
+        if self._failover is not None:
+            self._failover.watch()
         if self._running and _gave_up(self._pub_factory):
             self._pub_factory = self._replace(self._pub_factory, _PublisherFactory(self))
         for slot in (self._main, self._public):
             if self._running and _gave_up(slot.factory):
                 slot.factory = self._replace(slot.factory, _SubscriberFactory(self, slot))
+            self._retry_refused(slot)
         self._log_public_losses(self._clock.seconds())
         checks = [self._ping(p) for p in (self._pub, self._main.proto, self._public.proto) if p is not None]
         return defer.gatherResults(checks, consumeErrors=True).addBoth(_ignore)
 
     def _replace(self, old: Any, new: _FactoryT) -> _FactoryT:
-        log.warn("Redis refused the {name} connection's setup (AUTH/SELECT); retrying",
-                 name="publisher" if isinstance(new, _PublisherFactory) else new.slot.name)
+        name = "publisher" if isinstance(new, _PublisherFactory) else new.slot.name
+        if not self._refusals.due(name, self._clock.seconds()):
+            return old  # refused for want of a permission: not before its backoff step is over
+        if getattr(old, "refused", None) is None:  # a permission refusal had its line (_setup_failed)
+            log.warn("Redis refused the {name} connection's setup (AUTH/SELECT); retrying", name=name)
         old.disconnect().addErrback(log_failure("closing a Redis factory that gave up failed"))
         return self._connect(new)
 
@@ -475,11 +649,24 @@ class RedisBus:
         def dead(failure: Failure) -> None:
             if failure.check(txredisapi.ConnectionError):
                 return  # lost meanwhile: it reconnects by itself
+            code = redisperm.code_of(failure)
+            if code is not None:  # it did answer: an ACL without PING
+                self._refusals.note("PING", code, "PING (the health check)", self._clock.seconds(), retry=False)
+                return
             log.warn("Redis did not answer a health check; reconnecting")
             if proto.transport is not None:
                 proto.transport.abortConnection()
 
-        d = proto.ping()
+        if self._failover is None or proto is not self._pub:
+            d = proto.ping()
+        else:  # ROLE: alive, and still the master (a demoted one keeps its clients)
+            where: Address | None = getattr(proto, "master", None)
+
+            def judged(master: bool) -> None:
+                if not master and where is not None:
+                    self._leave(where, "its role changed")
+
+            d = self._failover.check(proto).addCallback(judged)
         d.addTimeout(HEALTH_TIMEOUT, self._clock)
         return d.addCallbacks(_ignore, dead)
 
@@ -490,7 +677,8 @@ class RedisBus:
         pub = self._pub
         if pub is None or not pub.connected:
             return defer.fail(BusUnavailable())
-        return pub.execute_command(b"PUBLISH", channel, message).addErrback(_as_unavailable)
+        return pub.execute_command(b"PUBLISH", channel, message).addErrback(self._command_refused, "PUBLISH",
+                                                                            (channel,))
 
     def numsub(self, channels: list[bytes]) -> Deferred[dict[bytes, int]]:
         """PUBSUB NUMSUB: plain subscribers per channel (pattern subscribers don't count, so a
@@ -498,7 +686,7 @@ class RedisBus:
         pub = self._pub
         if pub is None or not pub.connected:
             return defer.fail(BusUnavailable())
-        d = pub.execute_command(b"PUBSUB", b"NUMSUB", *channels).addErrback(_as_unavailable)
+        d = pub.execute_command(b"PUBSUB", b"NUMSUB", *channels).addErrback(self._command_refused, "PUBSUB NUMSUB")
         return d.addCallback(lambda r: {bytes(r[i]): int(r[i + 1]) for i in range(0, len(r), 2)})
 
     def _subscription(self, slot: _Slot, command: str, name: bytes) -> Deferred[None]:
@@ -507,7 +695,8 @@ class RedisBus:
             sub = slot.proto or slot.joining
             if sub is None or not sub.connected:
                 return defer.succeed(None)  # applied by _resubscribe on the next connection
-            d: Deferred[None] = getattr(sub, command)([name]).addCallbacks(_ignore, _as_unavailable)
+            d: Deferred[None] = getattr(sub, command)([name]).addCallbacks(
+                _ignore, self._command_refused, errbackArgs=(command.upper(), (name,), f"{slot.name} {command}"))
             return d
 
         return slot.lock.run(run)
@@ -526,7 +715,9 @@ class RedisBus:
         return self._subscription(slot, "unsubscribe", channel)
 
     def psubscribe(self, pattern: bytes) -> Deferred[None]:
-        """PSUBSCRIBE, on the main subscriber (a pattern is never one of the public channels)."""
+        """PSUBSCRIBE, on the main subscriber (a pattern is never one of the public channels).
+        Not part of :class:`Bus`: the services subscribe to exact names only, which an ACL user
+        can be allowed (see :mod:`ppbridge.channels`); kept for tests of the connections."""
         self._main.patterns.add(pattern)
         return self._subscription(self._main, "psubscribe", pattern)
 

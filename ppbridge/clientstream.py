@@ -30,6 +30,7 @@ from ppbridge.errors import (
     GatewayTimeout,
     ProtocolFailure,
     ProxyUnavailable,
+    RedisPermission,
     RequestError,
 )
 from ppbridge.edge import request_line
@@ -240,6 +241,9 @@ class ClientStream:
         self._send_head(body, end)
 
     def _publish_failed(self, failure: Failure) -> None:
+        if failure.check(RedisPermission):  # an ACL refusal: its own cause (the bus logged what to fix)
+            self._fail(RedisPermission(), notify=False)
+            return
         self._fail(BusUnavailable() if failure.check(BusUnavailable) else BusLost(), notify=False)
 
     def _current(self) -> KeyEntry | None:

@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
@@ -30,18 +29,17 @@ from ppbridge.configfields import (
     Bound,
     Key,
     Reader,
-    check_ca_file,
     check_endpoint,
     describe,
     endpoint_list,
     has_bad_chars,
     host_list,
     network_list,
-    password_from_file,
     read_toml,
     show_number,
     split_url,
 )
+from ppbridge.redisconfig import REDIS_KEYS, RedisSettings, read_redis
 from ppbridge.wire import MAX_HEADERS, NAME_RE
 from ppbridge.errors import ConfigError
 
@@ -49,28 +47,10 @@ MIN_FRAME_SIZE = 65536
 MAX_FRAME_SIZE = 1048576
 MAX_WINDOW = 8388608
 NAME_PATTERN = NAME_RE
-NAMESPACE_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
-
-_DB_RE = re.compile(r"/?|/([0-9]{1,10})")
 
 
 DEFAULT_MAX_KEY_AGE = 86400.0  # a day
 MIN_KEY_AGE, MAX_KEY_AGE = 2.0, 7 * 86400.0
-
-
-@dataclass(frozen=True)
-class RedisSettings:
-    """Where the bus is: a parsed ``redis://`` / ``rediss://`` URL plus the password from its file."""
-
-    url: str = "redis://127.0.0.1:6379/0"
-    host: str = "127.0.0.1"
-    port: int = 6379
-    db: int = 0
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls: bool = False
-    ca_file: Path | None = None
-    namespace: str = "ppbridge"
 
 
 @dataclass(frozen=True)
@@ -181,7 +161,7 @@ _REKEY_NUMBERS = {
     "messages_per_key": Bound(1, 2**31, integer=True), "grace": Bound(0), "max_key_age": Bound(0, MAX_KEY_AGE),
 }
 _ROUTE_KEYS = ("public_key", "path_prefix", "hosts")
-_REDIS_KEYS = ("url", "password_file", "namespace", "ca_file")
+_REDIS_KEYS = REDIS_KEYS
 _Schema = Mapping[str, tuple[str, ...] | None]  # table -> keys; None: a table of [name.X] tables
 _FORWARDER_SCHEMA: _Schema = {
     "redis": _REDIS_KEYS,
@@ -251,31 +231,6 @@ def _open(path: str | Path, overrides: Mapping[str, object] | None,
             r.fail((name,), f"unknown {kind}{_suggest(name, schema)}")
         _check_keys(r, (name,), table, schema[name])
     return r
-
-
-def _redis(r: Reader) -> RedisSettings:
-    """The [redis] table."""
-    defaults = _defaults(RedisSettings)
-    url = r.string(("redis", "url"), defaults["url"])
-    parts, port = split_url(r, ("redis", "url"), url, ("redis", "rediss"), 6379)
-    if parts.password is not None:
-        r.fail(("redis", "url"), "do not put the password in the URL; use redis.password_file")
-    db = _DB_RE.fullmatch(parts.path)
-    if db is None or int(db.group(1) or 0) > 2**31 - 1:
-        r.fail(("redis", "url"), f"path must be empty or /N with N the database number, got {parts.path!r}")
-    password = password_from_file(r, ("redis", "password_file"))
-    namespace = r.string(("redis", "namespace"), defaults["namespace"])
-    if not re.fullmatch(NAMESPACE_PATTERN, namespace):
-        r.fail(("redis", "namespace"), f"must match {NAMESPACE_PATTERN}, got {describe(namespace)}")
-    ca_file = r.optional_path(("redis", "ca_file"))
-    if ca_file is not None:
-        if parts.scheme != "rediss":
-            r.fail(("redis", "ca_file"), "only used with TLS; redis.url must start with rediss://")
-        check_ca_file(r, ("redis", "ca_file"), ca_file)
-    username = unquote(parts.username) if parts.username else None
-    return RedisSettings(url=url, host=parts.hostname or "", port=port, db=int(db.group(1) or 0),
-                         username=username, password=password, tls=parts.scheme == "rediss",
-                         ca_file=ca_file, namespace=namespace)
 
 
 def _admin(r: Reader, default: str) -> str | None:
@@ -360,7 +315,7 @@ def load_forwarder_config(path: str | Path, overrides: Mapping[str, object] | No
     """
     r = _open(path, overrides, option_names, _FORWARDER_SCHEMA)
     defaults = _defaults(ForwarderSettings)
-    redis = _redis(r)
+    redis = read_redis(r)
     listen = endpoint_list(r, ("forwarder", "listen"), defaults["listen"])
     signing_key, signing_key_path = r.key(("forwarder", "signing_key"), keys.load_private_key)
     values = r.numbers("forwarder", _FORWARDER_NUMBERS, defaults)
@@ -379,7 +334,7 @@ def load_proxy_config(path: str | Path, overrides: Mapping[str, object] | None =
     """Read and check a proxy file; overrides and option names as for :func:`load_forwarder_config`."""
     r = _open(path, overrides, option_names, _PROXY_SCHEMA)
     defaults = _defaults(ProxySettings)
-    redis = _redis(r)
+    redis = read_redis(r)
     name = r.string(("proxy", "name"))
     if not re.fullmatch(NAME_PATTERN, name):
         r.fail(("proxy", "name"), f"must match {NAME_PATTERN}, got {describe(name)}")

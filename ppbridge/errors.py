@@ -67,6 +67,13 @@ class BusUnavailable(RequestError):
     status, cause, message = 503, "redis-unavailable", "ppbridge: the forwarder is not connected to Redis"
 
 
+class RedisPermission(BusUnavailable):
+    """Redis refused a command for want of a permission (NOPERM, NOAUTH, WRONGPASS): an ACL
+    or password problem only an operator can fix (see :mod:`ppbridge.redisperm`)."""
+
+    status, cause, message = 503, "redis-permission", "ppbridge: Redis refused a command (an ACL permission is missing)"
+
+
 class BusLost(RequestError):
     status, cause, message = 502, "redis-connection-lost", "ppbridge: the Redis connection was lost mid-request"
 

@@ -49,6 +49,7 @@ from ppbridge.redis_server import RedisServer, free_port
 from ppbridge.scaffold import toml_text, write_forwarder_config, write_proxy_config
 from ppbridge.timers import Periodic
 from tests.processes import ERR, OUT, PPBRIDGE, TWISTD, refuses_connections, run, spawn
+from tests.redisclient import client_for
 from tests.support import Client, Stack, key_pair, listen, poll, redis_clients, start_redis, temp_folder
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -315,7 +316,7 @@ class TlsTests(TestCase):
         yield watch.until(watch.states_are(True), "connected over TLS")
         receivers = yield watch.round_trip(b"over tls")
         self.assertEqual(receivers, 1)
-        admin = server.client()
+        admin = client_for(server)
         self.addCleanup(admin.close)
         named = redis_clients(admin)
         for name in ("ppbridge-publisher", "ppbridge-subscriber"):
@@ -326,8 +327,8 @@ class TlsTests(TestCase):
     def test_rediss_with_a_wrong_ca_or_the_system_store_never_connects(self):
         """The same TLS server, with ``ca_file`` naming another CA, and then with no ca_file at
         all (the system's store, which does not hold the test CA): the server refuses each TLS
-        handshake (its log says "Error accepting a client connection"), the bus reports that
-        Redis refused the connection, retries (the watchdog replaces the factories that gave
+        handshake (its log says "Error accepting a client connection"), the bus warns "Redis
+        TLS to ... failed" (ppbridge.redistls names the cause), retries (the watchdog replaces the factories that gave
         up; HEALTH_INTERVAL patched to 0.2 s) and fails again, and never reports on_state True,
         never counts as connected and never shows in CLIENT LIST: no silent fallback to an
         unverified link."""
@@ -335,12 +336,12 @@ class TlsTests(TestCase):
         folder = temp_folder(self)
         server, tls_port, _ = start_tls_redis(self, folder)
         wrong_ca, _, _ = make_ca(folder, "someone else CA")
-        admin = server.client()
+        admin = client_for(server)
         self.addCleanup(admin.close)
         url = f"rediss://127.0.0.1:{tls_port}/0"
         for redis in ({"url": url, "ca_file": wrong_ca.name}, {"url": url}):
             refused = LogWatch(self, lambda e: e.get("log_namespace") == "ppbridge.bus"
-                               and "refused" in (e.get("log_format") or ""))
+                               and "Redis TLS to" in (e.get("log_format") or ""))
             log_start = Path(server.logfile).stat().st_size
             watch = BusWatch(self, proxy_redis_settings(folder, redis), CHANNEL)
             # first attempts of the publisher and the subscriber, then the watchdog's retries
@@ -367,7 +368,7 @@ class AclTests(TestCase):
         default user has no password, so AUTH with pw alone would be refused: the name counts."""
         folder = temp_folder(self)
         server = start_redis(self)
-        admin = server.client()
+        admin = client_for(server)
         self.addCleanup(admin.close)
         self.assertEqual(admin.command("ACL", "SETUSER", "alice", "on", ">pw-of-alice", "~*", "&*", "+@all"), "OK")
         write_secret(folder / "secrets" / "redis.password", "pw-of-alice\n")
@@ -388,7 +389,7 @@ class AclTests(TestCase):
         with db=3, and pub/sub works through it."""
         folder = temp_folder(self)
         server = start_redis(self)
-        admin = server.client()
+        admin = client_for(server)
         self.addCleanup(admin.close)
         settings = proxy_redis_settings(folder, {"url": f"redis://127.0.0.1:{server.port}/3"})
         self.assertEqual(settings.db, 3)
