@@ -1,24 +1,17 @@
 """The pub/sub bus: the interface and RedisBus (txredisapi); MemoryBus is in ppbridge.memorybus.
 
-This module and :mod:`ppbridge.sentinel` (finding the master behind Redis Sentinel) are the
-only ones that import txredisapi. Everything that works around txredisapi 1.6.0 lives in
-them, each in one clearly named place:
+RedisBus holds three connections (:mod:`ppbridge.redisconn`: txredisapi's protocols and
+factories, binary-safe, guarded, named) and what each subscriber must be subscribed to
+(:mod:`ppbridge.redissubs`); behind Redis Sentinel it follows the master
+(:mod:`ppbridge.sentinel`, :mod:`ppbridge.sentinelreply`); only these modules import txredisapi.
+What it works around in txredisapi 1.6.0, besides theirs:
 
-* binary safety: ``charset=None, convertNumbers=False`` on both connections
-  (:func:`_binary_safe`), or payloads come back as str/int;
-* no automatic resubscription: :class:`_Subscriber` resubscribes on every connection;
-* subscribe/unsubscribe replies can be mismatched when fired concurrently: they are
-  serialised with a lock per subscriber connection (:meth:`RedisBus._subscription`);
 * a failed AUTH/SELECT during a reconnect stops reconnecting for good: the watchdog
   (:meth:`RedisBus._watch`) replaces a factory that gave up;
 * a refusal for want of a permission (NOPERM, NOAUTH, WRONGPASS: an ACL user or password
   problem) is not retried at once: one line per backoff step says what to fix, and the
   watchdog retries the refused setup or subscription when the step is over
   (:mod:`ppbridge.redisperm`, :meth:`RedisBus._command_refused`);
-* no CLIENT SETNAME option: :class:`_Guarded` names each connection (``ppbridge-publisher``,
-  ``-subscriber``, ``-public``) so an operator can tell them apart in CLIENT LIST;
-* Twisted's ClientService logs a line per reconnection, which a flood would turn into
-  several a second for the public subscriber: :func:`_quiet_reconnects` silences that one;
 * commands issued while disconnected wait instead of failing: :meth:`RedisBus.publish`
   fails at once when the link is down, and a health-check PING with a timeout detects a
   dead link that TCP has not noticed.
@@ -33,7 +26,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger, LogPublisher
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ppbridge import redisperm
@@ -41,9 +34,11 @@ from ppbridge.redistls import RedisTLSEndpoint
 from ppbridge.channels import Channels
 from ppbridge.config import MAX_FRAME_SIZE, RedisSettings
 from ppbridge.errors import BusUnavailable, RedisPermission
-from ppbridge.logsafe import Throttle, escape
-from ppbridge.respguard import RespGuard, RespProtocolError
-from ppbridge.sentinel import Address, Failover, is_readonly
+from ppbridge.logsafe import Throttle
+from ppbridge.redisconn import _binary_safe, _gave_up, _ignore, _PublisherFactory, _quiet_reconnects, _SubscriberFactory
+from ppbridge.redissubs import Subscriptions, _Slot
+from ppbridge.sentinel import Failover
+from ppbridge.sentinelreply import Address, is_readonly
 from ppbridge.timers import Periodic, log_failure
 from ppbridge.wire import OVERHEAD
 
@@ -89,10 +84,6 @@ class Bus(Protocol):
     def numsub(self, channels: list[bytes]) -> Deferred[dict[bytes, int]]: ...
 
 
-def _ignore(*args: object) -> None:
-    return None
-
-
 def _as_unavailable(failure: Failure) -> Failure:
     """txredisapi's ConnectionError (link lost mid-command), or a ``-READONLY`` (the server
     is a replica now: the bus is reconnecting to the master), as our BusUnavailable."""
@@ -101,239 +92,10 @@ def _as_unavailable(failure: Failure) -> Failure:
     return failure
 
 
-# --- Redis --------------------------------------------------------------------------------
-
-
-def _binary_safe(factory: txredisapi.RedisFactory, settings: RedisSettings) -> None:
-    """txredisapi decodes UTF-8 and numbers by default; we need bytes in, bytes out."""
-    factory.charset = None
-    factory.convertNumbers = False
-    factory.password = settings.password
-    factory.username = settings.username
-    factory.dbid = settings.db
-
-
 _FactoryT = TypeVar("_FactoryT", bound=txredisapi.RedisFactory)
 
 
-class _Backoff:
-    """Reconnect quickly: 0.1 s doubling to 2 s, with txredisapi's jitter. A connection
-    dropped because its server was not the master (behind sentinels) counts as a failed
-    attempt: txredisapi's ClientService forgets failures once a transport is made."""
-
-    initialDelay = 0.1
-    factor = 2.0
-    maxDelay = 2.0
-    refusals = 0  # connections in a row whose server was not the master
-
-    def retryDelay(self, attempt: int) -> float:
-        delay: float = super().retryDelay(attempt + self.refusals)  # type: ignore[misc]
-        return delay
-
-
-class _Guarded:
-    """A :class:`~ppbridge.respguard.RespGuard` in front of txredisapi's reply reader, which
-    (hiredis or not) buffers any bulk string whole: a reply the guard refuses costs one log
-    line and the connection, which the factory re-establishes. Checked against txredisapi
-    1.6.0: ``dataReceived(data, unpause)`` is the reader's only entry, and its non-hiredis
-    reader calls it again with ``unpause=True`` for bytes it has already been given.
-
-    Once AUTH/SELECT passed, the connection names itself (CLIENT SETNAME ``ppbridge-<role>``,
-    sent ahead of anything else; a refusal, e.g. by an ACL, is ignored). Behind sentinels
-    (:mod:`ppbridge.sentinel`) it then asks the server's role and is kept (``checked``) only
-    if it is the master; a ``-READONLY`` reply later on means it no longer is."""
-
-    guard: RespGuard | None = None  # None before the connection and after a refusal
-    transport: Any  # the protocol's; declared for the type checker
-    factory: Any
-    connected: int
-    name = "connection"
-    role = b"connection"
-    checked = True  # the server is the master (behind sentinels: once ROLE said so)
-
-    def new_guard(self) -> RespGuard:
-        return RespGuard()
-
-    @property
-    def master(self) -> Address | None:
-        """Behind sentinels: the address they gave for this connection (None without them)."""
-        return getattr(self.factory, "master", None)
-
-    def connectionMade(self):  # type: ignore[no-untyped-def]
-        self.guard = self.new_guard()
-        d = super().connectionMade().addCallback(self._set_name)  # type: ignore[misc]
-        failover: Failover | None = self.factory.bus._failover
-        if failover is not None:
-            self.checked = False
-            d.addCallback(lambda result: self._check(failover).addCallback(lambda _: result))
-        return d
-
-    def _check(self, failover: Failover) -> Deferred[None]:
-        if not (self.connected and self._ready):  # type: ignore[attr-defined]
-            return defer.succeed(None)  # AUTH/SELECT failed
-        d = failover.check(self).addTimeout(HEALTH_TIMEOUT, self.factory.bus._clock)
-        return d.addCallbacks(self._judged, self._not_judged)
-
-    def _judged(self, master: bool) -> None:
-        if master:
-            self.checked, self.factory.refusals = True, 0
-            self.master_confirmed()
-        else:  # logged by failover.check; the next attempt asks the sentinels again
-            self.factory.refusals += 1
-            self.transport.abortConnection()
-
-    def _not_judged(self, failure: Failure) -> None:
-        if not failure.check(txredisapi.ConnectionError):
-            self.factory.bus._warn("role", "Redis {name}: no answer to ROLE ({err}); reconnecting", name=self.name,
-                                   err=escape(failure.getErrorMessage(), 200))
-            self.transport.abortConnection()
-
-    def master_confirmed(self) -> None:
-        """Behind sentinels, once ROLE said the server is the master."""
-
-    def replyReceived(self, reply: object) -> None:
-        if self.master is not None and is_readonly(reply):
-            self.factory.bus._leave(self.master, "it answered -READONLY")
-            self.transport.abortConnection()  # already, unless it was still being set up
-        super().replyReceived(reply)  # type: ignore[misc]
-
-    def _set_name(self, result: object) -> object:
-        if self.connected:
-            name = b"ppbridge-" + self.role
-            self.execute_command(b"CLIENT", b"SETNAME", name).addErrback(_ignore)  # type: ignore[attr-defined]
-        return result
-
-    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
-        if not unpause:
-            if self.guard is None:
-                return  # refused already; the connection is going
-            try:
-                data = self.guard.feed(data)
-            except RespProtocolError as err:
-                log.warn("Redis {name}: refusing the server's reply ({err}); reconnecting",
-                         name=self.name, err=err)
-                self.guard = None
-                self.transport.abortConnection()
-                return
-        if data or unpause:
-            super().dataReceived(data, unpause)  # type: ignore[misc]
-
-
-class _Publisher(_Guarded, txredisapi.RedisProtocol):
-    """txredisapi's command builder copies every argument about three times (bytearray
-    extend, concatenation, bytes()); for a 256 KiB frame one join is enough. Replies are
-    small (no bulk over 64 KiB: :class:`_Guarded`)."""
-
-    name = "publisher"
-    role = b"publisher"
-
-    def master_confirmed(self) -> None:
-        if self in self.factory.pool and not self.factory.disconnectCalled:
-            self.factory.bus._publisher_up(self)  # else addConnection() does, once it runs
-
-    def _build_command(self, *args: bytes | bytearray | str | int, **kwargs: object) -> bytes:
-        parts: list[bytes | bytearray] = [b"*%d\r\n" % len(args)]
-        for arg in args:
-            if isinstance(arg, str):
-                arg = arg.encode("utf-8")
-            elif isinstance(arg, int):
-                arg = b"%d" % arg
-            parts += (b"$%d\r\n" % len(arg), arg, b"\r\n")
-        return b"".join(parts)
-
-
-class _PublisherFactory(_Backoff, txredisapi.RedisFactory):
-    protocol = _Publisher
-    noisy = False  # no "Starting factory <..._PublisherFactory object at 0x...>" line
-
-    def __init__(self, bus: RedisBus) -> None:
-        txredisapi.RedisFactory.__init__(self, None, None, 1, isLazy=True)
-        self.bus = bus
-
-    def addConnection(self, conn: txredisapi.RedisProtocol) -> None:
-        super().addConnection(conn)
-        if conn.connected and not self.disconnectCalled and conn.checked:
-            self.bus._publisher_up(conn)
-
-    def delConnection(self, conn: txredisapi.RedisProtocol) -> None:
-        super().delConnection(conn)
-        self.bus._publisher_down(conn)
-
-
-class _Slot:
-    """One subscriber connection of a :class:`RedisBus` and what it must be subscribed to;
-    owns the lock that serialises its (un)subscriptions and its current factory and
-    protocol (None while down). ``limit_for`` gives the longest message accepted per channel.
-    """
-
-    def __init__(self, name: str, role: bytes, limit_for: Callable[[bytes], int]) -> None:
-        self.name = name
-        self.role = role
-        self.limit_for = limit_for
-        self.channels: set[bytes] = set()
-        self.patterns: set[bytes] = set()
-        self.lock = defer.DeferredLock()
-        self.factory: _SubscriberFactory | None = None
-        self.proto: _Subscriber | None = None
-        self.joining: _Subscriber | None = None  # connected, being resubscribed
-        self.denied: _Subscriber | None = None  # connected, its subscriptions refused (ACL): the watchdog retries
-
-
-class _Subscriber(_Guarded, txredisapi.SubscriberProtocol):
-    """Delivers messages to the bus and resubscribes after every (re)connection. A message
-    over the slot's limit for its channel is skipped as it streams in and reported to
-    ``bus.on_oversized``; the empty message the guard leaves in its place is not delivered."""
-
-    factory: _SubscriberFactory
-
-    def new_guard(self) -> RespGuard:
-        return RespGuard(self.factory.slot.limit_for, self._oversized)
-
-    def _oversized(self, channel: bytes, size: int) -> None:
-        try:
-            self.factory.bus.on_oversized(channel, size)
-        except Exception:
-            log.failure("reporting an oversized bus message failed")
-
-    def replyReceived(self, reply: object) -> None:
-        if self.guard is None or not self.guard.delivered():
-            super().replyReceived(reply)
-
-    @defer.inlineCallbacks
-    def connectionMade(self):  # type: ignore[no-untyped-def]
-        # Twisted ignores what connectionMade returns, so nothing may escape from here.
-        try:
-            yield super().connectionMade()  # AUTH, SELECT, SETNAME; behind sentinels ROLE
-            if self.connected and self._ready and self.checked:
-                yield self.factory.bus._subscriber_up(self)
-        except Exception as err:
-            self.factory.bus._warn("setup", "Redis {name} connection failed while starting: {err}", name=self.name,
-                                   err=escape(str(err), 200))
-
-    def messageReceived(self, pattern: bytes | None, channel: bytes, message: bytes) -> None:
-        self.factory.bus.on_message(channel, message)
-
-    def connectionLost(self, why: object) -> None:
-        super().connectionLost(why)
-        self.factory.bus._subscriber_down(self)
-
-
-class _SubscriberFactory(_Backoff, txredisapi.SubscriberFactory):
-    protocol = _Subscriber
-    noisy = False  # no "Starting factory <..._SubscriberFactory object at 0x...>" line
-
-    def __init__(self, bus: RedisBus, slot: _Slot | None = None) -> None:
-        txredisapi.SubscriberFactory.__init__(self, isLazy=True)
-        self.bus = bus
-        self.slot = slot if slot is not None else bus._main
-
-    def buildProtocol(self, addr: object) -> _Subscriber:
-        proto: _Subscriber = super().buildProtocol(addr)
-        proto.name, proto.role = self.slot.name, self.slot.role
-        return proto
-
-
-class RedisBus:
+class RedisBus(Subscriptions):
     """Three Redis connections: one publishes, one subscribes to everything addressed to this
     process, one to the namespace's public channels; each reconnects with backoff.
 
@@ -379,9 +141,6 @@ class RedisBus:
     def limit_for(self, channel: bytes) -> int:
         """The longest message accepted on ``channel``."""
         return SMALL_MESSAGE if channel in self.public_channels else self.max_message
-
-    def _slot_for(self, channel: bytes) -> _Slot:
-        return self._public if channel in self.public_channels else self._main
 
     # lifecycle
 
@@ -451,47 +210,6 @@ class RedisBus:
             self._pub = None
             self._changed()
 
-    @defer.inlineCallbacks
-    def _subscriber_up(self, proto: _Subscriber):  # type: ignore[no-untyped-def]
-        slot = proto.factory.slot
-        slot.joining = proto
-        try:
-            yield slot.lock.run(self._resubscribe, slot, proto)
-        except txredisapi.ConnectionError:
-            return  # lost while resubscribing: counted and retried like any loss
-        except Exception as err:
-            if self._subscriptions_refused(slot, proto, err):
-                return  # kept up, unsubscribed: the watchdog retries once the backoff step is over
-            log.failure("resubscribing the Redis {name} failed; dropping the connection to retry", name=slot.name)
-            proto.transport.loseConnection()
-            return
-        finally:
-            if slot.joining is proto:
-                slot.joining = None
-        if proto.connected:
-            slot.proto = proto
-            if slot is self._main:
-                self._changed()
-            else:
-                self.on_public()
-
-    @defer.inlineCallbacks
-    def _resubscribe(self, slot: _Slot, proto: _Subscriber):  # type: ignore[no-untyped-def]
-        if slot.channels:
-            yield proto.subscribe(sorted(slot.channels))
-        if slot.patterns:
-            yield proto.psubscribe(sorted(slot.patterns))
-
-    def _subscriber_down(self, proto: _Subscriber) -> None:
-        slot = proto.factory.slot
-        if slot.proto is proto:
-            slot.proto = None
-            if slot is self._main:
-                self._changed()
-        if slot is self._public and not proto.factory.disconnectCalled:  # not by stop()
-            self.public_losses += 1
-            self._log_public_losses(self._clock.seconds())
-
     def _log_public_losses(self, now: float) -> None:
         """One line for the public subscriber's losses not yet logged, at most once a minute
         (a flood makes Redis drop it several times a second)."""
@@ -555,6 +273,12 @@ class RedisBus:
             if slot.factory is not None and not slot.factory.pool and not _gave_up(slot.factory):
                 slot.factory = self._restart(slot.factory, _SubscriberFactory(self, slot))
 
+    def _role_check(self, proto: Any) -> Deferred[bool]:
+        """Whether ``proto``'s server is the master (ROLE), within HEALTH_TIMEOUT: redisconn's check."""
+        if self._failover is None:  # no sentinels: the one server is the master
+            return defer.succeed(True)
+        return self._failover.check(proto).addTimeout(HEALTH_TIMEOUT, self._clock)
+
     def _restart(self, old: Any, new: _FactoryT) -> _FactoryT:
         old.disconnect().addErrback(log_failure("closing a Redis factory failed"))
         return self._connect(new)
@@ -581,29 +305,6 @@ class RedisBus:
         name = "publisher" if isinstance(factory, _PublisherFactory) else factory.slot.name
         what = f"SELECT {self.settings.db} (the {name} connection)" if code == "NOPERM" else f"the {name} connection"
         self._refusals.note(name, code, what, self._clock.seconds())
-
-    def _subscriptions_refused(self, slot: _Slot, proto: _Subscriber, err: Exception) -> bool:
-        """True when Redis refused ``proto``'s (re)subscription for want of a permission: then
-        logged (once per backoff step) and ``proto`` kept up but unsubscribed, for the watchdog
-        to try again (dropping it would only reconnect and be refused again, in a loop)."""
-        code = redisperm.code_of(err)
-        if code is None:
-            return False
-        slot.denied = proto
-        what = redisperm.describe("SUBSCRIBE", sorted(slot.channels))
-        if slot.patterns:
-            what += " / " + redisperm.describe("PSUBSCRIBE", sorted(slot.patterns))
-        self._refusals.note(slot.name, code, what, self._clock.seconds())
-        return True
-
-    def _retry_refused(self, slot: _Slot) -> None:
-        """Subscribe ``slot``'s connection again once the backoff step of its refusal is over."""
-        proto = slot.denied
-        if proto is None or not self._refusals.due(slot.name, self._clock.seconds()):
-            return
-        slot.denied = None
-        if self._running and proto.connected:
-            self._subscriber_up(proto).addErrback(log_failure("resubscribing failed"))
 
     def _command_refused(self, failure: Failure, command: str, channels: tuple[bytes, ...] = (),
                          key: str | None = None) -> Failure:
@@ -688,54 +389,3 @@ class RedisBus:
             return defer.fail(BusUnavailable())
         d = pub.execute_command(b"PUBSUB", b"NUMSUB", *channels).addErrback(self._command_refused, "PUBSUB NUMSUB")
         return d.addCallback(lambda r: {bytes(r[i]): int(r[i + 1]) for i in range(0, len(r), 2)})
-
-    def _subscription(self, slot: _Slot, command: str, name: bytes) -> Deferred[None]:
-        def run() -> Deferred[None]:
-            # A connection being resubscribed takes it too: its snapshot may predate the change.
-            sub = slot.proto or slot.joining
-            if sub is None or not sub.connected:
-                return defer.succeed(None)  # applied by _resubscribe on the next connection
-            d: Deferred[None] = getattr(sub, command)([name]).addCallbacks(
-                _ignore, self._command_refused, errbackArgs=(command.upper(), (name,), f"{slot.name} {command}"))
-            return d
-
-        return slot.lock.run(run)
-
-    def subscribe(self, channel: bytes) -> Deferred[None]:
-        """SUBSCRIBE, now and after every reconnection; a public channel (``ns:negotiate``,
-        ``ns:announce``) on the public subscriber."""
-        slot = self._slot_for(channel)
-        slot.channels.add(channel)
-        self._open_public()
-        return self._subscription(slot, "subscribe", channel)
-
-    def unsubscribe(self, channel: bytes) -> Deferred[None]:
-        slot = self._slot_for(channel)
-        slot.channels.discard(channel)
-        return self._subscription(slot, "unsubscribe", channel)
-
-    def psubscribe(self, pattern: bytes) -> Deferred[None]:
-        """PSUBSCRIBE, on the main subscriber (a pattern is never one of the public channels).
-        Not part of :class:`Bus`: the services subscribe to exact names only, which an ACL user
-        can be allowed (see :mod:`ppbridge.channels`); kept for tests of the connections."""
-        self._main.patterns.add(pattern)
-        return self._subscription(self._main, "psubscribe", pattern)
-
-
-def _quiet_reconnects(factory: txredisapi.RedisFactory) -> None:
-    """Silence the "Scheduling retry 1 to connect ..." line Twisted's ClientService logs each
-    time ``factory``'s connection is lost. Checked against Twisted 26.10 (the line's Logger is
-    the ``log`` field of the automat core of ``ClientService._machine``) and txredisapi 1.6.0
-    (``factory.slots[i].service``); when they differ this does nothing, and
-    ``tests/test_bus.py`` fails (it counts those lines)."""
-    for slot in getattr(factory, "slots", ()):
-        machine = getattr(getattr(slot, "service", None), "_machine", None)
-        core: Any = getattr(machine, "__dict__", {}).get("__automat_core__")
-        retry_log = getattr(core, "log", None)
-        if isinstance(retry_log, Logger):
-            core.log = Logger(namespace=retry_log.namespace, observer=LogPublisher())  # no observers
-
-
-def _gave_up(factory: txredisapi.RedisFactory | None) -> bool:
-    """A factory that stopped reconnecting on its own (failed AUTH/SELECT), not by stop()."""
-    return factory is not None and factory.stopped and not factory.disconnectCalled

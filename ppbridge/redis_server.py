@@ -4,7 +4,7 @@ Synchronous on purpose: the demo, the test fixtures and the benchmark use it bef
 without) a running reactor. It speaks to the server only to know that it is up (PING and
 INFO on a short connection) and to read INFO for the bench, through :class:`RedisConnection`,
 which sends with ``hiredis.pack_command`` and reads with ``hiredis.Reader``. The product's own
-data path talks to Redis through txredisapi in ``bus.py``; the tests' raw client is
+data path talks to Redis through txredisapi in ``bus.py`` (and ``redisconn.py``); the tests' raw client is
 ``tests/redisclient.py``, built on :class:`RedisConnection`.
 """
 

@@ -4,12 +4,13 @@ With ``[redis] sentinels`` every connection attempt of the bus goes through
 :class:`MasterEndpoint`: it asks the sentinels (:meth:`Sentinels.master`, ``SENTINEL
 GET-MASTER-ADDR-BY-NAME``, one after the other, the last that answered first) and connects
 where they say, over TLS with ``rediss://``. After AUTH/SELECT, :meth:`Failover.check` asks
-the server's role (``ROLE``, else ``INFO replication``); the bus keeps only a master. It
+the server's role (``ROLE``, else ``INFO replication``); the bus keeps only a master. What
+sentinels and servers say is parsed and checked in :mod:`ppbridge.sentinelreply`. It
 follows a failover from three signs: the connection is lost (the master died); the server
 says it is a replica now (the health check asks ROLE; a ``-READONLY`` reply,
-:func:`is_readonly`, counts the same, though pub/sub never gets one: PUBLISH is no write
-command, so a demoted master, which keeps its clients, takes it silently); a sentinel
-publishes ``+switch-master`` (one subscriber connection to one sentinel at a time):
+:func:`~ppbridge.sentinelreply.is_readonly`, counts the same, though pub/sub never gets
+one: PUBLISH is no write command, so a demoted master, which keeps its clients, takes it
+silently); a sentinel publishes ``+switch-master`` (one subscriber connection to one sentinel at a time):
 ``follow(master, True)`` at once, and ``follow(master, False)`` after each resubscription
 (an event may have been missed meanwhile).
 
@@ -30,7 +31,6 @@ Deferred that raises AlreadyCalledError once the connection comes.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
 import txredisapi
@@ -43,79 +43,15 @@ from zope.interface import implementer
 
 from ppbridge.logsafe import Throttle, escape
 from ppbridge.redisconfig import RedisSettings
+from ppbridge.redisconn import GuardedReader
 from ppbridge.respguard import RespGuard, RespProtocolError
+from ppbridge.sentinelreply import Address, parse_master_reply, parse_switch, role_of
 
 log = Logger()
 
-Address = tuple[str, int]
 EndpointFor = Callable[[str, int], Any]  # (host, port) -> an IStreamClientEndpoint
 QUERY_TIMEOUT = 2.0  # per sentinel asked; a sentinel is on a LAN, or it is no help in a failover
 SWITCH_CHANNEL = b"+switch-master"
-_HOST = re.compile(rb"[A-Za-z0-9.:_-]{1,253}")  # an IPv4 or IPv6 address, or a host name
-_PORT = re.compile(rb"[1-9][0-9]{0,4}")
-
-
-def parse_address(host: object, port: object) -> Address:
-    """A host and port a sentinel sent, checked by type, length and pattern (ValueError)."""
-    if isinstance(port, int) and not isinstance(port, bool):
-        port = b"%d" % port
-    if not (isinstance(host, bytes) and _HOST.fullmatch(host)):
-        raise ValueError(f"not a host: {escape(host if isinstance(host, bytes) else repr(host), 80)}")
-    if not (isinstance(port, bytes) and _PORT.fullmatch(port) and int(port) <= 65535):
-        raise ValueError(f"not a port: {escape(port if isinstance(port, bytes) else repr(port), 20)}")
-    return host.decode("ascii"), int(port)
-
-
-def parse_master_reply(reply: object) -> Address | None:
-    """``SENTINEL GET-MASTER-ADDR-BY-NAME``'s reply: (host, port), or None for a name the
-    sentinel does not know (a nil reply)."""
-    if reply is None:
-        return None
-    if not (isinstance(reply, list) and len(reply) == 2):
-        raise ValueError(f"not a (host, port) reply: {escape(repr(reply), 80)}")
-    return parse_address(reply[0], reply[1])
-
-
-def parse_switch(message: object, name: str) -> Address | None:
-    """The new master of a ``+switch-master`` message ("<name> <old ip> <old port> <new ip>
-    <new port>"), or None when it is about another master name."""
-    if not isinstance(message, bytes) or len(message) > 1024:
-        raise ValueError("not a +switch-master message")
-    fields = message.split(b" ")
-    if len(fields) != 5:
-        raise ValueError(f"not a +switch-master message: {escape(message, 80)}")
-    if fields[0] != name.encode("utf-8"):
-        return None
-    return parse_address(fields[3], fields[4])
-
-
-def is_readonly(reply: object) -> bool:
-    """Whether ``reply`` is a ``-READONLY`` error: the server is a replica now."""
-    if not isinstance(reply, txredisapi.ResponseError) or not reply.args:
-        return False
-    text = reply.args[0]
-    return (text.startswith(b"READONLY") if isinstance(text, bytes)
-            else isinstance(text, str) and text.startswith("READONLY"))
-
-
-@defer.inlineCallbacks
-def role_of(proto: Any):  # type: ignore[no-untyped-def]
-    """The server's role as it says it (b"master", b"slave", ...): ROLE, else INFO
-    replication; None when both are refused (an ACL user without +role and +info)."""
-    try:
-        reply = yield defer.maybeDeferred(proto.execute_command, b"ROLE")
-        if isinstance(reply, list) and reply and isinstance(reply[0], bytes):
-            return reply[0]
-    except txredisapi.ResponseError:
-        pass
-    try:
-        info = yield defer.maybeDeferred(proto.execute_command, b"INFO", b"replication")
-    except txredisapi.ResponseError:
-        return None
-    for line in info.split(b"\r\n") if isinstance(info, bytes) else ():
-        if line.startswith(b"role:"):
-            return line[5:]
-    return None
 
 
 def _gave_up(factory: txredisapi.RedisFactory | None) -> bool:
@@ -126,31 +62,16 @@ def _gave_up(factory: txredisapi.RedisFactory | None) -> bool:
 # --- connections to the sentinels ----------------------------------------------------------
 
 
-class _Guarded:
-    """A :class:`~ppbridge.respguard.RespGuard` (general limits: a sentinel sends nothing
-    big) in front of txredisapi's reply reader, as ``ppbridge.bus._Guarded`` does for the
-    bus's own connections; a refused reply costs the connection, which reconnects."""
-
-    guard: RespGuard | None = None
-    transport: Any
+class _Guarded(GuardedReader):
+    """A :class:`~ppbridge.redisconn.GuardedReader` with general limits (a sentinel sends
+    nothing big); a refused reply costs the connection, which reconnects."""
 
     def connectionMade(self):  # type: ignore[no-untyped-def]
         self.guard = RespGuard()
         return super().connectionMade()  # type: ignore[misc]
 
-    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
-        if not unpause:
-            if self.guard is None:
-                return
-            try:
-                data = self.guard.feed(data)
-            except RespProtocolError as err:
-                log.warn("Redis sentinel: refusing its reply ({err}); reconnecting", err=err)
-                self.guard = None
-                self.transport.abortConnection()
-                return
-        if data or unpause:
-            super().dataReceived(data, unpause)  # type: ignore[misc]
+    def refused(self, err: RespProtocolError) -> None:
+        log.warn("Redis sentinel: refusing its reply ({err}); reconnecting", err=err)
 
 
 class _Link(_Guarded, txredisapi.RedisProtocol):
