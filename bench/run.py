@@ -1,12 +1,13 @@
 """``make bench``: ppbridge against direct access and ``ssh -R``, on loopback, in one run.
 
 Starts a fast upstream (nginx, else a Twisted static server), then each row in turn (direct,
-ppbridge, ssh -R), measures small-request throughput and latency at several concurrencies, a
-one-stream download of a big file, WebSocket echo round trips and one-connection WebSocket
-throughput (nginx only), the CPU time and peak memory of every process of the row; then the
-capacity of one Redis (PUBLISH throughput at ppbridge's message sizes, combined with the ppbridge
-row's Redis commands and bytes per request: docs/CAPACITY.md); prints the table with ratios and
-targets, and writes the figures as JSON under bench/results/.
+the twisted.web floor, the relay floor, ppbridge, ssh -R), measures small-request throughput
+and latency at several concurrencies, a one-stream download of a big file, WebSocket echo round
+trips and one-connection WebSocket throughput (nginx only, not the floors), the CPU time and
+peak memory of every process of the row; then the capacity of one Redis (PUBLISH throughput at
+ppbridge's message sizes, combined with the ppbridge row's Redis commands and bytes per
+request: docs/CAPACITY.md); prints the table with ratios and targets, and writes the figures
+as JSON under bench/results/.
 A benchmark, not a test: it reports, and exits 0 unless it could not run at all.
 """
 
@@ -49,7 +50,9 @@ except ImportError as _err:  # websockets missing: the WebSocket measurements ar
     WS_IMPORT_ERROR = f"the websockets library is not importable ({_err}): pip install websockets"
 
 HERE = Path(__file__).resolve().parent
-ROW_NAMES = {"direct": "direct", "ppbridge": "ppbridge", "ssh": "ssh -R"}
+ROW_NAMES = {"direct": "direct", "twfloor": "twisted.web floor", "relay": "relay floor", "ppbridge": "ppbridge",
+             "ssh": "ssh -R"}
+DEFAULT_ROWS = ",".join(ROW_NAMES)
 WS_SMALL = 100  # bytes per WebSocket echo message
 WS_BIG_MIB = 1  # MiB per WebSocket throughput message
 WS_INFLIGHT = 4  # throughput messages on their way at once
@@ -65,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--download-max", type=int, default=10, help="at most this many downloads per row (10)")
     p.add_argument("--concurrency", default="1,16,64", help="comma-separated connection counts (1,16,64)")
     p.add_argument("--big-mib", type=int, default=64, help="size of the big file in MiB (64)")
-    p.add_argument("--rows", default="direct,ppbridge,ssh", help="rows to run: direct,ppbridge,ssh (all)")
+    p.add_argument("--rows", default=DEFAULT_ROWS, help=f"rows to run, in this order: {DEFAULT_ROWS} (all)")
     p.add_argument("--wan-delay", type=float, metavar="MS",
                    help="also measure ppbridge at c1 with MS ms added each way between proxy and Redis")
     p.add_argument("--wan-only", action="store_true", help="with --wan-delay: skip the ordinary rows")
@@ -190,7 +193,7 @@ class Bench:
         rss: dict[str, Any] = {"after_small": _rounded(peak_rss_mib(everything))}
         result["download"] = self.download_run(run)
         rss["after_download"] = _rounded(peak_rss_mib(everything))
-        if self.ws is not None:
+        if self.ws is not None and run.ws:
             result["ws"] = self.ws_row(run)
             rss["after_ws"] = _rounded(peak_rss_mib(everything))
         result["rss_mib"] = rss
@@ -252,6 +255,10 @@ class Bench:
     def row_factory(self, key: str) -> Callable[[], AbstractContextManager[rows.RowRun]]:
         if key == "direct":
             return lambda: rows.direct(self.upstream)
+        if key == "twfloor":
+            return lambda: rows.twisted_floor(self.upstream, self.tmp / "twfloor")
+        if key == "relay":
+            return lambda: rows.relay_floor(self.upstream, self.tmp / "relay")
         if key == "ppbridge":
             profile = self.tmp / "profiles" if self.args.profile else None
             if profile is not None:
