@@ -70,7 +70,11 @@ def _check(args: argparse.Namespace) -> int:
         fw = load_forwarder_config(path)
         routes = ", ".join(f"{r.name} ({r.path_prefix or '/'}{' ' + ','.join(r.hosts) if r.hosts else ''})"
                            for r in fw.proxies)
-        print(f"{path}: ok: forwarder on {', '.join(fw.listen)}; routes: {routes}")
+        shared = " with SO_REUSEPORT (reuse_port = true)" if fw.reuse_port else ""
+        print(f"{path}: ok: forwarder on {', '.join(fw.listen)}{shared}; routes: {routes}")
+        if fw.reuse_port and fw.admin_listen:
+            print(f"{path}: note: admin.listen {fw.admin_listen!r} serves one process; give each forwarder "
+                  "sharing the port an admin endpoint of its own (twistd ppforwarder --admin ...)")
     return 0
 
 

@@ -116,6 +116,8 @@ class ClientStream:
         if not bridge.candidates(route.name):
             raise bridge.unavailable(route.name)
         headers = [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
+        if request.grant is not None:  # what the route's access policy strips and sets (ppbridge.access)
+            headers = request.grant.rewrite(headers)
         client = request.getClientAddress()
         headers = forwarded_request_headers(
             headers, str(getattr(client, "host", "unknown")).encode("ascii"), host,

@@ -24,6 +24,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
 from ppbridge import keys
+from ppbridge.accessconfig import AccessSettings, read_access
 from ppbridge.configfields import (
     MISSING,
     Bound,
@@ -62,6 +63,7 @@ class Route:
     public_key_path: Path
     path_prefix: str = ""  # no trailing "/"; "" matches every path
     hosts: tuple[str, ...] = ()  # lowercased, may carry ":port"; () matches every host
+    access: AccessSettings | None = None  # [proxies.NAME.access]; None: [forwarder.access] applies
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +73,7 @@ class ForwarderSettings:
     source: Path
     redis: RedisSettings
     listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1:backlog=1024",)
+    reuse_port: bool = False  # bind every listen endpoint with SO_REUSEPORT: forwarders on one host share it
     signing_key: RSAPrivateKey = field(repr=False)
     signing_key_path: Path
     request_timeout: float = 30.0
@@ -93,6 +96,7 @@ class ForwarderSettings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     access_log: bool = True  # one line per request (never header values or bodies)
     access_log_query: bool = False  # with the query string (it may hold tokens)
+    access: AccessSettings | None = None  # [forwarder.access]: routes without a table of their own
     proxies: tuple[Route, ...]
 
 
@@ -160,12 +164,13 @@ _REKEY_NUMBERS = {
     "period": Bound(1), "min_period": Bound(1), "max_period": Bound(1),
     "messages_per_key": Bound(1, 2**31, integer=True), "grace": Bound(0), "max_key_age": Bound(0, MAX_KEY_AGE),
 }
-_ROUTE_KEYS = ("public_key", "path_prefix", "hosts")
+_ROUTE_KEYS = ("public_key", "path_prefix", "hosts", "access")
 _REDIS_KEYS = REDIS_KEYS
 _Schema = Mapping[str, tuple[str, ...] | None]  # table -> keys; None: a table of [name.X] tables
 _FORWARDER_SCHEMA: _Schema = {
     "redis": _REDIS_KEYS,
-    "forwarder": ("listen", "signing_key", "trusted_proxies", "access_log", "access_log_query", *_FORWARDER_NUMBERS),
+    "forwarder": ("listen", "reuse_port", "signing_key", "trusted_proxies", "access_log", "access_log_query", "access",
+                  *_FORWARDER_NUMBERS),
     "admin": ("listen",), "proxies": None,
 }
 _PROXY_SCHEMA: _Schema = {
@@ -261,7 +266,7 @@ def _route(r: Reader, name: str) -> Route:
     hosts = () if r.get(hosts_key) is MISSING else host_list(r, hosts_key)
     public_key, path = r.key(base + ("public_key",), keys.load_public_key)
     return Route(name=name, public_key=public_key, public_key_path=path,
-                 path_prefix=prefix.rstrip("/"), hosts=hosts)
+                 path_prefix=prefix.rstrip("/"), hosts=hosts, access=read_access(r, base + ("access",)))
 
 
 def _routes(r: Reader) -> tuple[Route, ...]:
@@ -279,6 +284,24 @@ def _routes(r: Reader) -> tuple[Route, ...]:
                 r.fail(("proxies", route.name), f"same path_prefix {route.path_prefix or '/'!r} and "
                        f"{where} as proxies.{other}; requests could not tell them apart")
     return routes
+
+
+def _reuse_port(r: Reader, listen: tuple[str, ...], default: bool) -> bool:
+    """[forwarder] reuse_port; when true, the system must have SO_REUSEPORT and every listen
+    endpoint must be one it applies to (tcp, tcp6, ssl)."""
+    from ppbridge import reuseport
+
+    key = ("forwarder", "reuse_port")
+    if not r.boolean(key, default):
+        return False
+    problem = reuseport.unavailable()
+    if problem:
+        r.fail(key, problem)
+    for description in listen:
+        if not reuseport.can_share(description):
+            r.fail(("forwarder", "listen"), f"{description!r} is not a {reuseport.SHAREABLE_KINDS} endpoint, "
+                   "the only kinds reuse_port = true can share")
+    return True
 
 
 def _upstream(r: Reader, key: Key) -> str:
@@ -321,11 +344,13 @@ def load_forwarder_config(path: str | Path, overrides: Mapping[str, object] | No
     values = r.numbers("forwarder", _FORWARDER_NUMBERS, defaults)
     _flow(r, "forwarder", values)
     return ForwarderSettings(
-        source=r.source, redis=redis, listen=listen, signing_key=signing_key,
+        source=r.source, redis=redis, listen=listen, reuse_port=_reuse_port(r, listen, defaults["reuse_port"]),
+        signing_key=signing_key,
         signing_key_path=signing_key_path, admin_listen=_admin(r, defaults["admin_listen"]),
         trusted_proxies=network_list(r, ("forwarder", "trusted_proxies")), proxies=_routes(r),
         access_log=r.boolean(("forwarder", "access_log"), defaults["access_log"]),
-        access_log_query=r.boolean(("forwarder", "access_log_query"), defaults["access_log_query"]), **values,
+        access_log_query=r.boolean(("forwarder", "access_log_query"), defaults["access_log_query"]),
+        access=read_access(r, ("forwarder", "access")), **values,
     )
 
 

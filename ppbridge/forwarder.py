@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ppbridge.access import AccessControl
 from ppbridge.bus import Bus
 from ppbridge.channels import Channels
 from ppbridge.config import ForwarderSettings, Route
@@ -43,8 +44,8 @@ TIDY_INTERVAL = 1.0
 REANNOUNCE_MIN = 1.0  # seconds between announcements made at once on an eviction
 # What a reload cannot change in a running forwarder (built into ports, the bus, the
 # negotiation, the keyring, the timers or the HTTP site): kept until a restart.
-RESTART_ONLY = ("listen", "admin_listen", "redis", "signing_key", "signing_key_path", "frame_size", "window",
-                "max_clock_skew", "max_key_age", "announce_interval", "key_grace")
+RESTART_ONLY = ("listen", "reuse_port", "admin_listen", "redis", "signing_key", "signing_key_path", "frame_size",
+                "window", "max_clock_skew", "max_key_age", "announce_interval", "key_grace")
 
 
 def _refused(failure: Failure) -> None:
@@ -73,6 +74,7 @@ class ForwarderService(MultiService):
         )
         self.gate = NegotiationGate([r.name for r in settings.proxies], clock.seconds())
         self.router = Router(settings.proxies)
+        self.access = AccessControl(settings, clock, self.metrics)  # who may reach each route
         self.table = InstanceTable([r.name for r in settings.proxies], self.keyring, settings.announce_interval)
         self._announced = 0.0
         self._reannounce: IDelayedCall | None = None  # an announcement an eviction asked for
@@ -165,6 +167,7 @@ class ForwarderService(MultiService):
         for stream in list(self.streams.values()):
             stream.shutdown()
         d = defer.maybeDeferred(super().stopService)
+        d.addBoth(lambda _: self.access.stop())  # forward_auth's connection pool
         return d.addBoth(lambda _: self.bus.stop())
 
     def reload(self, settings: ForwarderSettings) -> None:
@@ -174,6 +177,7 @@ class ForwarderService(MultiService):
         under the keys kept as for an evicted instance."""
         settings, applied, held = split_settings(self.settings, settings, RESTART_ONLY)
         warn_held(settings.source, held)
+        self.access.configure(settings)  # first: it may refuse the new settings (a file gone)
         names = [r.name for r in settings.proxies]
         router, gate = Router(settings.proxies), NegotiationGate(names, self.clock.seconds())
         now = self.clock.seconds()

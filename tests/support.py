@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import treq
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -67,8 +67,9 @@ def start_redis(case: TestCase, **kwargs: Any) -> RedisServer:
 
 
 @defer.inlineCallbacks
-def listen(case: TestCase, factory: Any):  # type: ignore[no-untyped-def]
-    """Listen on a free loopback port; the base URL. At cleanup the port closes and so does
+def listen(case: TestCase, factory: Any, endpoint: Any = None):  # type: ignore[no-untyped-def]
+    """Listen on a free loopback port (or on ``endpoint``, e.g. a TLS one); the base URL
+    (``https://`` for a TLS endpoint). At cleanup the port closes and so does
     every connection it accepted that is still open (a server may legitimately keep one, e.g.
     lingering after an early answer), so no test leaves sockets or their timers behind."""
     accepted: list[Any] = []
@@ -80,7 +81,8 @@ def listen(case: TestCase, factory: Any):  # type: ignore[no-untyped-def]
         return protocol
 
     factory.buildProtocol = tracking
-    port = yield TCP4ServerEndpoint(reactor, 0, backlog=1024, interface="127.0.0.1").listen(factory)
+    endpoint = endpoint or TCP4ServerEndpoint(reactor, 0, backlog=1024, interface="127.0.0.1")
+    port = yield endpoint.listen(factory)
 
     @defer.inlineCallbacks
     def close():  # type: ignore[no-untyped-def]
@@ -94,7 +96,8 @@ def listen(case: TestCase, factory: Any):  # type: ignore[no-untyped-def]
             yield deferLater(reactor, 0, lambda: None)  # abortConnection completes next turn
 
     case.addCleanup(close)
-    return f"http://127.0.0.1:{port.getHost().port}"
+    scheme = "https" if isinstance(endpoint, SSL4ServerEndpoint) else "http"
+    return f"{scheme}://127.0.0.1:{port.getHost().port}"
 
 
 class Stack:

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from ppbridge import bus as bus_module
+from ppbridge.accessconfig import ACCESS_KEYS
 from ppbridge import config as config_module
 from ppbridge import forwarder_tap, keys, node, proxy_tap, timers
 from ppbridge.admin import admin_site
@@ -906,14 +907,23 @@ _KEY_LINE = re.compile(r"^(?:# ?)?([a-z_]+) = ")
 
 def mentioned_keys(text: str) -> dict[str, set[str]]:
     """Keys set or shown commented out (``# key = ...``) per table header of an example file.
-    ``[proxies.NAME]`` tables are gathered under ``proxies.``."""
+    ``[proxies.NAME]`` tables are gathered under ``proxies.``; an ``[X.access]`` table is key
+    ``access`` of ``X`` and its keys are gathered under ``X.access`` (``proxies..access``)."""
     found: dict[str, set[str]] = {}
     table = ""
+
+    def group(name: str) -> str:
+        return "proxies." if name.startswith("proxies.") else name
+
     for line in text.splitlines():
         header = _TABLE_LINE.match(line)
         if header:
-            table = header.group(1)
-            table = "proxies." if table.startswith("proxies.") else table
+            parent, _, leaf = header.group(1).rpartition(".")
+            if parent and leaf == "access":
+                found.setdefault(group(parent), set()).add("access")
+                table = group(parent) + ".access"
+            else:
+                table = group(header.group(1))
             found.setdefault(table, set())
             continue
         key = _KEY_LINE.match(line)
@@ -932,11 +942,14 @@ class ExampleSchemaTests(TestCase):
         expected = {(table if keys_ is not None else f"{table}."): set(keys_ if keys_ is not None
                                                                        else config_module._ROUTE_KEYS)
                     for table, keys_ in schema.items()}
+        expected.update({f"{table}.access": set(ACCESS_KEYS) for table, keys_ in list(expected.items())
+                         if "access" in keys_})  # [forwarder.access], [proxies.NAME.access]
         for table, table_numbers in numbers.items():
             self.assertLessEqual(set(table_numbers), expected[table], f"{table}: numbers not in the schema")
         self.assertEqual(set(mentioned), set(expected), f"{name}: tables")
         for table, wanted in expected.items():
-            self.assertEqual(wanted - mentioned[table], set(), f"{name}: [{table}] keys of the schema missing")
+            if table != "proxies..access":  # a route's table shows a few ("same keys as [forwarder.access]")
+                self.assertEqual(wanted - mentioned[table], set(), f"{name}: [{table}] keys of the schema missing")
             self.assertEqual(mentioned[table] - wanted, set(), f"{name}: [{table}] keys not in the schema")
         parsed = tomllib.loads(text)  # what is really set is in the schema too (no typo in a real key)
         for table, values in parsed.items():
@@ -947,9 +960,10 @@ class ExampleSchemaTests(TestCase):
                     self.assertIn(key, schema[table], f"{name}: [{table}] {key}")
 
     def test_forwarder_example_matches_the_schema(self):
-        """Every table and key of _FORWARDER_SCHEMA (the [forwarder] numbers and the route keys
-        of [proxies.NAME] included) appears in conf/forwarder.example.toml, set or commented
-        out, and every key there, commented or not, is in the schema."""
+        """Every table and key of _FORWARDER_SCHEMA (the [forwarder] numbers, the route keys
+        of [proxies.NAME] and every access key in [forwarder.access] included) appears in
+        conf/forwarder.example.toml, set or commented out, and every key there, commented or
+        not, is in the schema ([proxies.NAME.access] may show only some)."""
         self.check("forwarder.example.toml", config_module._FORWARDER_SCHEMA,
                    {"forwarder": config_module._FORWARDER_NUMBERS})
 
