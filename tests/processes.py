@@ -12,7 +12,7 @@ import re
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from twisted.internet import defer, error, protocol, reactor
 from twisted.python.failure import Failure
@@ -30,6 +30,23 @@ OUT, ERR = 1, 2
 # In a child's output, the marks of an error nobody handled or of a logged failure:
 # log.failure and an unhandled failed Deferred both print a traceback.
 FAILURE_MARKS = ("Traceback (most recent call last)", "Unhandled error in Deferred")
+
+
+_T = TypeVar("_T")
+
+
+def awaited(waits: list[Any], entry: Any, waiting: defer.Deferred[_T], timeout: float,
+            message: Callable[[float], str]) -> defer.Deferred[_T]:
+    """``waiting`` after ``entry`` joins ``waits`` (whoever fires it removes it): after
+    ``timeout`` s the entry is dropped and it fails with AssertionError(``message(timeout)``)."""
+    waits.append(entry)
+
+    def timed_out(result: Any, seconds: float) -> Failure:
+        if entry in waits:
+            waits.remove(entry)
+        return Failure(AssertionError(message(seconds)))
+
+    return waiting.addTimeout(timeout, reactor, onTimeoutCancel=timed_out)
 
 
 class Child(protocol.ProcessProtocol):
@@ -78,29 +95,16 @@ class Child(protocol.ProcessProtocol):
         if self.ended:
             return defer.fail(AssertionError(f"{self.name} ended before printing /{pattern}/\n{self.describe()}"))
         waiting: defer.Deferred[re.Match[str]] = defer.Deferred()
-        entry = (fd, regex, waiting)
-        self._line_waits.append(entry)
-
-        def timed_out(result: Any, seconds: float) -> Failure:
-            if entry in self._line_waits:
-                self._line_waits.remove(entry)
-            return Failure(AssertionError(f"no line /{pattern}/ from {self.name} in {seconds} s\n{self.describe()}"))
-
-        return waiting.addTimeout(timeout, reactor, onTimeoutCancel=timed_out)
+        return awaited(self._line_waits, (fd, regex, waiting), waiting, timeout,
+                       lambda s: f"no line /{pattern}/ from {self.name} in {s} s\n{self.describe()}")
 
     def wait_end(self, timeout: float = EXIT_TIMEOUT) -> defer.Deferred[Child]:
         """Fires with this child once it has exited and been reaped; fails on timeout."""
         if self.ended:
             return defer.succeed(self)
         waiting: defer.Deferred[Child] = defer.Deferred()
-        self._end_waits.append(waiting)
-
-        def timed_out(result: Any, seconds: float) -> Failure:
-            if waiting in self._end_waits:
-                self._end_waits.remove(waiting)
-            return Failure(AssertionError(f"{self.name} still running after {seconds} s\n{self.describe()}"))
-
-        return waiting.addTimeout(timeout, reactor, onTimeoutCancel=timed_out)
+        return awaited(self._end_waits, waiting, waiting, timeout,
+                       lambda s: f"{self.name} still running after {s} s\n{self.describe()}")
 
     def signal(self, name: str) -> None:
         """Send a signal ("INT", "TERM", "KILL") unless the child has already exited."""

@@ -32,7 +32,6 @@ from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent, globalLogPublisher
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from ppbridge import bus as bus_module
@@ -48,7 +47,7 @@ from ppbridge.node import DropLog
 from ppbridge.redis_server import RedisServer, free_port
 from ppbridge.scaffold import toml_text, write_forwarder_config, write_proxy_config
 from ppbridge.timers import Periodic
-from tests.processes import ERR, OUT, PPBRIDGE, TWISTD, refuses_connections, run, spawn
+from tests.processes import ERR, OUT, PPBRIDGE, TWISTD, awaited, refuses_connections, run, spawn
 from tests.support import Client, Stack, key_pair, listen, poll, redis_clients, start_redis, temp_folder
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -103,15 +102,8 @@ class BusWatch:
         if predicate():
             return defer.succeed(None)
         waiting: Deferred[None] = Deferred()
-        entry = (predicate, waiting)
-        self._waits.append(entry)
-
-        def timed_out(result: Any, seconds: float) -> Failure:
-            if entry in self._waits:
-                self._waits.remove(entry)
-            return Failure(AssertionError(f"not within {seconds} s: {what}; the bus reported {self.events!r}"))
-
-        return waiting.addTimeout(timeout, reactor, onTimeoutCancel=timed_out)
+        return awaited(self._waits, (predicate, waiting), waiting, timeout,
+                       lambda s: f"not within {s} s: {what}; the bus reported {self.events!r}")
 
     def states_are(self, *states: bool) -> Callable[[], bool]:
         return lambda: self.states == list(states)
@@ -147,16 +139,12 @@ class LogWatch:
         if len(self.seen) >= count:
             return defer.succeed(None)
         waiting: Deferred[None] = Deferred()
-        entry = (count, waiting)
-        self._waits.append(entry)
 
-        def timed_out(result: Any, seconds: float) -> Failure:
-            if entry in self._waits:
-                self._waits.remove(entry)
+        def message(seconds: float) -> str:
             lines = [formatEvent(e) for e in self.seen]
-            return Failure(AssertionError(f"not within {seconds} s: {what} (saw {len(lines)}: {lines})"))
+            return f"not within {seconds} s: {what} (saw {len(lines)}: {lines})"
 
-        return waiting.addTimeout(timeout, reactor, onTimeoutCancel=timed_out)
+        return awaited(self._waits, (count, waiting), waiting, timeout, message)
 
 
 def proxy_redis_settings(folder: Path, redis: dict[str, Any]) -> RedisSettings:
