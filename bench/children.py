@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -140,3 +141,40 @@ def http_ok(url: str) -> bool:
             return bool(response.status == 200)
     except (OSError, urllib.error.URLError):
         return False
+
+
+class LineReader:
+    """The line protocol of a bench child on its stdout (``READY``, ``RESULT json``,
+    ``FAILED reason``): :meth:`line` returns the next (kind, rest), RuntimeError on EOF, on a
+    FAILED line or after ``timeout`` seconds of silence."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], name: str, log: Path) -> None:
+        self.proc, self.name, self.log = proc, name, log
+        self._buffer = b""
+
+    def line(self, timeout: float) -> tuple[str, str]:
+        if self.proc.stdout is None:
+            raise RuntimeError(f"{self.name}: no stdout pipe")
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"{self.name} said nothing for {timeout:g} s")
+            if select.select([fd], [], [], left)[0]:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise RuntimeError(f"{self.name} exited (status {self.proc.wait()}): {self.log_tail()}")
+                self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        kind, _, rest = line.decode("utf-8", "replace").partition(" ")
+        if kind == "FAILED":
+            raise RuntimeError(f"{self.name}: {rest}")
+        return kind, rest
+
+    def log_tail(self) -> str:
+        """The last three lines of the child's stderr log."""
+        try:
+            return " | ".join(self.log.read_text("utf-8", "replace").strip().splitlines()[-3:]) or "(no output)"
+        except OSError:
+            return "(no log)"

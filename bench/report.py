@@ -1,4 +1,5 @@
-"""The printed report: tables with ratios to direct and to ssh -R (HTTP and WebSocket), the
+"""The printed report: tables with ratios to direct and to ssh -R (HTTP and WebSocket), ppbridge
+as multiples of the floors measured in the same run (the relay floor, the twisted.web floor), the
 targets, a comparison with an earlier run's JSON. Works only on the JSON-ready result dict, so ``--compare`` reads
 old files exactly as this run writes them.
 """
@@ -13,6 +14,9 @@ TARGET_CONCURRENCY = "16"
 FLAT_MEMORY_MIB = 16.0
 ISSUE_SSH = {"rps": 7200.0, "p99_ms": 43.0, "us_per_req": 25.0, "mb_s": 110.0}
 LOCALTUNNEL = {"rps": 4500.0, "p99_ms": 9.0, "us_per_req": 260.0, "mb_s": 400.0}
+RELAY, TWFLOOR, SSH = "relay floor", "twisted.web floor", "ssh -R"
+FLOOR_CPU_MAX = 1.3  # issue 12: ppbridge's CPU per request at most this many times the relay floor's
+SSH_RPS_MIN = 0.5  # issue 12: ppbridge's req/s at least this share of ssh -R's (with a lower p99)
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -75,6 +79,42 @@ def small_section(result: Result) -> str:
                         fmt(run.get("others_cpu_pct"), 0)])
     return table(["row", "conc", "req/s", "p50 ms", "p99 ms", "errors", "req/s vs direct", "req/s vs ssh",
                   "p99 vs ssh", "row CPU us/req", "others %CPU"], out)
+
+
+def _times(value: float | None, base: float | None) -> float | None:
+    return None if value is None or not base else value / base
+
+
+def floors_section(result: Result) -> str | None:
+    """ppbridge's figures as multiples of the floors' and of ssh -R's (same run, same
+    concurrency): req/s, CPU per request and what it spends above the relay floor; the
+    download's MB/s and CPU per GB."""
+    rows = _ok(result["rows"])
+    pp = rows.get("ppbridge")
+    if pp is None or not (RELAY in rows or TWFLOOR in rows):
+        return None
+    relay, tw, ssh = rows.get(RELAY), rows.get(TWFLOOR), rows.get(SSH)
+    out = []
+    for conc, run in pp.get("small", {}).items():
+        r, t, s = small(relay, conc), small(tw, conc), small(ssh, conc)
+        cpu, relay_cpu = run.get("row_us_per_req"), field(r, "row_us_per_req")
+        above = None if cpu is None or relay_cpu is None else cpu - relay_cpu
+        out.append([f"c{conc}", fmt(run["rps"], 0), ratio(run["rps"], field(r, "rps")),
+                    ratio(run["rps"], field(s, "rps")), ratio(run["p99_ms"], field(s, "p99_ms")), fmt(cpu, 0),
+                    ratio(cpu, relay_cpu), ratio(cpu, field(t, "row_us_per_req")),
+                    ratio(cpu, field(s, "row_us_per_req")), fmt(above, 0)])
+    dl = pp.get("download")
+    if dl:
+        base = {name: (row or {}).get("download") or {}
+                for name, row in ((RELAY, relay), (TWFLOOR, tw), (SSH, ssh))}
+        mb_s, gb = dl["median_mb_s"], dl.get("row_s_per_gb")
+        relay_gb = base[RELAY].get("row_s_per_gb")
+        out.append(["download", f"{fmt(mb_s, 0)} MB/s", ratio(mb_s, base[RELAY].get("median_mb_s")),
+                    ratio(mb_s, base[SSH].get("median_mb_s")), "-", f"{fmt(gb, 2)} s/GB", ratio(gb, relay_gb),
+                    ratio(gb, base[TWFLOOR].get("row_s_per_gb")), ratio(gb, base[SSH].get("row_s_per_gb")),
+                    "-" if gb is None or relay_gb is None else f"{gb - relay_gb:.2f} s/GB"])
+    return table(["ppbridge", "req/s", "x relay floor", "x ssh -R", "p99 x ssh -R", "row CPU us/req",
+                  "x relay floor", "x twisted.web floor", "x ssh -R", "above relay floor"], out)
 
 
 def cpu_section(result: Result) -> str:
@@ -268,8 +308,35 @@ def targets(result: Result) -> list[dict[str, Any]]:
         ("target", (f"memory flat with size: peak RSS growth during the big download <= {FLAT_MEMORY_MIB:g} MiB"
                     " per process"), growth, growth is not None and growth <= FLAT_MEMORY_MIB),
     ]
+    found += _floor_targets(rows, pp)
     return [{"kind": k, "target": t, "measured": None if v is None else round(v, 2), "met": met}
             for k, t, v, met in found]
+
+
+def _floor_targets(rows: Mapping[str, Result], pp: Result) -> list[tuple[str, str, float | None, bool]]:
+    """Issue 12's targets: ratios within this run (c16), against the relay floor and ssh -R;
+    not met when the row compared with was not measured."""
+    relay, ssh = rows.get(RELAY), rows.get(SSH)
+    run, r, s = small(pp, TARGET_CONCURRENCY), small(relay, TARGET_CONCURRENCY), small(ssh, TARGET_CONCURRENCY)
+    missing = {RELAY: " (relay floor not measured)" if r is None else "",
+               SSH: " (ssh -R not measured)" if s is None else ""}
+    cpu = _times(field(run, "row_us_per_req"), field(r, "row_us_per_req"))
+    rps = _times(field(run, "rps"), field(s, "rps"))
+    p99, ssh_p99 = field(run, "p99_ms"), field(s, "p99_ms")
+    dl, ssh_dl = pp.get("download") or {}, (ssh or {}).get("download") or {}
+    mb_s = _times(dl.get("median_mb_s"), ssh_dl.get("median_mb_s"))
+    per_gb = _times(dl.get("row_s_per_gb"), ssh_dl.get("row_s_per_gb"))
+    return [
+        ("issue 12", f"CPU per request (forwarder+proxy+Redis) / relay floor's <= {FLOOR_CPU_MAX:g}{missing[RELAY]}",
+         cpu, cpu is not None and cpu <= FLOOR_CPU_MAX),
+        ("issue 12", f"req/s at c16 / ssh -R's >= {SSH_RPS_MIN:g}, with p99 below ssh -R's"
+                     + ("" if p99 is None or ssh_p99 is None else f" ({p99:.2f} vs {ssh_p99:.2f} ms)") + missing[SSH],
+         rps, rps is not None and rps >= SSH_RPS_MIN and p99 is not None and ssh_p99 is not None and p99 < ssh_p99),
+        ("issue 12", f"one-stream download MB/s / ssh -R's >= 1.0{missing[SSH]}", mb_s,
+         mb_s is not None and mb_s >= 1.0),
+        ("issue 12", f"download CPU s/GB / ssh -R's <= 1.0{missing[SSH]}", per_gb,
+         per_gb is not None and per_gb <= 1.0),
+    ]
 
 
 def _max_growth(row: Result) -> float | None:
@@ -308,18 +375,48 @@ def render(result: Result) -> str:
         parts += rows_sections(result)
     if result.get("wan"):
         parts += ["", wan_section(result["wan"])]
+    if result.get("capacity"):
+        parts += capacity_sections(result["capacity"])
     if result.get("targets"):
         parts += ["", "Targets (informational: a benchmark never fails)", targets_section(result["targets"])]
     return "\n".join(parts)
 
 
+def capacity_sections(cap: Result) -> list[str]:
+    """The PUBLISH cases of the capacity measurement and the model derived from them
+    (docs/CAPACITY.md explains both)."""
+    if cap.get("status") != "ok":
+        return ["", f"Capacity of one Redis: {cap.get('status')}: {cap.get('reason')}"]
+    redis = cap.get("redis", {})
+    parts = ["", (f"Capacity of one Redis: PUBLISH to {cap['channel']}, {cap['seconds']:g} s per case after"
+                  f" {cap['warmup']:g} s warm-up, counted by Redis (INFO) and /proc; {redis.get('version', '?')};"
+                  f" client-output-buffer-limit {redis.get('client_output_buffer_limit', '?')};"
+                  f" load average {cap.get('loadavg_before')} -> {cap.get('loadavg_after')}")]
+    parts += [f"note: {note}" for note in cap.get("notes", [])]
+    parts.append(table(["case", "tool", "PUBLISH/s", "Redis %CPU", "Redis us/PUBLISH", "in MB/s", "out MB/s",
+                        "peak out buf KiB", "subs lost", "others %CPU"], [
+        [name, c["tool"], fmt(c["publish_per_s"], 0), fmt(c["redis_cpu_pct"], 0), fmt(c["redis_us_per_publish"], 2),
+         fmt(c["in_mb_s"], 0), fmt(c["out_mb_s"], 0), fmt(c["peak_output_buffer_bytes"] / 1024, 0),
+         str(c["subscribers_lost"]), fmt(c["others_cpu_pct"], 0)] for name, c in cap["cases"].items()]))
+    found = cap.get("model") or {}
+    if found:
+        parts += ["", "Capacity model (each figure from the JSON fields or figures named under capacity.model)"]
+        width = max(len(name) for name in found)
+        parts += [f"{name.ljust(width)}  {f['value']:>12,}  {f['how']}" for name, f in found.items()]
+    return parts
+
+
 def rows_sections(result: Result) -> list[str]:
     """The tables of the ordinary rows, each after a blank line and its title."""
-    parts = ["", "Small requests (100-byte body)", small_section(result),
-             "", (("CPU by process (CPU seconds per 1000 requests or WebSocket round trips = ms per each;"
+    parts = ["", "Small requests (100-byte body)", small_section(result)]
+    floors = floors_section(result)
+    if floors:
+        parts += ["", ("ppbridge as multiples of the floors and of ssh -R (same run, same concurrency; row CPU:"
+                       " forwarder+proxy+Redis against the floor's one process)"), floors]
+    parts += ["", (("CPU by process (CPU seconds per 1000 requests or WebSocket round trips = ms per each;"
                    " download and WebSocket throughput: per GB)") if _any_ws(result) else
                   "CPU by process (CPU seconds per 1000 requests = ms per request; download: per GB)"),
-             cpu_section(result)]
+              cpu_section(result)]
     counters = counters_section(result)
     if counters:
         parts += ["", "Through Redis (INFO commandstats/stats deltas)", counters]

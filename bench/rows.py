@@ -5,6 +5,10 @@ by a context manager that yields a :class:`RowRun`.
 - ``ppbridge``: client -> ``twistd ppforwarder`` -> a private redis-server -> ``twistd ppproxy``
   -> upstream (optionally with bench/delayproxy.py between the proxy and Redis).
 - ``ssh -R``: client -> sshd's remote-forward port -> ssh client -> upstream, with our own sshd.
+- ``twisted.web floor``: client -> bench/twfloor.py (a bare twisted.web resource answering the
+  same files itself): the cost of one request in and out of twisted.web.
+- ``relay floor``: client -> bench/relayfloor.py (twisted.web in, the proxy's Agent and pool
+  out) -> upstream: HTTP in plus HTTP out in this stack, no bus, no Redis, no crypto.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,12 +29,15 @@ from ppbridge.scaffold import make_keys, write_forwarder_config, write_proxy_con
 
 from children import Child, http_ok, port_open, wait_until
 from procstats import PidSource
+from pubload import Resp
 from upstreams import SMALL_PATH, Upstream
 
 HERE = Path(__file__).resolve().parent
 TWISTD = Path(sys.executable).parent / "twistd"
 READY_TIMEOUT = 60.0
 PROXY_NAME = "bench"
+LISTEN = "tcp:{port}:interface=127.0.0.1:backlog=1024"
+"""The forwarder's listen setting here, and the floors' (the same backlog)."""
 
 
 class RowSkipped(Exception):
@@ -52,6 +60,8 @@ class RowRun:
     versions: dict[str, str] = field(default_factory=dict)
     counters: Callable[[], dict[str, float]] | None = None
     """Cumulative counters of the row (Redis commands and bytes), sampled around each run."""
+    ws: bool = True
+    """Whether the WebSocket measurements apply (the floors serve no ``/ws``)."""
 
 
 @contextlib.contextmanager
@@ -76,8 +86,10 @@ def _wait_ready(url: str, children: list[Child], what: str) -> None:
 
 
 def redis_counters(redis: RedisServer) -> dict[str, float]:
-    """Calls per Redis command and bytes through Redis so far (INFO commandstats and stats)."""
-    with redis.client() as client:
+    """Calls per Redis command and bytes through Redis so far (INFO commandstats and stats),
+    read with the bench's own client (bench/pubload.py), whatever the installed ppbridge's
+    ``RedisServer`` offers."""
+    with Resp(redis.port, redis.host, redis.password) as client:
         commands, stats = client.info("commandstats"), client.info("stats")
     counters: dict[str, float] = {}
     for key, value in commands.items():
@@ -127,7 +139,7 @@ def ppbridge(upstream: Upstream, folder: Path, delay_ms: float | None = None,
             proxy_redis = f"redis://127.0.0.1:{delay_port}/0"
             notes.append(f"proxy <-> Redis through bench/delayproxy.py, {delay_ms:g} ms each way")
         port = free_port()
-        fconf = write_forwarder_config(folder, redis.url, f"tcp:{port}:interface=127.0.0.1:backlog=1024",
+        fconf = write_forwarder_config(folder, redis.url, LISTEN.format(port=port),
                                        {PROXY_NAME: {"path_prefix": "/"}}, admin="")
         pconf = write_proxy_config(folder, PROXY_NAME, proxy_redis, upstream.base_url, admin="")
         for role, conf in (("forwarder", fconf), ("proxy", pconf)):
@@ -144,8 +156,57 @@ def ppbridge(upstream: Upstream, folder: Path, delay_ms: float | None = None,
             helpers["delayproxy"] = children[0].pids
         base = f"http://127.0.0.1:{port}"
         _wait_ready(base + SMALL_PATH, [*children, upstream.child], f"a 200 through {name}")
+        forwarder = children[-2]
+        notes += [f"forwarder {line}" for line in reactor_of(forwarder)]
         yield RowRun(name, base, roles, helpers, notes, counters=lambda: redis_counters(redis))
         # ExitStack stops the children (proxy first), then Redis.
+
+
+def reactor_of(child: Child) -> list[str]:
+    """``["reactor X"]`` from the ``reactor class: X.`` line twistd (and the floors) log at
+    start, or nothing: shows the floors run on the forwarder's reactor."""
+    try:
+        found = re.search(r"reactor class: ([\w.]+?)\.?\s", child.log_path.read_text("utf-8", "replace"))
+    except OSError:
+        return []
+    return [f"reactor {found.group(1)}"] if found else []
+
+
+@contextlib.contextmanager
+def twisted_floor(upstream: Upstream, folder: Path) -> Iterator[RowRun]:
+    """bench/twfloor.py: a bare twisted.web resource answering the upstream's two files itself,
+    one process, listening as the forwarder does."""
+    if upstream.root is None:
+        raise RowSkipped("the upstream has no folder of files to serve")
+    folder.mkdir(exist_ok=True)
+    port = free_port()
+    name = "twisted.web floor"
+    with contextlib.ExitStack() as stack:
+        child = Child("twfloor", [sys.executable, str(HERE / "twfloor.py"), "--root", str(upstream.root),
+                                  "--listen", LISTEN.format(port=port)], folder)
+        stack.callback(child.stop)
+        base = f"http://127.0.0.1:{port}"
+        _wait_ready(base + SMALL_PATH, [child], f"a 200 from the {name}")
+        notes = ["bench/twfloor.py: a bare twisted.web resource (BridgeSite's settings) answering 100 bytes;"
+                 " no upstream", *reactor_of(child)]
+        yield RowRun(name, base, {"twisted.web": child.pids}, {}, notes, ws=False)
+
+
+@contextlib.contextmanager
+def relay_floor(upstream: Upstream, folder: Path) -> Iterator[RowRun]:
+    """bench/relayfloor.py: twisted.web in, ppbridge.upstream's Agent and pool out, one process."""
+    folder.mkdir(exist_ok=True)
+    port = free_port()
+    name = "relay floor"
+    with contextlib.ExitStack() as stack:
+        child = Child("relayfloor", [sys.executable, str(HERE / "relayfloor.py"), "--upstream", upstream.base_url,
+                                     "--listen", LISTEN.format(port=port)], folder)
+        stack.callback(child.stop)
+        base = f"http://127.0.0.1:{port}"
+        _wait_ready(base + SMALL_PATH, [child, upstream.child], f"a 200 through the {name}")
+        notes = ["bench/relayfloor.py: twisted.web in, ppbridge.upstream.Upstream's Agent and pool out, one process;"
+                 " no bus, no Redis, no crypto", *reactor_of(child)]
+        yield RowRun(name, base, {"relay": child.pids}, upstream.roles(), notes, ws=False)
 
 
 def _ssh_tools() -> tuple[str, str, str]:

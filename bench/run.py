@@ -1,10 +1,13 @@
 """``make bench``: ppbridge against direct access and ``ssh -R``, on loopback, in one run.
 
 Starts a fast upstream (nginx, else a Twisted static server), then each row in turn (direct,
-ppbridge, ssh -R), measures small-request throughput and latency at several concurrencies, a
-one-stream download of a big file, WebSocket echo round trips and one-connection WebSocket
-throughput (nginx only), the CPU time and peak memory of every process of the row, prints the
-table with ratios and targets, and writes the figures as JSON under bench/results/.
+the twisted.web floor, the relay floor, ppbridge, ssh -R), measures small-request throughput
+and latency at several concurrencies, a one-stream download of a big file, WebSocket echo round
+trips and one-connection WebSocket throughput (nginx only, not the floors), the CPU time and
+peak memory of every process of the row; then the capacity of one Redis (PUBLISH throughput at
+ppbridge's message sizes, combined with the ppbridge row's Redis commands and bytes per
+request: docs/CAPACITY.md); prints the table with ratios and targets, and writes the figures
+as JSON under bench/results/.
 A benchmark, not a test: it reports, and exits 0 unless it could not run at all.
 """
 
@@ -32,6 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import capacity
 import report
 import rows
 from loadgen import Downloader, LoadGenerator, LoadResult
@@ -46,7 +50,9 @@ except ImportError as _err:  # websockets missing: the WebSocket measurements ar
     WS_IMPORT_ERROR = f"the websockets library is not importable ({_err}): pip install websockets"
 
 HERE = Path(__file__).resolve().parent
-ROW_NAMES = {"direct": "direct", "ppbridge": "ppbridge", "ssh": "ssh -R"}
+ROW_NAMES = {"direct": "direct", "twfloor": "twisted.web floor", "relay": "relay floor", "ppbridge": "ppbridge",
+             "ssh": "ssh -R"}
+DEFAULT_ROWS = ",".join(ROW_NAMES)
 WS_SMALL = 100  # bytes per WebSocket echo message
 WS_BIG_MIB = 1  # MiB per WebSocket throughput message
 WS_INFLIGHT = 4  # throughput messages on their way at once
@@ -62,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--download-max", type=int, default=10, help="at most this many downloads per row (10)")
     p.add_argument("--concurrency", default="1,16,64", help="comma-separated connection counts (1,16,64)")
     p.add_argument("--big-mib", type=int, default=64, help="size of the big file in MiB (64)")
-    p.add_argument("--rows", default="direct,ppbridge,ssh", help="rows to run: direct,ppbridge,ssh (all)")
+    p.add_argument("--rows", default=DEFAULT_ROWS, help=f"rows to run, in this order: {DEFAULT_ROWS} (all)")
     p.add_argument("--wan-delay", type=float, metavar="MS",
                    help="also measure ppbridge at c1 with MS ms added each way between proxy and Redis")
     p.add_argument("--wan-only", action="store_true", help="with --wan-delay: skip the ordinary rows")
@@ -74,6 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ws-duration", type=float,
                    help="seconds per WebSocket run, after --warmup seconds discarded (default 5; quick 2)")
     p.add_argument("--ws-concurrency", default="1,16", help="comma-separated WebSocket connection counts (1,16)")
+    p.add_argument("--no-capacity", action="store_true",
+                   help="skip the capacity measurement (PUBLISH throughput of a private Redis)")
+    p.add_argument("--capacity-seconds", type=float,
+                   help="seconds per capacity case, after a warm-up of at most 1 s (default 3; quick 1.5)")
     p.add_argument("--compare", type=Path, metavar="OLD.json", help="print before/after against an earlier run")
     p.add_argument("--show", type=Path, metavar="RUN.json", help="print the report of a saved run, run nothing")
     p.add_argument("--results", type=Path, default=HERE / "results", help="folder for the JSON (bench/results)")
@@ -87,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (0.5 if quick else 2.0)
     args.download_time = args.download_time if args.download_time is not None else (0.0 if quick else 5.0)
     args.ws_duration = args.ws_duration if args.ws_duration is not None else (2.0 if quick else 5.0)
+    args.capacity_seconds = args.capacity_seconds if args.capacity_seconds is not None else (1.5 if quick else 3.0)
     args.conc = [int(c) for c in args.concurrency.split(",") if c.strip()]
     args.ws_conc = [int(c) for c in args.ws_concurrency.split(",") if c.strip()]
     args.row_keys = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -182,7 +193,7 @@ class Bench:
         rss: dict[str, Any] = {"after_small": _rounded(peak_rss_mib(everything))}
         result["download"] = self.download_run(run)
         rss["after_download"] = _rounded(peak_rss_mib(everything))
-        if self.ws is not None:
+        if self.ws is not None and run.ws:
             result["ws"] = self.ws_row(run)
             rss["after_ws"] = _rounded(peak_rss_mib(everything))
         result["rss_mib"] = rss
@@ -244,6 +255,10 @@ class Bench:
     def row_factory(self, key: str) -> Callable[[], AbstractContextManager[rows.RowRun]]:
         if key == "direct":
             return lambda: rows.direct(self.upstream)
+        if key == "twfloor":
+            return lambda: rows.twisted_floor(self.upstream, self.tmp / "twfloor")
+        if key == "relay":
+            return lambda: rows.relay_floor(self.upstream, self.tmp / "relay")
         if key == "ppbridge":
             profile = self.tmp / "profiles" if self.args.profile else None
             if profile is not None:
@@ -436,6 +451,13 @@ def run_all(args: argparse.Namespace, tmp: Path, result: dict[str, Any], started
                 result["rows"][name] = bench.run_row(name, bench.row_factory(key), bench.measure_row)
         if args.wan_delay is not None:
             result["wan"] = bench.wan()
+    if not args.no_capacity and not args.wan_only:  # the upstream is stopped: Redis and its clients only
+        say("capacity: PUBLISH throughput of a private redis-server")
+        result["capacity"] = capacity.measure(tmp / "capacity", min(args.warmup, 1.0), args.capacity_seconds)
+        result["capacity"]["model"] = capacity.model(result)
+        if args.profile:
+            result["capacity"]["notes"].append("forwarder and proxy ran under cProfile: their per-request CPU,"
+                                               " and the process counts derived from it, are inflated")
     if args.profile:
         meta["profiles"] = save_profiles(tmp / "profiles", args.results, started)
 

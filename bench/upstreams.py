@@ -43,6 +43,8 @@ class Upstream:
     """bench/wsecho.py, when ``/ws`` is served (nginx only)."""
     ws_skipped: str = ""
     """Why there is no ``/ws`` (empty when there is)."""
+    root: Path | None = None
+    """The folder with the two files (the twisted.web floor serves the same ones)."""
 
     @property
     def base_url(self) -> str:
@@ -157,7 +159,7 @@ def start_upstream(tmp: Path, big_size: int, allow_nginx: bool = True, ws: bool 
                 ws_skipped = "no nginx: the Twisted static upstream does not pass /ws on to the echo server"
         stack.callback(child.stop)
         wait_until(lambda: http_ok(f"http://127.0.0.1:{port}{SMALL_PATH}"), START_TIMEOUT, "the upstream", child)
-        yield Upstream(kind, port, child, big_size, notes, ws_child, ws_skipped)
+        yield Upstream(kind, port, child, big_size, notes, ws_child, ws_skipped, www)
 
 
 def _start_wsecho(tmp: Path) -> tuple[Child | None, int | None, str]:

@@ -36,9 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
-import select
 import signal
 import subprocess
 import sys
@@ -53,7 +51,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
-from children import _die_with_parent, child_env
+from children import LineReader, _die_with_parent, child_env
 from procstats import cpu_seconds
 
 HERE = Path(__file__).resolve().parent
@@ -288,37 +286,17 @@ class WsSession:
                  duration: float) -> None:
         self.proc, self.log, self.mode = proc, log, mode
         self.connections, self.size, self.duration = connections, size, duration
-        self._buffer = b""
+        self._reader = LineReader(proc, "bench/wsload.py", log)
 
     def pids(self) -> list[int]:
         return [self.proc.pid] if self.proc.poll() is None else []
 
     def _line(self, timeout: float) -> tuple[str, str]:
         """The next line the child prints, as (kind, rest); RuntimeError on EOF or timeout."""
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"bench/wsload.py said nothing for {timeout:g} s")
-            ready, _, _ = select.select([fd], [], [], left)
-            if ready:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    raise RuntimeError(f"bench/wsload.py exited (status {self.proc.wait()}): {self.log_tail()}")
-                self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        kind, _, rest = line.decode("utf-8", "replace").partition(" ")
-        if kind == "FAILED":
-            raise RuntimeError(f"WebSocket client: {rest}")
-        return kind, rest
+        return self._reader.line(timeout)
 
     def log_tail(self) -> str:
-        try:
-            return " | ".join(self.log.read_text("utf-8", "replace").strip().splitlines()[-3:]) or "(no output)"
-        except OSError:
-            return "(no log)"
+        return self._reader.log_tail()
 
     def wait_ready(self, timeout: float) -> None:
         kind, rest = self._line(timeout)

@@ -1,4 +1,4 @@
-"""The ``ppbridge`` command: keygen, fingerprint, check, example-config, demo, --version."""
+"""The ``ppbridge`` command: keygen, fingerprint, check, acl, example-config, demo, --version."""
 
 from __future__ import annotations
 
@@ -70,7 +70,24 @@ def _check(args: argparse.Namespace) -> int:
         fw = load_forwarder_config(path)
         routes = ", ".join(f"{r.name} ({r.path_prefix or '/'}{' ' + ','.join(r.hosts) if r.hosts else ''})"
                            for r in fw.proxies)
-        print(f"{path}: ok: forwarder on {', '.join(fw.listen)}; routes: {routes}")
+        shared = " with SO_REUSEPORT (reuse_port = true)" if fw.reuse_port else ""
+        print(f"{path}: ok: forwarder on {', '.join(fw.listen)}{shared}; routes: {routes}")
+        if fw.reuse_port and fw.admin_listen:
+            print(f"{path}: note: admin.listen {fw.admin_listen!r} serves one process; give each forwarder "
+                  "sharing the port an admin endpoint of its own (twistd ppforwarder --admin ...)")
+    return 0
+
+
+def _acl(args: argparse.Namespace) -> int:
+    """The ACL SETUSER lines on stdout (ready for redis-cli, also through a pipe); what the
+    operator must still do, as ``#`` comments, on stderr."""
+    from ppbridge import acl
+
+    path = Path(args.config)
+    lines, comments = acl.render(acl.users(path, config_kind(path, args.kind)))
+    for line, notes in zip(lines, comments):
+        print("\n".join(notes), file=sys.stderr, flush=True)
+        print(line, flush=True)
     return 0
 
 
@@ -103,6 +120,10 @@ def parser() -> argparse.ArgumentParser:
                    help="which service the file is for (needed when it has not exactly one of "
                         "the [forwarder] and [proxy] tables)")
     c.set_defaults(func=_check)
+    a = sub.add_parser("acl", help="print the Redis ACL SETUSER lines for a forwarder and its proxies (or one proxy)")
+    a.add_argument("config", help="a forwarder config (its user and every proxy's), or a proxy config (its user)")
+    a.add_argument("--kind", choices=KINDS, help="which service the file is for (as for check)")
+    a.set_defaults(func=_acl)
     e = sub.add_parser("example-config", help="print the example config for a forwarder or a proxy")
     e.add_argument("kind", choices=KINDS)
     e.set_defaults(func=_example_config)

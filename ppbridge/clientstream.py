@@ -30,6 +30,7 @@ from ppbridge.errors import (
     GatewayTimeout,
     ProtocolFailure,
     ProxyUnavailable,
+    RedisPermission,
     RequestError,
 )
 from ppbridge.edge import request_line
@@ -115,6 +116,8 @@ class ClientStream:
         if not bridge.candidates(route.name):
             raise bridge.unavailable(route.name)
         headers = [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
+        if request.grant is not None:  # what the route's access policy strips and sets (ppbridge.access)
+            headers = request.grant.rewrite(headers)
         client = request.getClientAddress()
         headers = forwarded_request_headers(
             headers, str(getattr(client, "host", "unknown")).encode("ascii"), host,
@@ -240,6 +243,9 @@ class ClientStream:
         self._send_head(body, end)
 
     def _publish_failed(self, failure: Failure) -> None:
+        if failure.check(RedisPermission):  # an ACL refusal: its own cause (the bus logged what to fix)
+            self._fail(RedisPermission(), notify=False)
+            return
         self._fail(BusUnavailable() if failure.check(BusUnavailable) else BusLost(), notify=False)
 
     def _current(self) -> KeyEntry | None:

@@ -20,28 +20,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
 from ppbridge import keys
+from ppbridge.accessconfig import AccessSettings, read_access
 from ppbridge.configfields import (
     MISSING,
     Bound,
     Key,
     Reader,
-    check_ca_file,
     check_endpoint,
     describe,
     endpoint_list,
     has_bad_chars,
     host_list,
     network_list,
-    password_from_file,
     read_toml,
     show_number,
     split_url,
 )
+from ppbridge.redisconfig import REDIS_KEYS, RedisSettings, read_redis
 from ppbridge.wire import MAX_HEADERS, NAME_RE
 from ppbridge.errors import ConfigError
 
@@ -49,28 +48,10 @@ MIN_FRAME_SIZE = 65536
 MAX_FRAME_SIZE = 1048576
 MAX_WINDOW = 8388608
 NAME_PATTERN = NAME_RE
-NAMESPACE_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
-
-_DB_RE = re.compile(r"/?|/([0-9]{1,10})")
 
 
 DEFAULT_MAX_KEY_AGE = 86400.0  # a day
 MIN_KEY_AGE, MAX_KEY_AGE = 2.0, 7 * 86400.0
-
-
-@dataclass(frozen=True)
-class RedisSettings:
-    """Where the bus is: a parsed ``redis://`` / ``rediss://`` URL plus the password from its file."""
-
-    url: str = "redis://127.0.0.1:6379/0"
-    host: str = "127.0.0.1"
-    port: int = 6379
-    db: int = 0
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls: bool = False
-    ca_file: Path | None = None
-    namespace: str = "ppbridge"
 
 
 @dataclass(frozen=True)
@@ -82,6 +63,7 @@ class Route:
     public_key_path: Path
     path_prefix: str = ""  # no trailing "/"; "" matches every path
     hosts: tuple[str, ...] = ()  # lowercased, may carry ":port"; () matches every host
+    access: AccessSettings | None = None  # [proxies.NAME.access]; None: [forwarder.access] applies
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,6 +73,7 @@ class ForwarderSettings:
     source: Path
     redis: RedisSettings
     listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1:backlog=1024",)
+    reuse_port: bool = False  # bind every listen endpoint with SO_REUSEPORT: forwarders on one host share it
     signing_key: RSAPrivateKey = field(repr=False)
     signing_key_path: Path
     request_timeout: float = 30.0
@@ -113,6 +96,7 @@ class ForwarderSettings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     access_log: bool = True  # one line per request (never header values or bodies)
     access_log_query: bool = False  # with the query string (it may hold tokens)
+    access: AccessSettings | None = None  # [forwarder.access]: routes without a table of their own
     proxies: tuple[Route, ...]
 
 
@@ -180,12 +164,13 @@ _REKEY_NUMBERS = {
     "period": Bound(1), "min_period": Bound(1), "max_period": Bound(1),
     "messages_per_key": Bound(1, 2**31, integer=True), "grace": Bound(0), "max_key_age": Bound(0, MAX_KEY_AGE),
 }
-_ROUTE_KEYS = ("public_key", "path_prefix", "hosts")
-_REDIS_KEYS = ("url", "password_file", "namespace", "ca_file")
+_ROUTE_KEYS = ("public_key", "path_prefix", "hosts", "access")
+_REDIS_KEYS = REDIS_KEYS
 _Schema = Mapping[str, tuple[str, ...] | None]  # table -> keys; None: a table of [name.X] tables
 _FORWARDER_SCHEMA: _Schema = {
     "redis": _REDIS_KEYS,
-    "forwarder": ("listen", "signing_key", "trusted_proxies", "access_log", "access_log_query", *_FORWARDER_NUMBERS),
+    "forwarder": ("listen", "reuse_port", "signing_key", "trusted_proxies", "access_log", "access_log_query", "access",
+                  *_FORWARDER_NUMBERS),
     "admin": ("listen",), "proxies": None,
 }
 _PROXY_SCHEMA: _Schema = {
@@ -253,31 +238,6 @@ def _open(path: str | Path, overrides: Mapping[str, object] | None,
     return r
 
 
-def _redis(r: Reader) -> RedisSettings:
-    """The [redis] table."""
-    defaults = _defaults(RedisSettings)
-    url = r.string(("redis", "url"), defaults["url"])
-    parts, port = split_url(r, ("redis", "url"), url, ("redis", "rediss"), 6379)
-    if parts.password is not None:
-        r.fail(("redis", "url"), "do not put the password in the URL; use redis.password_file")
-    db = _DB_RE.fullmatch(parts.path)
-    if db is None or int(db.group(1) or 0) > 2**31 - 1:
-        r.fail(("redis", "url"), f"path must be empty or /N with N the database number, got {parts.path!r}")
-    password = password_from_file(r, ("redis", "password_file"))
-    namespace = r.string(("redis", "namespace"), defaults["namespace"])
-    if not re.fullmatch(NAMESPACE_PATTERN, namespace):
-        r.fail(("redis", "namespace"), f"must match {NAMESPACE_PATTERN}, got {describe(namespace)}")
-    ca_file = r.optional_path(("redis", "ca_file"))
-    if ca_file is not None:
-        if parts.scheme != "rediss":
-            r.fail(("redis", "ca_file"), "only used with TLS; redis.url must start with rediss://")
-        check_ca_file(r, ("redis", "ca_file"), ca_file)
-    username = unquote(parts.username) if parts.username else None
-    return RedisSettings(url=url, host=parts.hostname or "", port=port, db=int(db.group(1) or 0),
-                         username=username, password=password, tls=parts.scheme == "rediss",
-                         ca_file=ca_file, namespace=namespace)
-
-
 def _admin(r: Reader, default: str) -> str | None:
     """The [admin] listen endpoint; an empty string turns the admin server off."""
     value = r.string(("admin", "listen"), default)
@@ -306,7 +266,7 @@ def _route(r: Reader, name: str) -> Route:
     hosts = () if r.get(hosts_key) is MISSING else host_list(r, hosts_key)
     public_key, path = r.key(base + ("public_key",), keys.load_public_key)
     return Route(name=name, public_key=public_key, public_key_path=path,
-                 path_prefix=prefix.rstrip("/"), hosts=hosts)
+                 path_prefix=prefix.rstrip("/"), hosts=hosts, access=read_access(r, base + ("access",)))
 
 
 def _routes(r: Reader) -> tuple[Route, ...]:
@@ -324,6 +284,24 @@ def _routes(r: Reader) -> tuple[Route, ...]:
                 r.fail(("proxies", route.name), f"same path_prefix {route.path_prefix or '/'!r} and "
                        f"{where} as proxies.{other}; requests could not tell them apart")
     return routes
+
+
+def _reuse_port(r: Reader, listen: tuple[str, ...], default: bool) -> bool:
+    """[forwarder] reuse_port; when true, the system must have SO_REUSEPORT and every listen
+    endpoint must be one it applies to (tcp, tcp6, ssl)."""
+    from ppbridge import reuseport
+
+    key = ("forwarder", "reuse_port")
+    if not r.boolean(key, default):
+        return False
+    problem = reuseport.unavailable()
+    if problem:
+        r.fail(key, problem)
+    for description in listen:
+        if not reuseport.can_share(description):
+            r.fail(("forwarder", "listen"), f"{description!r} is not a {reuseport.SHAREABLE_KINDS} endpoint, "
+                   "the only kinds reuse_port = true can share")
+    return True
 
 
 def _upstream(r: Reader, key: Key) -> str:
@@ -360,17 +338,19 @@ def load_forwarder_config(path: str | Path, overrides: Mapping[str, object] | No
     """
     r = _open(path, overrides, option_names, _FORWARDER_SCHEMA)
     defaults = _defaults(ForwarderSettings)
-    redis = _redis(r)
+    redis = read_redis(r)
     listen = endpoint_list(r, ("forwarder", "listen"), defaults["listen"])
     signing_key, signing_key_path = r.key(("forwarder", "signing_key"), keys.load_private_key)
     values = r.numbers("forwarder", _FORWARDER_NUMBERS, defaults)
     _flow(r, "forwarder", values)
     return ForwarderSettings(
-        source=r.source, redis=redis, listen=listen, signing_key=signing_key,
+        source=r.source, redis=redis, listen=listen, reuse_port=_reuse_port(r, listen, defaults["reuse_port"]),
+        signing_key=signing_key,
         signing_key_path=signing_key_path, admin_listen=_admin(r, defaults["admin_listen"]),
         trusted_proxies=network_list(r, ("forwarder", "trusted_proxies")), proxies=_routes(r),
         access_log=r.boolean(("forwarder", "access_log"), defaults["access_log"]),
-        access_log_query=r.boolean(("forwarder", "access_log_query"), defaults["access_log_query"]), **values,
+        access_log_query=r.boolean(("forwarder", "access_log_query"), defaults["access_log_query"]),
+        access=read_access(r, ("forwarder", "access")), **values,
     )
 
 
@@ -379,7 +359,7 @@ def load_proxy_config(path: str | Path, overrides: Mapping[str, object] | None =
     """Read and check a proxy file; overrides and option names as for :func:`load_forwarder_config`."""
     r = _open(path, overrides, option_names, _PROXY_SCHEMA)
     defaults = _defaults(ProxySettings)
-    redis = _redis(r)
+    redis = read_redis(r)
     name = r.string(("proxy", "name"))
     if not re.fullmatch(NAME_PATTERN, name):
         r.fail(("proxy", "name"), f"must match {NAME_PATTERN}, got {describe(name)}")

@@ -246,14 +246,14 @@ def check_endpoint(r: Reader, key: Key, description: str, item: str = "") -> Non
 
 
 def check_ca_file(r: Reader, key: Key, path: Path) -> None:
-    """The file must hold at least one PEM certificate that parses."""
+    """The file must hold PEM certificates, every one of which parses (a CA bundle)."""
     from cryptography import x509
 
     raw, _mode = r.read_file(key, path)
     try:
         x509.load_pem_x509_certificates(raw)
     except ValueError:
-        r.fail(key, f"{path}: not a PEM file of CA certificates (no certificate in it parses)")
+        r.fail(key, f"{path}: not a PEM bundle of CA certificates (none in it, or one that does not parse)")
 
 
 def endpoint_list(r: Reader, key: Key, default: tuple[str, ...]) -> tuple[str, ...]:

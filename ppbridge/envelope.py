@@ -26,7 +26,7 @@ from ppbridge.errors import BusMessageError
 from ppbridge.wire import HEADER_SIZE, TAG_SIZE, Header, MsgType, Role, pack_header
 
 KEY_SIZE = 32
-_LABELS = {Role.FORWARDER: b"ppbridge v2 forwarder->proxy", Role.PROXY: b"ppbridge v2 proxy->forwarder"}
+_LABELS = {Role.FORWARDER: b"ppbridge v3 forwarder->proxy", Role.PROXY: b"ppbridge v3 proxy->forwarder"}
 MAX_COUNTER = (1 << 64) - 1
 
 

@@ -31,11 +31,15 @@ class BusMessageError(PPBridgeError):
 
 
 class RequestError(PPBridgeError):
-    """A client request that ppbridge answers itself, with ``status`` and a named ``cause``."""
+    """A client request that ppbridge answers itself, with ``status`` and a named ``cause``;
+    ``headers`` are added to that answer (a challenge, a Retry-After); ``body``, when set,
+    is the answer's body in place of ``detail`` (an auth service's page, see AuthAnswer)."""
 
     status = 500
     cause = "internal-error"
     message = "ppbridge: internal error"
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes | None = None
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail or self.message)
@@ -65,6 +69,13 @@ class KeyExpired(ProxyUnavailable):
 
 class BusUnavailable(RequestError):
     status, cause, message = 503, "redis-unavailable", "ppbridge: the forwarder is not connected to Redis"
+
+
+class RedisPermission(BusUnavailable):
+    """Redis refused a command for want of a permission (NOPERM, NOAUTH, WRONGPASS): an ACL
+    or password problem only an operator can fix (see :mod:`ppbridge.redisperm`)."""
+
+    status, cause, message = 503, "redis-permission", "ppbridge: Redis refused a command (an ACL permission is missing)"
 
 
 class BusLost(RequestError):
@@ -103,6 +114,54 @@ class HeaderTimeout(RequestError):
 
 class UpgradeLimit(RequestError):
     status, cause, message = 503, "upgrade-limit", "ppbridge: the proxy has max_upgraded upgraded connections open"
+
+
+class AccessRefused(RequestError):
+    """A client a route's access policy refuses (:mod:`ppbridge.access`). The answer says no
+    more than its status; ``reason`` (a short fixed label: the metric's and the log's) and
+    ``note`` (for the log only: never a credential) say why."""
+
+    reason = "refused"
+    client = ""  # the address the policy judged (ppbridge.access sets it), for the log
+
+    def __init__(self, reason: str, note: str = "", headers: tuple[tuple[bytes, bytes], ...] = (),
+                 detail: str = "") -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.note = note
+        self.headers = headers
+
+
+class Unauthorized(AccessRefused):
+    status, cause, message = 401, "unauthorized", "ppbridge: this service needs you to log in"
+
+
+class Forbidden(AccessRefused):
+    status, cause, message = 403, "forbidden", "ppbridge: this service may not be reached from here"
+
+
+class TooManyAttempts(AccessRefused):
+    status, cause = 429, "too-many-attempts"  # RFC 6585 §4
+    message = "ppbridge: too many failed log-in attempts from this address; try again later"
+
+
+class AuthAnswer(AccessRefused):
+    """A route's forward_auth service said no (401, 403) or "log in first" (3xx): its answer
+    goes to the client as it is (:mod:`ppbridge.forwardauth`): its ``status``, the ``headers``
+    it passes back (Location, WWW-Authenticate, Set-Cookie...) and its ``body``."""
+
+    status, cause, message = 401, "unauthorized", "ppbridge: the authentication service refused the request"
+
+    def __init__(self, status: int, reason: str, headers: tuple[tuple[bytes, bytes], ...], body: bytes) -> None:
+        super().__init__(reason, headers=headers)
+        self.status = status
+        self.cause = "forbidden" if status == 403 else "unauthorized"
+        self.body = body
+
+
+class AuthUnavailable(RequestError):
+    status, cause = 503, "auth-unavailable"
+    message = "ppbridge: the authentication service of this route did not answer usably"
 
 
 class ProtocolFailure(RequestError):

@@ -15,11 +15,13 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from ppbridge.access import AccessControl
 from ppbridge.bus import Bus
 from ppbridge.channels import Channels
 from ppbridge.config import ForwarderSettings, Route
-from ppbridge.errors import BusMessageError, KeyExpired, NoRoute, RequestError
+from ppbridge.errors import BusMessageError, KeyExpired, NoRoute, RedisPermission, RequestError
 from ppbridge.instances import InstanceTable
 from ppbridge.keyring import KeyEntry, Keyring
 from ppbridge.logsafe import Throttle
@@ -42,8 +44,14 @@ TIDY_INTERVAL = 1.0
 REANNOUNCE_MIN = 1.0  # seconds between announcements made at once on an eviction
 # What a reload cannot change in a running forwarder (built into ports, the bus, the
 # negotiation, the keyring, the timers or the HTTP site): kept until a restart.
-RESTART_ONLY = ("listen", "admin_listen", "redis", "signing_key", "signing_key_path", "frame_size", "window",
-                "max_clock_skew", "max_key_age", "announce_interval", "key_grace")
+RESTART_ONLY = ("listen", "reuse_port", "admin_listen", "redis", "signing_key", "signing_key_path", "frame_size",
+                "window", "max_clock_skew", "max_key_age", "announce_interval", "key_grace")
+
+
+def _refused(failure: Failure) -> None:
+    """Swallow a command Redis refused for want of a permission: the bus has logged what to
+    fix, once per backoff step, so a periodic job must not add a line every tick."""
+    failure.trap(RedisPermission)
 
 
 class ForwarderService(MultiService):
@@ -66,6 +74,7 @@ class ForwarderService(MultiService):
         )
         self.gate = NegotiationGate([r.name for r in settings.proxies], clock.seconds())
         self.router = Router(settings.proxies)
+        self.access = AccessControl(settings, clock, self.metrics)  # who may reach each route
         self.table = InstanceTable([r.name for r in settings.proxies], self.keyring, settings.announce_interval)
         self._announced = 0.0
         self._reannounce: IDelayedCall | None = None  # an announcement an eviction asked for
@@ -77,6 +86,7 @@ class ForwarderService(MultiService):
         self.draining = False
         self.closed = RecentlyClosed()
         self._control = self.channels.forwarder_control(self.id)
+        self._reply = self.channels.reply(self.id)
         self._loops = [
             Periodic(clock, settings.announce_interval, self._announce, "announcing"),
             Periodic(clock, TIDY_INTERVAL, self._tidy, "housekeeping"),
@@ -105,8 +115,9 @@ class ForwarderService(MultiService):
         # Key requests sent while our negotiate subscription was down were lost: ask again.
         self.bus.on_public = self._announce_soon
         self.bus.on_state = self._on_state
-        self.bus.subscribe(self.channels.negotiate).addErrback(log_failure("subscribing failed"))
-        self.bus.psubscribe(self.channels.forwarder_pattern(self.id)).addErrback(log_failure("subscribing failed"))
+        # Plain subscriptions only (no pattern): an ACL user limited to the namespace can make them.
+        for channel in (self.channels.negotiate, self._control, self._reply):
+            self.bus.subscribe(channel).addErrback(log_failure("subscribing failed"))
         self.bus.start()
         for loop in self._loops:
             loop.start()
@@ -156,6 +167,7 @@ class ForwarderService(MultiService):
         for stream in list(self.streams.values()):
             stream.shutdown()
         d = defer.maybeDeferred(super().stopService)
+        d.addBoth(lambda _: self.access.stop())  # forward_auth's connection pool
         return d.addBoth(lambda _: self.bus.stop())
 
     def reload(self, settings: ForwarderSettings) -> None:
@@ -165,6 +177,7 @@ class ForwarderService(MultiService):
         under the keys kept as for an evicted instance."""
         settings, applied, held = split_settings(self.settings, settings, RESTART_ONLY)
         warn_held(settings.source, held)
+        self.access.configure(settings)  # first: it may refuse the new settings (a file gone)
         names = [r.name for r in settings.proxies]
         router, gate = Router(settings.proxies), NegotiationGate(names, self.clock.seconds())
         now = self.clock.seconds()
@@ -222,7 +235,7 @@ class ForwarderService(MultiService):
                 if counts.get(channel, 1) == 0:
                     self.evict(instance, "its data channel has no subscriber")
 
-        return self.bus.numsub(list(channels)).addCallback(check)
+        return self.bus.numsub(list(channels)).addCallback(check).addErrback(_refused)
 
     # bus input
 
@@ -231,7 +244,7 @@ class ForwarderService(MultiService):
             self._on_key_request(data)
         elif channel == self._control:
             self._on_confirm(channel, data)
-        elif self.channels.is_reply_of(self.id, channel):
+        elif channel == self._reply:
             self._on_reply(channel, data)
         else:
             raise BusMessageError("unexpected-channel", "")

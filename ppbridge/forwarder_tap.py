@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.service import IService
 
 from ppbridge.config import load_forwarder_config
-from ppbridge.tap import BaseOptions, add_admin, add_reload
+from ppbridge.tap import BaseOptions, Listener, add_admin, add_reload
 
 
 class Options(BaseOptions):
@@ -34,14 +33,17 @@ def makeService(options: Any) -> IService:
     from twisted.internet import reactor
 
     from ppbridge.bus import RedisBus
+    from ppbridge.clientcert import configured_authorities, requesting_reactor
     from ppbridge.forwarder import ForwarderService
     from ppbridge.webface import BridgeSite
 
     settings = options["settings"]
     service = ForwarderService(settings, RedisBus(settings.redis, reactor), reactor)
     site = BridgeSite(service)
+    # ssl: endpoints ask for client certificates while an access table has client_ca_file
+    listening = requesting_reactor(reactor, lambda: configured_authorities(service.settings))
     for endpoint in settings.listen:
-        listener = strports.service(endpoint, site, reactor=reactor)
+        listener = Listener(endpoint, site, listening, "forwarder.listen", reuse_port=settings.reuse_port)
         listener.setServiceParent(service)
         service.listeners.append(listener)
     add_admin(service, settings.admin_listen, service, reactor)

@@ -47,6 +47,28 @@ def trusted_peer(client_ip: bytes, networks: Sequence[Network]) -> bool:
     return any(address in network for network in networks)
 
 
+def believed_client(peer_ip: bytes, headers: HeaderList, trusted_proxies: Sequence[Network] = ()) -> bytes:
+    """The client address ppbridge believes: the TCP peer's, unless the peer is in
+    ``trusted_proxies``; then X-Forwarded-For is walked from its right end (the entry the
+    peer itself added) past every trusted proxy to the first address that is not one. An
+    entry that is not an IP address stops the walk at the hop that added it (as does an
+    absent header: the trusted peer is then the client); all trusted: the leftmost."""
+    current = peer_ip
+    if not trusted_peer(current, trusted_proxies):
+        return current
+    chain = [entry.strip() for name, value in headers if name.lower() == b"x-forwarded-for"
+             for entry in value.split(b",")]
+    for entry in reversed(chain):
+        try:
+            ipaddress.ip_address(entry.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            break
+        current = entry
+        if not trusted_peer(current, trusted_proxies):
+            break
+    return current
+
+
 def forwarded_request_headers(headers: HeaderList, client_ip: bytes, host: bytes | None, proto: bytes,
                               trusted_proxies: Sequence[Network] = ()) -> HeaderList:
     """What the forwarder sends on: end-to-end headers plus X-Forwarded-For/-Host/-Proto.

@@ -6,7 +6,6 @@ tests use the real thing.
 
 from __future__ import annotations
 
-import fnmatch
 from collections import deque
 from typing import Callable
 
@@ -75,7 +74,6 @@ class MemoryBus:
         self.max_message = MAX_FRAME_SIZE + OVERHEAD
         self.public_losses = 0  # one connection in memory, never lost on its own
         self.channels: set[bytes] = set()
-        self.patterns: set[bytes] = set()
         self._connected = False
 
     @property
@@ -96,10 +94,7 @@ class MemoryBus:
             self.on_state(up)
 
     def wants(self, channel: bytes) -> bool:
-        text = channel.decode("latin-1")
-        return channel in self.channels or any(
-            fnmatch.fnmatchcase(text, p.decode("latin-1")) for p in self.patterns
-        )
+        return channel in self.channels
 
     def publish(self, channel: bytes, message: bytes | bytearray) -> Deferred[int]:
         if not self._connected:
@@ -118,8 +113,4 @@ class MemoryBus:
 
     def unsubscribe(self, channel: bytes) -> Deferred[None]:
         self.channels.discard(channel)
-        return defer.succeed(None)
-
-    def psubscribe(self, pattern: bytes) -> Deferred[None]:
-        self.patterns.add(pattern)
         return defer.succeed(None)

@@ -55,6 +55,10 @@ class Metrics:
         )
         self.negotiations = Counter("ppbridge_negotiations", "Key negotiations, by result", ["result"], registry=r)
         self.aborted = Counter("ppbridge_streams_aborted", "Streams ended abnormally, by reason", ["reason"], registry=r)
+        self.access_refused = Counter(
+            "ppbridge_access_refused", "Forwarder: requests a route's access policy refused, by proxy and reason "
+            "(ppbridge.access)", ["proxy", "reason"], registry=r,
+        )
         self.active_streams = Gauge("ppbridge_active_streams", "Streams in flight", registry=r)
         self.upgraded_open = Gauge("ppbridge_upgraded_connections",
                                    "Forwarder: upgraded connections (WebSocket...) open, by proxy", ["proxy"], registry=r)

@@ -41,9 +41,9 @@ from ppbridge.wire import (
     encode_signed,
 )
 
-LABEL_REQUEST = b"ppbridge v2 key-request\0"
-LABEL_GRANT = b"ppbridge v2 key-grant\0"
-LABEL_ANNOUNCE = b"ppbridge v2 announce\0"
+LABEL_REQUEST = b"ppbridge v3 key-request\0"
+LABEL_GRANT = b"ppbridge v3 key-grant\0"
+LABEL_ANNOUNCE = b"ppbridge v3 announce\0"
 ANY_FORWARDER = bytes(ID_SIZE)
 SECRET_SIZE = 32
 PENDING_LIFETIME = 10.0  # how long a request accepts grants (several forwarders may answer)
@@ -145,7 +145,7 @@ class ProxyNegotiator:
     def make_request(self, now: float, target: bytes = ANY_FORWARDER) -> tuple[bytes, bytes]:
         """(temporary channel to subscribe to *before* publishing, signed request to publish)."""
         ephemeral = X25519PrivateKey.generate()
-        channel = self._channels.negotiation_temp()
+        channel = self._channels.negotiation_temp(self.name)
         request = KeyRequest(
             self.name, self.instance, channel, os.urandom(NONCE_SIZE), _ms(now), _raw_public(ephemeral),
             self._frame_size, self._window, target, int(self._lifetime * 1000), self._max_messages,
@@ -251,8 +251,13 @@ class ForwarderNegotiator:
         public = self._proxy_keys.get(request.proxy)
         if public is None:
             raise BusMessageError("unknown-proxy", f"no public key for proxy {request.proxy!r}")
-        if not self._channels.is_negotiation_temp(request.reply_channel):
+        owner = self._channels.negotiation_owner(request.reply_channel)
+        if owner is None:
             raise BusMessageError("malformed", "reply channel outside the negotiation namespace")
+        if owner != request.proxy:
+            # A grant there would land on another proxy's channel (and its ACL user's only).
+            raise BusMessageError("bad-reply-channel", f"proxy {request.proxy!r} asked for a grant on a channel "
+                                                       f"of proxy {owner!r}")
         _check_skew(request.timestamp_ms, now, self._skew)
         if request.nonce in self._seen:  # before the (costlier) signature check
             raise BusMessageError("replay", "key request seen before")

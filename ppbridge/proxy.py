@@ -22,7 +22,6 @@ from ppbridge.channels import Channels
 from ppbridge.config import ProxySettings
 from ppbridge.errors import BusMessageError, GatewayTimeout, ProtocolFailure
 from ppbridge.keyrequests import TICK, KeyRequests
-from ppbridge.keyrequests import RETRY_MAX as RETRY_MAX  # re-exported: the tests read it here
 from ppbridge.keyring import KeyEntry, Keyring
 from ppbridge.metrics import Metrics
 from ppbridge.negotiation import ANY_FORWARDER, ProxyNegotiator
@@ -288,8 +287,8 @@ class ProxyService(MultiService):
             if header.seq != 0 or key in self.calls or key in self.closed:
                 raise BusMessageError("duplicate-stream", "a second head for one stream")
             head, body = RequestHead.decode(payload)
-            if not self.channels.is_reply_of(forwarder, head.reply_channel):
-                raise BusMessageError("bad-reply-channel", "reply channel outside the forwarder's pattern")
+            if head.reply_channel != self.channels.reply(forwarder):
+                raise BusMessageError("bad-reply-channel", "not the reply channel of the forwarder that sealed it")
             new = (UpgradeCall if is_upgrade(head) else UpstreamCall)(self, forwarder, header.stream_id, head)
             self.calls[key] = new
             self.metrics.active_streams.inc()

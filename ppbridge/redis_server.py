@@ -1,13 +1,15 @@
-"""A private ``redis-server`` child process, and a tiny blocking RESP2 client to poke it.
+"""A private ``redis-server`` child process, as ``ppbridge demo``, the tests and the bench run it.
 
-Synchronous and stdlib-only on purpose: ``ppbridge demo``, the test fixtures and the
-benchmark use it before (or without) a running reactor. The product's own data path talks
-to Redis through txredisapi in ``bus.py``; ``RawRedisClient`` is for tests and tools only.
+Synchronous on purpose: the demo, the test fixtures and the benchmark use it before (or
+without) a running reactor. It speaks to the server only to know that it is up (PING and
+INFO on a short connection) and to read INFO for the bench, through :class:`RedisConnection`,
+which sends with ``hiredis.pack_command`` and reads with ``hiredis.Reader``. The product's own
+data path talks to Redis through txredisapi in ``bus.py`` (and ``redisconn.py``); the tests' raw client is
+``tests/redisclient.py``, built on :class:`RedisConnection`.
 """
 
 from __future__ import annotations
 
-import collections
 import importlib.metadata
 import importlib.util
 import os
@@ -20,6 +22,9 @@ import time
 import weakref
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Self
+
+import hiredis
 
 _POLL_INTERVAL = 0.02
 _PROBE_TIMEOUT = 0.25  # a squatter that accepts but never answers must not stall the loop
@@ -195,6 +200,15 @@ class RedisServer:
         return os.path.join(self.workdir, "redis.log")
 
     @property
+    def conffile(self) -> str:
+        """Path of the config file given first on the command line (made empty if missing).
+
+        Redis reads it before the command-line options, which win; Sentinel mode needs one it
+        can rewrite, so ``extra_args=["--sentinel"]`` works as it is.
+        """
+        return os.path.join(self.workdir, "redis.conf")
+
+    @property
     def running(self) -> bool:
         """Whether the child process is alive."""
         proc = self._child.proc
@@ -256,9 +270,10 @@ class RedisServer:
             return
         self._start_fixed_port(time.monotonic() + timeout, retry_in_use=True)
 
-    def client(self) -> RawRedisClient:
-        """A new blocking client connected (and authenticated) to this server."""
-        return RawRedisClient(self.host, self.port, self.password)
+    def info(self, section: str = "", timeout: float = 5.0) -> dict[str, str]:
+        """INFO [section] of the running server, on a short connection of its own."""
+        (raw,) = self._ask([("INFO", section) if section else ("INFO",)], timeout)
+        return parse_info(raw)
 
     def __enter__(self) -> RedisServer:
         self.start()
@@ -289,6 +304,7 @@ class RedisServer:
     def _args(self) -> list[str]:
         args = [
             self.binary,
+            self.conffile,
             "--port", str(self._port),
             "--bind", self.host,
             "--save", "",
@@ -307,6 +323,8 @@ class RedisServer:
         Raises ``RuntimeError`` when the server dies for another reason or times out.
         """
         self._log_offset = _file_size(self.logfile)
+        with open(self.conffile, "ab"):
+            pass
         with open(os.path.join(self.workdir, "redis.stderr"), "wb") as stderr:
             proc = subprocess.Popen(
                 self._args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
@@ -336,12 +354,26 @@ class RedisServer:
         if timeout <= 0:
             return False
         try:
-            with RawRedisClient(self.host, self.port, self.password, timeout) as conn:
-                if conn.command("PING") != "PONG":
-                    return False
-                return conn.info("server").get("process_id") == str(pid)
+            pong, raw = self._ask([("PING",), ("INFO", "server")], timeout)
+            return pong == "PONG" and parse_info(raw).get("process_id") == str(pid)
         except (OSError, RedisReplyError):
             return False
+
+    def _ask(self, commands: Sequence[Sequence[bytes | str | int]], timeout: float) -> list[object]:
+        """Replies to ``commands``, each sent once the last is answered, on a new connection
+        (AUTH first when there is a password); raises the first error reply, and ``OSError``
+        on a timeout (``timeout`` for all) or a stream that is not RESP."""
+        auth = [("AUTH", self.password)] if self.password is not None else []
+        deadline = time.monotonic() + timeout
+        replies = []
+        with RedisConnection(self.host, self.port, timeout) as conn:
+            for command in [*auth, *commands]:
+                conn.send(command)
+                reply = conn.reply(deadline)
+                if isinstance(reply, RedisReplyError):
+                    raise reply
+                replies.append(reply)
+        return replies[len(auth):]
 
     def _log_tail(self) -> str:
         """Last lines written to the log (and stderr) by the latest spawn."""
@@ -367,148 +399,47 @@ def _file_size(path: str) -> int:
         return 0
 
 
-class _Incomplete(Exception):
-    """The buffer does not yet hold a whole reply."""
+class RedisConnection:
+    """One blocking connection to Redis: commands out, whole replies in (``hiredis.Reader``).
 
-
-_Reply = str | int | bytes | None | RedisReplyError | list["_Reply"]
-
-
-class RawRedisClient:
-    """A blocking, binary-safe RESP2 client over one socket: for tests and tools only.
-
-    Errors nested inside array replies are returned as ``RedisReplyError`` instances; a
-    top-level error reply is raised.
+    Replies come as hiredis gives them (bulk strings as bytes, integers, lists, None), with
+    two differences: an error reply is a ``RedisReplyError`` instance (returned, not raised),
+    and a status reply (``+OK``) is a str, as RESP tells them apart from bulk strings. That
+    last holds for a reply that starts a chunk read into an empty buffer, which is every reply
+    of a connection that waits for each answer before the next command; a status reply read
+    behind another one in the same chunk (pipelined) comes as bytes.
     """
 
-    def __init__(
-        self, host: str, port: int, password: str | None = None, timeout: float = 5.0
-    ) -> None:
-        self._timeout = timeout
-        self._buf = bytearray()
-        self._pending: collections.deque[tuple[bytes, bytes, bytes]] = collections.deque()
+    def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
+        self.timeout = timeout
+        self._reader = hiredis.Reader(replyError=RedisReplyError, notEnoughData=_INCOMPLETE)
+        self._head: bytes | None = None  # the type byte of the reply at the buffer's start
         self._sock: socket.socket | None = socket.create_connection((host, port), timeout)
-        if password is not None:
-            try:
-                self.command("AUTH", password)
-            except BaseException:
-                self.close()
-                raise
 
-    def command(self, *args: bytes | str | int) -> object:
-        """Send one command and return its parsed reply; raise ``RedisReplyError`` on ``-ERR``."""
-        self._send(args)
-        reply = self._read_reply(time.monotonic() + self._timeout)
-        if isinstance(reply, RedisReplyError):
-            raise reply
-        return reply
+    def send(self, *commands: Sequence[bytes | str | int]) -> None:
+        """Send ``commands`` (each a sequence of arguments) in one write, as RESP arrays.
 
-    def publish(self, channel: bytes | str, message: bytes) -> int:
-        """PUBLISH; returns the number of subscribers that received it."""
-        count = self.command("PUBLISH", channel, message)
-        if not isinstance(count, int):
-            raise RedisReplyError(f"unexpected PUBLISH reply: {count!r}")
-        return count
-
-    def info(self, section: str = "") -> dict[str, str]:
-        """INFO [section] parsed into ``{field: value}``."""
-        raw = self.command("INFO", section) if section else self.command("INFO")
-        if not isinstance(raw, bytes):
-            raise RedisReplyError(f"unexpected INFO reply: {raw!r}")
-        fields: dict[str, str] = {}
-        for line in raw.decode("utf-8", "replace").splitlines():
-            if line and not line.startswith("#") and ":" in line:
-                key, _, value = line.partition(":")
-                fields[key] = value
-        return fields
-
-    def subscribe(self, *channels: bytes | str) -> None:
-        """SUBSCRIBE and wait for every confirmation; the connection is then a subscriber."""
-        self._subscribe("SUBSCRIBE", channels)
-
-    def psubscribe(self, *patterns: bytes | str) -> None:
-        """PSUBSCRIBE and wait for every confirmation."""
-        self._subscribe("PSUBSCRIBE", patterns)
-
-    def read_message(self, timeout: float | None = None) -> tuple[bytes, bytes, bytes] | None:
-        """Next ``(kind, channel, payload)`` pushed to a subscriber; None after ``timeout``.
-
-        ``kind`` is ``b"message"`` or ``b"pmessage"``; confirmations are skipped. ``timeout``
-        None blocks until a message arrives.
+        Raises ``TypeError`` for an argument that is not bytes, str or int, before sending.
         """
-        if self._pending:
-            return self._pending.popleft()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                reply = self._read_reply(deadline)
-            except TimeoutError:
-                return None
-            message = _as_message(reply)
-            if message is not None:
-                return message
+        data = b"".join(encode_command(args) for args in commands)
+        self._socket().sendall(data)
 
-    def close(self) -> None:
-        """Close the socket; idempotent."""
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
+    def reply(self, deadline: float | None) -> object:
+        """The next whole reply, by ``deadline`` (``time.monotonic()``; None waits forever).
 
-    def __enter__(self) -> RawRedisClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    # -- internals -------------------------------------------------------------------
-
-    def _socket(self) -> socket.socket:
-        if self._sock is None:
-            raise ConnectionError("RawRedisClient is closed")
-        return self._sock
-
-    def _subscribe(self, verb: str, names: Sequence[bytes | str]) -> None:
-        if not names:
-            raise ValueError(f"{verb} needs at least one channel or pattern")
-        self._send((verb, *names))
-        confirmations = 0
-        deadline = time.monotonic() + self._timeout
-        while confirmations < len(names):
-            reply = self._read_reply(deadline)
-            if isinstance(reply, RedisReplyError):
-                raise reply
-            message = _as_message(reply)
-            if message is not None:
-                self._pending.append(message)
-            elif isinstance(reply, list) and reply and reply[0] == verb.lower().encode():
-                confirmations += 1
-
-    def _send(self, args: Sequence[bytes | str | int]) -> None:
-        parts = [b"*%d\r\n" % len(args)]
-        for arg in args:
-            data = _to_bytes(arg)
-            parts += [b"$%d\r\n" % len(data), data, b"\r\n"]
-        self._socket().sendall(b"".join(parts))
-
-    def _read_reply(self, deadline: float | None) -> _Reply:
-        """One whole reply by ``deadline`` (monotonic; None waits forever).
-
-        Raises ``TimeoutError`` with the buffer untouched, so a later call resumes cleanly.
+        Raises ``TimeoutError`` with the buffer kept, so a later call resumes cleanly, and
+        ``ConnectionError`` when the server closes the connection or sends what is not RESP.
         """
         sock = self._socket()
         while True:
+            head = self._head
             try:
-                reply, end = _parse(self._buf, 0)
-            except _Incomplete:
-                pass
-            else:
-                del self._buf[:end]
-                return reply
+                reply = self._reader.gets()
+            except hiredis.ProtocolError as err:
+                raise ConnectionError(f"not a RESP reply: {err}") from err
+            if reply is not _INCOMPLETE:
+                self._head = None
+                return reply.decode("utf-8", "replace") if head == b"+" and isinstance(reply, bytes) else reply
             if deadline is None:
                 sock.settimeout(None)
             else:
@@ -519,66 +450,59 @@ class RawRedisClient:
             chunk = sock.recv(1 << 16)
             if not chunk:
                 raise ConnectionError("redis closed the connection")
-            self._buf += chunk
+            if not self._reader.has_data():
+                self._head = chunk[:1]
+            self._reader.feed(chunk)
+
+    def close(self) -> None:
+        """Close the socket; idempotent."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            raise ConnectionError("the redis connection is closed")
+        return self._sock
 
 
-def _to_bytes(arg: bytes | str | int) -> bytes:
-    if isinstance(arg, bool) or not isinstance(arg, (bytes, bytearray, memoryview, str, int)):
-        raise TypeError(f"redis arguments are bytes, str or int, not {type(arg).__name__}")
-    if isinstance(arg, str):
-        return arg.encode("utf-8")
-    if isinstance(arg, int):
-        return str(arg).encode("ascii")
-    return bytes(arg)
+_INCOMPLETE = object()  # what hiredis.Reader.gets() returns until a whole reply is in
 
 
-def _as_message(reply: _Reply) -> tuple[bytes, bytes, bytes] | None:
-    """``(kind, channel, payload)`` if ``reply`` is a pushed (p)message, else None."""
-    if not isinstance(reply, list) or not reply:
-        return None
-    items = [item for item in reply if isinstance(item, bytes)]
-    if len(items) != len(reply):
-        return None
-    if items[0] == b"message" and len(items) == 3:
-        return (b"message", items[1], items[2])
-    if items[0] == b"pmessage" and len(items) == 4:
-        return (b"pmessage", items[2], items[3])
-    return None
+def encode_command(args: Sequence[bytes | str | int]) -> bytes:
+    """One command as a RESP array of bulk strings (``hiredis.pack_command``).
+
+    str is sent as UTF-8 and int in decimal; anything else (bool and float included) raises
+    ``TypeError``.
+    """
+    items: list[bytes | str | int] = []
+    for arg in args:
+        if isinstance(arg, (bytearray, memoryview)):
+            arg = bytes(arg)
+        if isinstance(arg, bool) or not isinstance(arg, (bytes, str, int)):
+            raise TypeError(f"redis arguments are bytes, str or int, not {type(arg).__name__}")
+        items.append(arg)
+    return hiredis.pack_command(tuple(items))  # type: ignore[arg-type]
 
 
-def _line(buf: bytearray, pos: int) -> tuple[bytes, int]:
-    end = buf.find(b"\r\n", pos)
-    if end < 0:
-        raise _Incomplete()
-    return bytes(buf[pos:end]), end + 2
-
-
-def _parse(buf: bytearray, pos: int) -> tuple[_Reply, int]:
-    """Parse one RESP2 value starting at ``pos``; returns it and the position after it."""
-    if pos >= len(buf):
-        raise _Incomplete()
-    kind = buf[pos : pos + 1]
-    body, pos = _line(buf, pos + 1)
-    if kind == b"+":
-        return body.decode("utf-8", "replace"), pos
-    if kind == b"-":
-        return RedisReplyError(body.decode("utf-8", "replace")), pos
-    if kind == b":":
-        return int(body), pos
-    if kind == b"$":
-        size = int(body)
-        if size < 0:
-            return None, pos
-        if len(buf) < pos + size + 2:
-            raise _Incomplete()
-        return bytes(buf[pos : pos + size]), pos + size + 2
-    if kind == b"*":
-        count = int(body)
-        if count < 0:
-            return None, pos
-        items: list[_Reply] = []
-        for _ in range(count):
-            item, pos = _parse(buf, pos)
-            items.append(item)
-        return items, pos
-    raise ConnectionError(f"unexpected RESP type byte {kind!r}")
+def parse_info(raw: object) -> dict[str, str]:
+    """An INFO reply as ``{field: value}`` (section headers and blank lines left out)."""
+    if not isinstance(raw, bytes):
+        raise RedisReplyError(f"unexpected INFO reply: {raw!r}")
+    fields: dict[str, str] = {}
+    for line in raw.decode("utf-8", "replace").splitlines():
+        if line and not line.startswith("#") and ":" in line:
+            key, _, value = line.partition(":")
+            fields[key] = value
+    return fields

@@ -1,17 +1,23 @@
-"""What both twistd plugins share: options, config loading and the admin server."""
+"""What both twistd plugins share: options, config loading, listening ports and the admin server."""
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Any, Callable, Mapping
 
 from twisted.application import strports
 from twisted.application.service import MultiService
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.python import usage
 
+from ppbridge import reuseport
 from ppbridge.admin import Observable, admin_site
 from ppbridge.errors import ConfigError
 from ppbridge.reload import ReloadOnHangup
+
+log = Logger()
 
 
 class BaseOptions(usage.Options):
@@ -53,9 +59,50 @@ class BaseOptions(usage.Options):
             raise SystemExit(2) from None
 
 
+class Listener(MultiService):
+    """One listening port: Twisted's endpoint service for ``description`` as the only child.
+
+    A port that cannot be had when twistd starts the services (taken, forbidden) ends the
+    process with exit status 1 and one critical log line naming the port, the setting and
+    what to do, instead of twistd's traceback.
+    """
+
+    def __init__(self, description: str, factory: Any, reactor: Any, setting: str, reuse_port: bool = False) -> None:
+        super().__init__()
+        self.description, self.setting, self.reuse_port = description, setting, reuse_port
+        # strports.service makes a listen that fails in privilegedStartService raise there.
+        listening = reuseport.listening_reactor(reactor, reuse_port)
+        strports.service(description, factory, reactor=listening).setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            log.critical("{message}", message=cannot_listen(e, self.description, self.setting, self.reuse_port))
+            raise SystemExit(1) from None
+
+
+def cannot_listen(err: CannotListenError, description: str, setting: str, reuse_port: bool) -> str:
+    """The one line for a port that could not be had: where, which setting, why, and a hint."""
+    cause = err.socketError
+    why = getattr(cause, "strerror", None) or str(cause)
+    where = f"{err.interface or '*'}:{err.port}"
+    hint = ""
+    code = getattr(cause, "errno", None)
+    if code == errno.EADDRINUSE and setting == "forwarder.listen":
+        hint = ("; the process holding it must also set SO_REUSEPORT and run as the same user "
+                "([forwarder] reuse_port = true in every forwarder sharing it)" if reuse_port else
+                "; another process holds it (forwarders on one host can share it with [forwarder] reuse_port = true)")
+    elif code == errno.EADDRINUSE:
+        hint = "; another process holds it (each process needs an admin endpoint of its own: --admin)"
+    elif code == errno.EACCES:
+        hint = "; ports below 1024 need root or CAP_NET_BIND_SERVICE"
+    return f"cannot listen on {where} ({setting} {description!r}): {why}{hint}"
+
+
 def add_admin(parent: MultiService, endpoint: str | None, service: Observable, reactor: Any) -> None:
     if endpoint:
-        strports.service(endpoint, admin_site(service), reactor=reactor).setServiceParent(parent)
+        Listener(endpoint, admin_site(service), reactor, "admin.listen").setServiceParent(parent)
 
 
 def add_reload(parent: MultiService, options: Any, apply: Callable[[Any], None], reactor: Any) -> None:

@@ -2,7 +2,8 @@
 
 twisted.web runs a resource only once the whole request body has arrived. To stream uploads,
 :class:`BridgeRequest` starts its :class:`~ppbridge.clientstream.ClientStream` as soon as the
-headers are in (``gotLength``) and feeds it each chunk (``handleContentChunk``);
+headers are in (``gotLength``), once the route's access policy let it in (before anything
+is published), and feeds it each chunk (``handleContentChunk``);
 :class:`BridgeResource` then only marks the body complete. Every error a client can get is
 answered by :mod:`ppbridge.webrequest`, from the :class:`~ppbridge.errors.RequestError` that
 names it.
@@ -13,18 +14,21 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING, Any, cast
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from ppbridge.access import Grant, on_decision
 from ppbridge.clientstream import ClientStream
 from ppbridge.tunnel import UpgradeStream, wants_upgrade
 from ppbridge.edge import Edge, EdgeLimits, client_of, error_bytes, request_line
-from ppbridge.errors import BadTarget, BodyTooLarge, RequestError
+from ppbridge.errors import AccessRefused, BadTarget, BodyTooLarge, RequestError
 from ppbridge.logsafe import escape
-from ppbridge.logs import NO_CAUSE, AccessLog, client_address
+from ppbridge.logs import CLIENT_CLOSED, NO_CAUSE, AccessLog, client_address
 from ppbridge.streams import INLINE_MAX
-from ppbridge.webrequest import bridge_of, error_response, refuse_early, render_error, routed
+from ppbridge.webrequest import bridge_of, connection, error_response, refuse_early, render_error, routed
 
 if TYPE_CHECKING:
     from ppbridge.config import ForwarderSettings
@@ -34,11 +38,24 @@ log = Logger()
 
 
 class BridgeRequest(Request):
-    """A twisted.web request that streams its body into a :class:`ClientStream`."""
+    """A twisted.web request that streams its body into a :class:`ClientStream`, once its
+    route's access policy (:mod:`ppbridge.access`), if it has one, let it in.
+
+    A policy that decides at once costs nothing more. One that must wait (a Deferred) holds
+    the request: the chunks of body read meanwhile are kept (a small body, at most
+    ``INLINE_MAX``, is read; a larger or chunked one is not, its connection paused) and given
+    to the stream when it opens; a refusal is answered as an early error is."""
 
     stream: ClientStream | None = None
     early_error: RequestError | None = None
     refused = False
+    grant: Grant | None = None  # what the access policy strips from and sets on the forwarded headers
+    deciding: Deferred[Any] | None = None  # the access decision awaited
+    body_complete = False  # twisted.web rendered the request while the decision was awaited
+    _held: list[bytes] | None = None  # body chunks read while it was
+    _paused = False
+    _began = 0.0
+    _site: Any = None
 
     def gotLength(self, length: int | None) -> None:
         self.content = io.BytesIO()  # never filled: the body streams to the proxy
@@ -46,27 +63,102 @@ class BridgeRequest(Request):
         bridge = bridge_of(self)
         method, uri = request_line(self.channel)
         try:
-            kind = UpgradeStream if wants_upgrade(self, length) else ClientStream
-            self.stream = kind.open(bridge, self, method, uri, length)
+            if bridge.access.policies:
+                host, route, _ = routed(bridge, self, uri)
+                decision = bridge.access.decide(self, route.name, host, method, uri)
+                if isinstance(decision, Deferred):
+                    self._await_access(bridge, decision, method, uri, length)
+                    return
+                self.grant = decision
+            self.stream = self._open(bridge, method, uri, length)
         except RequestError as err:
-            self.early_error = err
-            try:  # the proxy label, known unless the route itself failed
-                proxy = routed(bridge, self, uri)[1].name
-            except RequestError:
-                proxy = NO_CAUSE
-            bridge.metrics.request_done(proxy, str(err.status), err.cause, 0.0)
-            cast(Any, self.channel).site.access_log.emit(
-                client=client_address(self), method=method, uri=uri, code=err.status, cause=err.cause, bytes_in=0,
-                bytes_out=len(error_response(err)[2]), duration=0.0, proxy=proxy, instance="-")
-            if isinstance(err, BadTarget) and bridge.refusals.allow(err.cause, bridge.clock.seconds())[0]:
-                log.warn("refused a request path that would leave the upstream's base path, from {client}",
-                         client=escape(str(getattr(self.getClientAddress(), "host", "?"))))
-            if isinstance(err, BodyTooLarge) or (length is None or length > INLINE_MAX):
-                refuse_early(self, err)  # don't read a body only to throw it away
+            self._refuse(bridge, err, method, uri, length)
+
+    def _open(self, bridge: ForwarderService, method: bytes, uri: bytes, length: int | None) -> ClientStream:
+        kind = UpgradeStream if wants_upgrade(self, length) else ClientStream
+        return kind.open(bridge, self, method, uri, length)
+
+    def _refuse(self, bridge: ForwarderService, err: RequestError, method: bytes, uri: bytes, length: int | None,
+                seconds: float = 0.0) -> None:
+        """Answer ``err`` instead of opening a stream: counted, access-logged, an access refusal
+        or a bad target logged (throttled); early when the body is large or of unknown length
+        (not read only to be thrown away), else once it has been read."""
+        self.early_error = err
+        try:  # the proxy label, known unless the route itself failed
+            proxy = routed(bridge, self, uri)[1].name
+        except RequestError:
+            proxy = NO_CAUSE
+        client = client_address(self)
+        bridge.metrics.request_done(proxy, str(err.status), err.cause, seconds)
+        cast(Any, self.channel).site.access_log.emit(
+            client=client, method=method, uri=uri, code=err.status, cause=err.cause, bytes_in=0,
+            bytes_out=len(error_response(err)[2]), duration=seconds, proxy=proxy, instance="-")
+        if isinstance(err, AccessRefused):
+            bridge.access.refused(proxy, err, client, method, uri)
+        elif isinstance(err, BadTarget) and bridge.refusals.allow(err.cause, bridge.clock.seconds())[0]:
+            log.warn("refused a request path that would leave the upstream's base path, from {client}",
+                     client=escape(str(getattr(self.getClientAddress(), "host", "?"))))
+        if self.body_complete:
+            render_error(self, err)
+        elif isinstance(err, BodyTooLarge) or (length is None or length > INLINE_MAX):
+            refuse_early(self, err)  # don't read a body only to throw it away
+
+    def _await_access(self, bridge: ForwarderService, decision: Deferred[Any], method: bytes, uri: bytes,
+                      length: int | None) -> None:
+        """Hold the request until ``decision`` (a Grant or a refusal); a client that leaves
+        meanwhile cancels it."""
+        self.deciding, self._held, self._began = decision, [], bridge.clock.seconds()
+        self._site = cast(Any, self.channel).site
+        if length is None or length > INLINE_MAX:
+            self._paused = True
+            connection(self).pauseProducing()
+        self.notifyFinish().addErrback(self._left_deciding, bridge, method, uri)
+        on_decision(decision, lambda result: self._decided(bridge, result, method, uri, length))
+
+    def _decided(self, bridge: ForwarderService, result: Grant | RequestError, method: bytes, uri: bytes,
+                 length: int | None) -> None:
+        if self.deciding is None or self.channel is None:
+            return  # the client left
+        self.deciding = None
+        held, self._held = self._held or [], None
+        seconds = bridge.clock.seconds() - self._began
+        if isinstance(result, RequestError):
+            self._refuse(bridge, result, method, uri, length, seconds)
+            return
+        self.grant = result
+        try:
+            stream = self.stream = self._open(bridge, method, uri, length)
+        except RequestError as err:
+            self._refuse(bridge, err, method, uri, length, seconds)
+            return
+        if self._paused and not self.body_complete:
+            connection(self).resumeProducing()  # before the held chunks: their flow control may pause again
+        for chunk in held:
+            stream.client_data(chunk)
+        if self.body_complete:
+            stream.body_done()
+
+    def _left_deciding(self, reason: Failure, bridge: ForwarderService, method: bytes, uri: bytes) -> None:
+        """The client left while the access decision was awaited: cancel it, count and log 499."""
+        decision, self.deciding, self._held = self.deciding, None, None
+        if decision is None:
+            return  # decided: the stream, if one opened, saw the client leave
+        decision.cancel()
+        try:
+            proxy = routed(bridge, self, uri)[1].name
+        except RequestError:
+            proxy = NO_CAUSE
+        seconds = bridge.clock.seconds() - self._began
+        bridge.metrics.request_done(proxy, str(CLIENT_CLOSED), "client-gone", seconds)
+        self._site.access_log.emit(
+            client=client_address(self), method=method, uri=uri, code=CLIENT_CLOSED, cause="client-gone",
+            bytes_in=0, bytes_out=0, duration=seconds, proxy=proxy, instance="-")
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.stream is not None:
             self.stream.client_data(data)
+        elif self._held is not None:
+            self._held.append(data)
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting and getattr(self.channel, "draining", False):
@@ -87,6 +179,8 @@ class BridgeResource(Resource):
             render_error(request, request.early_error)
         elif request.stream is not None:
             request.stream.body_done()
+        else:  # an access decision is awaited (BridgeRequest._decided goes on)
+            request.body_complete = True
         return NOT_DONE_YET
 
 

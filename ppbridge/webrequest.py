@@ -40,13 +40,13 @@ def bridge_of(request: Request) -> ForwarderService:
 
 
 def error_response(err: RequestError) -> tuple[int, HeaderList, bytes]:
-    """Status, headers and body of the answer ppbridge gives for ``err``."""
-    body = (err.detail + "\n").encode("utf-8")
-    headers = [
-        (b"X-PPBridge-Error", err.cause.encode("ascii")),
-        (b"Content-Type", b"text/plain; charset=utf-8"),
-        (b"Content-Length", str(len(body)).encode("ascii")),
-    ]
+    """Status, headers and body of the answer ppbridge gives for ``err``: ``detail`` as
+    plain text, or ``err.body`` as it is (with the Content-Type ``err.headers`` give, if any)."""
+    body = (err.detail + "\n").encode("utf-8") if err.body is None else err.body
+    headers = [(b"X-PPBridge-Error", err.cause.encode("ascii"))]
+    if err.body is None:
+        headers.append((b"Content-Type", b"text/plain; charset=utf-8"))
+    headers += [(b"Content-Length", str(len(body)).encode("ascii")), *err.headers]
     return err.status, headers, body
 
 
@@ -55,7 +55,7 @@ def render_error(request: Request, err: RequestError) -> None:
     status, headers, body = error_response(err)
     request.setResponseCode(status)
     for name, value in headers:
-        request.responseHeaders.setRawHeaders(name, [value])
+        request.responseHeaders.addRawHeader(name, value)  # Set-Cookie may come more than once
     request.write(body)
     request.finish()
 

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from ppbridge.errors import BusMessageError
 
-VERSION = 2  # 2: request deadlines, key limits in the negotiation, announce interval
+VERSION = 3  # 2: request deadlines, key limits, announce interval; 3: channels laid out for ACL users
 
 
 class MsgType(enum.IntEnum):

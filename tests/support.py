@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import treq
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -67,8 +67,9 @@ def start_redis(case: TestCase, **kwargs: Any) -> RedisServer:
 
 
 @defer.inlineCallbacks
-def listen(case: TestCase, factory: Any):  # type: ignore[no-untyped-def]
-    """Listen on a free loopback port; the base URL. At cleanup the port closes and so does
+def listen(case: TestCase, factory: Any, endpoint: Any = None):  # type: ignore[no-untyped-def]
+    """Listen on a free loopback port (or on ``endpoint``, e.g. a TLS one); the base URL
+    (``https://`` for a TLS endpoint). At cleanup the port closes and so does
     every connection it accepted that is still open (a server may legitimately keep one, e.g.
     lingering after an early answer), so no test leaves sockets or their timers behind."""
     accepted: list[Any] = []
@@ -80,7 +81,8 @@ def listen(case: TestCase, factory: Any):  # type: ignore[no-untyped-def]
         return protocol
 
     factory.buildProtocol = tracking
-    port = yield TCP4ServerEndpoint(reactor, 0, backlog=1024, interface="127.0.0.1").listen(factory)
+    endpoint = endpoint or TCP4ServerEndpoint(reactor, 0, backlog=1024, interface="127.0.0.1")
+    port = yield endpoint.listen(factory)
 
     @defer.inlineCallbacks
     def close():  # type: ignore[no-untyped-def]
@@ -94,16 +96,19 @@ def listen(case: TestCase, factory: Any):  # type: ignore[no-untyped-def]
             yield deferLater(reactor, 0, lambda: None)  # abortConnection completes next turn
 
     case.addCleanup(close)
-    return f"http://127.0.0.1:{port.getHost().port}"
+    scheme = "https" if isinstance(endpoint, SSL4ServerEndpoint) else "http"
+    return f"{scheme}://127.0.0.1:{port.getHost().port}"
 
 
 class Stack:
     """One bridge for one test: Redis, a sample upstream, a forwarder, proxies."""
 
-    def __init__(self, case: TestCase) -> None:
+    def __init__(self, case: TestCase, **redis_options: Any) -> None:
+        """``redis_options`` go to the stack's RedisServer (e.g. ``extra_args`` for a TLS port)."""
         self.case = case
         self.folder = temp_folder(case)
-        self.redis = start_redis(case)
+        self.redis = start_redis(case, **redis_options)
+        self.redis_keys: dict[str, object] = {}  # [redis] keys added to every config, e.g. {"redis.ca_file": path}
         self.forwarders: list[ForwarderService] = []
         self.forwarder_urls: list[str] = []
         self.proxies: dict[str, ProxyService] = {}
@@ -149,12 +154,7 @@ class Stack:
         """A forwarder for ``routes``, on the stack's Redis or ``redis_url``."""
         for name in routes:
             key_pair(self.folder, name)
-        n = len(self.forwarders)
-        # drain_timeout 0: a test's stopService ends what is in flight at once, unless it asks for a drain
-        overrides = {"drain_timeout": 0, **(overrides or {})}
-        path = write_forwarder_config(self.folder, redis_url or self.redis.url, "tcp:0", routes, forwarder=overrides,
-                                      name=f"forwarder{n}.toml")
-        settings = load_forwarder_config(path)
+        settings = load_forwarder_config(self.forwarder_config(routes, overrides, redis_url), self.redis_keys)
         service = ForwarderService(settings, RedisBus(settings.redis, reactor), reactor)
         self.run(service)
         url = yield listen(self.case, BridgeSite(service))
@@ -166,13 +166,26 @@ class Stack:
                   rekey: Mapping[str, TomlValue] | None = None, redis_url: str | None = None) -> ProxyService:
         """A proxy process ``name`` calling ``upstream``, on the stack's Redis or ``redis_url``."""
         key_pair(self.folder, name)
-        overrides = {"drain_timeout": 0, **(overrides or {})}  # as add_forwarder
-        settings = load_proxy_config(write_proxy_config(self.folder, name, redis_url or self.redis.url, upstream,
-                                                        settings=overrides, rekey=rekey))
+        settings = load_proxy_config(self.proxy_config(name, upstream, overrides, rekey, redis_url), self.redis_keys)
         service = ProxyService(settings, RedisBus(settings.redis, reactor), reactor, reactor)
         self.run(service)
         self.proxies.setdefault(name, service)
         return service
+
+    def forwarder_config(self, routes: Mapping[str, Mapping[str, TomlValue]],
+                         overrides: Mapping[str, TomlValue] | None = None, redis_url: str | None = None) -> Path:
+        """Write the next forwarder's config file (on the stack's Redis or ``redis_url``)."""
+        # drain_timeout 0: a test's stopService ends what is in flight at once, unless it asks for a drain
+        overrides = {"drain_timeout": 0, **(overrides or {})}
+        return write_forwarder_config(self.folder, redis_url or self.redis.url, "tcp:0", routes, forwarder=overrides,
+                                      name=f"forwarder{len(self.forwarders)}.toml")
+
+    def proxy_config(self, name: str, upstream: str, overrides: Mapping[str, TomlValue] | None = None,
+                     rekey: Mapping[str, TomlValue] | None = None, redis_url: str | None = None) -> Path:
+        """Write proxy ``name``'s config file (drain_timeout 0 unless asked, as for forwarders)."""
+        overrides = {"drain_timeout": 0, **(overrides or {})}
+        return write_proxy_config(self.folder, name, redis_url or self.redis.url, upstream, settings=overrides,
+                                  rekey=rekey)
 
     def run(self, service: Any) -> None:
         service.startService()

@@ -93,7 +93,7 @@ def signed_request(channels: Channels = CHANNELS, **changes: Any) -> bytes:
     """A KEY_REQUEST from proxy alpha, validly signed, with any field changed (a fresh nonce
     and X25519 key each time, timestamp T0, addressed to every forwarder)."""
     fields: dict[str, Any] = {
-        "proxy": "alpha", "instance": INSTANCE, "reply_channel": channels.negotiation_temp(),
+        "proxy": "alpha", "instance": INSTANCE, "reply_channel": channels.negotiation_temp("alpha"),
         "nonce": os.urandom(16), "timestamp_ms": int(T0 * 1000), "ephemeral": fresh_x25519(),
         "frame_size": FRAME, "window": WINDOW, "target": ANY_FORWARDER,
     }
@@ -133,14 +133,14 @@ class PublishedLimitsTests(TestCase):
     """The limits other tests read from the modules are the published numbers."""
 
     def test_wire_limits(self) -> None:
-        """wire's limits are those of protocol version 2: 32-byte methods, 64 KiB targets and
+        """wire's limits are those of protocol version 3: 32-byte methods, 64 KiB targets and
         values, 500 headers, 256-byte header names and channels, proxy names of 1 to 63 characters, 1 KiB reasons and signatures, 256 KiB
         header blocks, 2**64-1 for an unknown length, 40-byte headers and 16-byte tags."""
         self.assertEqual(
             (wire.VERSION, wire.MAX_METHOD, wire.MAX_TARGET, wire.MAX_HEADERS, wire.MAX_HEADER_NAME,
              wire.MAX_HEADER_VALUE, wire.MAX_CHANNEL, wire.MAX_REASON, wire.MAX_HEADER_BLOCK, wire.MAX_SIGNATURE,
              wire.UNKNOWN_LENGTH, wire.HEADER_SIZE, wire.TAG_SIZE, wire.NAME_RE),
-            (2, 32, 65536, 500, 256, 65536, 256, 1024, 262144, 1024, UNKNOWN, 40, 16,
+            (3, 32, 65536, 500, 256, 65536, 256, 1024, 262144, 1024, UNKNOWN, 40, 16,
              r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"),
         )
 
@@ -339,21 +339,26 @@ class RequestCheckBoundsTests(TestCase):
                                                            T0 + 600.001))
         self.assertNotIn(first_nonce, self.forwarder._seen)
 
-    def test_reply_channel_of_exactly_32_characters_after_the_prefix(self) -> None:
-        """The reply channel must be ``ppbridge:n:`` and exactly 32 more characters: 32 are
-        granted (on that channel); 31 or 33, the bare prefix, or the prefix of another
-        namespace, are malformed."""
-        good = b"ppbridge:n:" + b"0" * 32
+    def test_reply_channel_of_exactly_32_hex_digits_after_the_prefix(self) -> None:
+        """The reply channel must be ``ppbridge:n:alpha:`` (the requesting proxy's name) and
+        exactly 32 more lowercase hex digits: 32 are granted (on that channel); 31 or 33, an
+        upper-case or non-hex digit, the bare prefix, no proxy name (the version 2 layout), or
+        the prefix of another namespace, are malformed; another proxy's prefix is
+        ``bad-reply-channel``."""
+        good = b"ppbridge:n:alpha:" + b"0" * 32
         result = self.forwarder.handle_request(signed_request(reply_channel=good), T0)
         self.assertEqual(result and result[0], good)
-        for bad in (b"ppbridge:n:" + b"0" * 31, b"ppbridge:n:" + b"0" * 33, b"ppbridge:n:",
-                    b"staging:n:" + b"0" * 32, b"ppbridge:x:" + b"0" * 32):
+        for bad in (b"ppbridge:n:alpha:" + b"0" * 31, b"ppbridge:n:alpha:" + b"0" * 33,
+                    b"ppbridge:n:alpha:" + b"A" * 32, b"ppbridge:n:alpha:" + b"g" * 32, b"ppbridge:n:alpha:",
+                    b"ppbridge:n:" + b"0" * 32, b"staging:n:alpha:" + b"0" * 32, b"ppbridge:x:alpha:" + b"0" * 32):
             self.assertEqual(reason(self, self.forwarder.handle_request, signed_request(reply_channel=bad), T0),
                              "malformed", bad)
-        # The check follows the namespace: a 7-letter one shifts the required length with it.
+        self.assertEqual(reason(self, self.forwarder.handle_request,
+                                signed_request(reply_channel=b"ppbridge:n:beta:" + b"0" * 32), T0), "bad-reply-channel")
+        # The check follows the namespace.
         staging = ForwarderNegotiator(FORWARDER_ID, private("forwarder"), {"alpha": public("alpha")},
                                       Channels("staging"), FRAME, WINDOW, SKEW)
-        request = signed_request(Channels("staging"), reply_channel=b"staging:n:" + b"1" * 32)
+        request = signed_request(Channels("staging"), reply_channel=b"staging:n:alpha:" + b"1" * 32)
         self.assertIsNotNone(staging.handle_request(request, T0))
 
     def test_unusable_x25519_key_in_request(self) -> None:
@@ -427,7 +432,7 @@ class GrantCheckBoundsTests(TestCase):
     def test_grant_on_a_channel_without_request(self) -> None:
         """A validly signed grant on a channel with no pending request is an "unexpected-grant"."""
         _, grant = pinned_grant(self.proxy)
-        self.assertEqual(reason(self, self.proxy.handle_grant, CHANNELS.negotiation_temp(), grant, T0),
+        self.assertEqual(reason(self, self.proxy.handle_grant, CHANNELS.negotiation_temp("alpha"), grant, T0),
                          "unexpected-grant")
 
     def test_wrapped_secret_of_exactly_32_bytes(self) -> None:

@@ -23,7 +23,8 @@ from twisted.trial.unittest import TestCase
 from ppbridge import bus as bus_module
 from ppbridge.bus import HEALTH_INTERVAL, LOSS_LOG_PERIOD, RedisBus, _SubscriberFactory
 from ppbridge.config import RedisSettings
-from ppbridge.redis_server import RawRedisClient, RedisServer
+from ppbridge.redis_server import RedisServer
+from tests.redisclient import RawRedisClient
 from tests.support import poll, redis_clients, start_redis
 
 PUBLIC = b"ns:negotiate"

@@ -189,7 +189,7 @@ class StartChecks(TestCase):
         (self.folder / "ca.pem").write_text("not a certificate\n")
         config.write_text(config.read_text().replace('url = "redis://', 'ca_file = "ca.pem"\nurl = "rediss://', 1))
         return self.assert_rejected("ppproxy", config, ["redis.ca_file", str(self.folder / "ca.pem"),
-                                                        "not a PEM file of CA certificates"])
+                                                        "not a PEM bundle of CA certificates"])
 
     @defer.inlineCallbacks
     def test_good_ca_file_passes_check(self):

@@ -377,7 +377,7 @@ class RedisTests(ConfigTestCase):
         for content in (b"-----BEGIN CERTIFICATE-----\n", private.read_bytes(), b"hello\n"):
             ca.write_bytes(content)
             message = self.fails(self.proxy, "[redis]\nurl = 'rediss://h'\nca_file = 'ca.pem'\n")
-            self.assertFileKeyError(message, "redis.ca_file", str(ca), "not a PEM file of CA certificates")
+            self.assertFileKeyError(message, "redis.ca_file", str(ca), "not a PEM bundle of CA certificates")
         ca.write_bytes(ca_pem())
         self.assertEqual(self.proxy("[redis]\nurl = 'rediss://h'\nca_file = 'ca.pem'\n").redis.ca_file, ca)
 

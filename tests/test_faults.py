@@ -27,11 +27,12 @@ from ppbridge.bus import RedisBus
 from ppbridge.config import load_forwarder_config, load_proxy_config
 from ppbridge.forwarder import ForwarderService
 from ppbridge.proxy import ProxyService
-from ppbridge.redis_server import RawRedisClient, free_port
+from ppbridge.redis_server import free_port
 from ppbridge.sampleapp import make_site
 from ppbridge.scaffold import TomlValue, write_forwarder_config, write_proxy_config
 from ppbridge.webface import BridgeSite
 from tests.processes import TWISTD, Child, spawn
+from tests.redisclient import RawRedisClient
 from tests.support import Client, error_of, key_pair, listen, poll, start_redis, temp_folder
 
 ROUTES = {"alpha": {"path_prefix": "/"}}

@@ -62,7 +62,7 @@ def flood(port: int, seconds: float, kind: str, batch: int = 2000) -> None:
     marker_nonce, marker_time = b"N" * 16, 0x0102030405060708
     if kind == "negotiate":
         channel, label = channels.negotiate, LABEL_REQUEST
-        body = KeyRequest(proxy="alpha", instance=os.urandom(8), reply_channel=channels.negotiation_temp(),
+        body = KeyRequest(proxy="alpha", instance=os.urandom(8), reply_channel=channels.negotiation_temp("alpha"),
                           nonce=marker_nonce, timestamp_ms=marker_time, ephemeral=os.urandom(32), frame_size=65536,
                           window=1 << 20, target=ANY_FORWARDER).encode_body()
     else:

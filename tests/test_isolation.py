@@ -23,7 +23,6 @@ from ppbridge.config import load_proxy_config
 from ppbridge.keyring import KeyEntry
 from ppbridge.negotiation import ANY_FORWARDER, LABEL_REQUEST
 from ppbridge.proxy import ProxyService
-from ppbridge.redis_server import RawRedisClient
 from ppbridge.sampleapp import make_site
 from ppbridge.scaffold import TomlValue, write_proxy_config
 from ppbridge.wire import (
@@ -38,6 +37,7 @@ from ppbridge.wire import (
     unpack_header,
 )
 from tests.hostile import DROP, PASS, HostileRedis
+from tests.redisclient import RawRedisClient
 from tests.support import Client, Stack, error_of, key_pair, listen, poll
 from tests.test_security import DropWatcher, drain, of_type, spy, when_published, when_sent
 
@@ -133,17 +133,15 @@ class CompromisedProxyHost(TestCase):
     def test_compromised_proxy_cannot_answer_another_names_request(self):
         """While a client waits on alpha's upstream (``/a/hang`` never answers), beta's owner
         answers in alpha's place. It reads alpha's stream id and key id off the cleartext
-        header of the request head on alpha's data channel, and it is handed the request's
-        reply channel (read here from the forwarder's memory: more than it can really have,
-        since that name travels only inside the ciphertext). It holds two keys it can seal
-        with: the current key of beta's process and that of a second beta process it starts
-        (another instance id); with each it seals and publishes, for alpha's stream:
+        header of the request head on alpha's data channel, and it knows the forwarder's reply
+        channel (``ppbridge:f:<forwarder id>:r``, one for all its streams; its ACL user may
+        publish there). It holds two keys it can seal with: the current key of beta's process
+        and that of a second beta process it starts (another instance id); with each it seals
+        and publishes, for alpha's stream:
 
-        * on the request's reply channel: RESP_HEAD "200 OK" with a body, RESP_DATA with END,
-          RESET (upstream unreachable), WINDOW and CONFIRM: each dropped as ``wrong-stream``
-          (the key is beta's, the stream was sent to alpha);
-        * the same RESP_HEAD on another reply channel under the forwarder's pattern:
-          ``wrong-stream``;
+        * on the reply channel: RESP_HEAD "200 OK" with a body, RESP_DATA with END, RESET
+          (upstream unreachable), WINDOW and CONFIRM: each dropped as ``wrong-stream`` (the key
+          is beta's, the stream was sent to alpha);
         * a RESP_HEAD sealed with beta's key but relabelled with alpha's key id (and a counter
           far ahead), so the forwarder tries alpha's key: ``bad-tag``;
         * a RESP_HEAD on the forwarder's control channel: ``unexpected-type``;
@@ -175,7 +173,7 @@ class CompromisedProxyHost(TestCase):
         (_, head), = of_type(drain(requests), MsgType.REQ_HEAD)
         victim = unpack_header(head)
         reply = forwarder.streams[victim.stream_id].reply_channel
-        elsewhere = forwarder.channels.reply(forwarder.id)
+        self.assertEqual(reply, forwarder.channels.reply(forwarder.id))
         control = forwarder.channels.forwarder_control(forwarder.id)
         answer = ResponseHead(200, b"OK", [(b"Content-Type", b"text/plain")], len(FORGED)).encode(FORGED)
 
@@ -191,8 +189,7 @@ class CompromisedProxyHost(TestCase):
                 (MsgType.CONFIRM, 0, b"", 0),
             ]:
                 attacker.publish(reply, forge(entry, reply, mtype, seq, payload, flags))
-            attacker.publish(elsewhere, forge(entry, elsewhere, MsgType.RESP_HEAD, 0, answer))
-        yield drops.wait("wrong-stream", 2 * 6)
+        yield drops.wait("wrong-stream", 2 * 5)
 
         sealed = forge(beta_keys[0], reply, MsgType.RESP_HEAD, 0, answer)
         relabelled = sealed[:4] + victim.key_id + struct.pack(">Q", 1 << 40) + sealed[20:]
@@ -204,7 +201,7 @@ class CompromisedProxyHost(TestCase):
         acknowledged = when_sent(forwarder, MsgType.CONFIRM)
         attacker.publish(control, forge(beta_keys[1], control, MsgType.CONFIRM, 0, b"", 0))
         yield acknowledged
-        self.assertEqual(dict(drops.reasons), {"wrong-stream": 12, "bad-tag": 1, "unexpected-type": 1})
+        self.assertEqual(dict(drops.reasons), {"wrong-stream": 10, "bad-tag": 1, "unexpected-type": 1})
         self.assertEqual([(e.session.proxy, e.session.instance) for e in forwarder.candidates("alpha")],
                          [("alpha", alpha.instance)])
         self.assertIn(victim.stream_id, forwarder.streams)
@@ -225,12 +222,12 @@ class CompromisedProxyHost(TestCase):
         * name "beta" with alpha's instance id (read in alpha's cleartext request): dropped as
           ``instance-claimed``;
         * name "beta", beta's own instance, and as temporary channel the one alpha is waiting
-          on (also in alpha's cleartext request): a valid request of beta's, granted, but the
-          grant lands on alpha's channel, where alpha drops it (``unexpected-grant``: it
-          answers another request) and keeps the key it negotiated itself.
+          on (also in alpha's cleartext request): the forwarder drops it as
+          ``bad-reply-channel`` (a grant channel carries the name of the proxy that asks:
+          ``ppbridge:n:alpha:...`` is not beta's), so no grant reaches alpha's channel.
 
-        Must hold: those three drops, and alpha's processes keep their own keys, which the
-        forwarder routes to."""
+        Must hold: those three drops, alpha never drops an ``unexpected-grant``, and alpha's
+        processes keep their own keys, which the forwarder routes to."""
         stack = Stack(self)
         negotiation = spy(stack, self, NEGOTIATE)
         yield stack.start(routes=ROUTES)
@@ -251,14 +248,15 @@ class CompromisedProxyHost(TestCase):
         self.addCleanup(attacker.close)
         private = beta.settings.private_key
         attacker.publish(NEGOTIATE, signed_request(private, "alpha", os.urandom(8),
-                                                   forwarder.channels.negotiation_temp()))
+                                                   forwarder.channels.negotiation_temp("alpha")))
         yield forwarder_drops.wait("bad-signature")
         attacker.publish(NEGOTIATE, signed_request(private, "beta", alpha.instance,
-                                                   forwarder.channels.negotiation_temp()))
+                                                   forwarder.channels.negotiation_temp("beta")))
         yield forwarder_drops.wait("instance-claimed")
         self.assertTrue(alpha.negotiator.is_pending(request.reply_channel))
         attacker.publish(NEGOTIATE, signed_request(private, "beta", beta.instance, request.reply_channel))
-        yield alpha_drops.wait("unexpected-grant")
+        yield forwarder_drops.wait("bad-reply-channel")
+        self.assertNotIn("unexpected-grant", alpha_drops.reasons)
 
         self.assertEqual(alpha.keyring.peers(), [forwarder.id])
         self.assertEqual(alpha.keyring.current(forwarder.id).session.envelope.fingerprint, alpha_fingerprint)

@@ -9,7 +9,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from ppbridge.logsafe import MAX_SHOWN, escape
-from ppbridge.redis_server import RawRedisClient
+from tests.redisclient import RawRedisClient
 from tests.support import Stack
 from tests.test_security import DropWatcher
 
@@ -69,11 +69,12 @@ class EscapeTests(TestCase):
 class DropLogLineTests(TestCase):
     @defer.inlineCallbacks
     def test_channel_name_cannot_forge_log_lines(self):
-        """A hostile Redis (or anyone who can publish on it) publishes garbage on a channel
-        under the forwarder's pattern whose name goes on with CR LF, a fake status line and
-        an ANSI clear-screen: ``ppbridge:f:<forwarder hex>:\\r\\nFAKE 200 OK\\x1b[2J``. The
-        forwarder drops it and logs the drop in one line that holds no CR, LF or ESC and
-        shows the name escaped (``\\x0d\\x0aFAKE 200 OK\\x1b[2J``)."""
+        """A channel named ``ppbridge:f:<forwarder hex>:\\r\\nFAKE 200 OK\\x1b[2J`` (CR LF, a
+        fake status line, an ANSI clear-screen). Published on the real Redis it reaches no one
+        (the forwarder subscribes to exact names, no pattern); a hostile Redis delivers garbage
+        on it to the forwarder anyway (handed to the bus's message callback, as RedisBus does
+        with what Redis sends). The forwarder drops it and logs the drop in one line that holds
+        no CR, LF or ESC and shows the name escaped (``\\x0d\\x0aFAKE 200 OK\\x1b[2J``)."""
         lines: list[str] = []
 
         def observer(event: dict[str, Any]) -> None:
@@ -88,7 +89,8 @@ class DropLogLineTests(TestCase):
         channel = b"ppbridge:f:" + forwarder.id.hex().encode("ascii") + b":\r\nFAKE 200 OK\x1b[2J"
         attacker = RawRedisClient("127.0.0.1", stack.redis.port)
         self.addCleanup(attacker.close)
-        self.assertEqual(attacker.publish(channel, b"\x01\x07garbage"), 1)
+        self.assertEqual(attacker.publish(channel, b"\x01\x07garbage"), 0)
+        forwarder.bus.on_message(channel, b"\x01\x07garbage")
         yield drops.wait("unexpected-channel")
 
         [line] = [text for text in lines if "FAKE 200 OK" in text]

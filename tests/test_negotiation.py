@@ -29,8 +29,19 @@ from ppbridge.negotiation import (
     _grant_signed_data,
     proxy_peer,
 )
-from ppbridge.proxy import RETRY_MAX, ProxyService
-from ppbridge.wire import KeyGrant, KeyRequest, MsgType, Role, decode_signed, encode_signed, unpack_header
+from ppbridge.keyrequests import RETRY_MAX
+from ppbridge.proxy import ProxyService
+from ppbridge.wire import (
+    FLAG_END,
+    KeyGrant,
+    KeyRequest,
+    MsgType,
+    RequestHead,
+    Role,
+    decode_signed,
+    encode_signed,
+    unpack_header,
+)
 
 T0 = 1_700_000_000.0
 SKEW = 300.0
@@ -98,7 +109,7 @@ class NegotiatorTests(TestCase):
     def test_handshake(self) -> None:
         """A verified request and grant give both sides the same session, for the right parties."""
         channel, _, fwd, prx = self.exchange()
-        self.assertTrue(CHANNELS.is_negotiation_temp(channel))
+        self.assertEqual(CHANNELS.negotiation_owner(channel), "alpha")
         self.assertEqual(fwd.envelope.fingerprint, prx.envelope.fingerprint)
         self.assertEqual(fwd.envelope.key_id, prx.envelope.key_id)
         self.assertEqual((fwd.envelope.role, prx.envelope.role), (Role.FORWARDER, Role.PROXY))
@@ -206,6 +217,21 @@ class NegotiatorTests(TestCase):
         data = encode_signed(body, keys.sign(private("alpha"), LABEL_REQUEST + CHANNELS.negotiate + body))
         self.assertEqual(reason(self, self.forwarder.handle_request, data, T0), "malformed")
 
+    def test_reply_channel_of_another_proxy(self) -> None:
+        """A request validly signed by alpha whose grant channel is beta's (``ns:n:beta:...``:
+        a grant there would land where only beta's ACL user may subscribe) gets no grant:
+        ``bad-reply-channel``; the same request on a channel of alpha's own is granted."""
+
+        def request(channel: bytes) -> bytes:
+            body = KeyRequest("alpha", INSTANCE, channel, os.urandom(16), int(T0 * 1000), os.urandom(32), FRAME,
+                              WINDOW, ANY_FORWARDER).encode_body()
+            return encode_signed(body, keys.sign(private("alpha"), LABEL_REQUEST + CHANNELS.negotiate + body))
+
+        self.assertEqual(reason(self, self.forwarder.handle_request, request(CHANNELS.negotiation_temp("beta")), T0),
+                         "bad-reply-channel")
+        _, good = self.proxy.make_request(T0)
+        self.assertIsNotNone(self.forwarder.handle_request(good, T0))
+
     def test_request_for_another_forwarder(self) -> None:
         """A request addressed to another forwarder id is ignored; one addressed to us is granted."""
         _, request = self.proxy.make_request(T0, target=b"X" * 8)
@@ -240,7 +266,7 @@ class NegotiatorTests(TestCase):
     def test_grant_on_unknown_channel(self) -> None:
         """A grant on a channel with no pending request is rejected."""
         _, grant, _, _ = self.exchange()
-        self.assertEqual(reason(self, self.proxy.handle_grant, CHANNELS.negotiation_temp(), grant, T0),
+        self.assertEqual(reason(self, self.proxy.handle_grant, CHANNELS.negotiation_temp("alpha"), grant, T0),
                          "unexpected-grant")
 
     def test_grant_for_another_proxy(self) -> None:
@@ -381,7 +407,7 @@ class ServiceNegotiationTests(TestCase):
         self.assertEqual(len(self.bridge.published(MsgType.KEY_REQUEST, CHANNELS.negotiate)), 1)
         grants = self.bridge.published(MsgType.KEY_GRANT)
         self.assertEqual(len(grants), 1)
-        self.assertTrue(CHANNELS.is_negotiation_temp(grants[0][0]))
+        self.assertEqual(CHANNELS.negotiation_owner(grants[0][0]), "alpha")
         self.assertEqual(len(self.bridge.published(MsgType.CONFIRM, CHANNELS.forwarder_control(forwarder.id))), 1)
         self.successResultOf(waiting)
         candidates = forwarder.candidates("alpha")
@@ -687,6 +713,30 @@ class KeyLifeTests(TestCase):
         late = proxy_side.session.envelope.seal(MsgType.WINDOW, b"s" * 16, 0, reply_channel, encode_window(1))
         bridge.broker.publish(reply_channel, bytes(late))
         self.assertEqual((refused(proxy), refused(forwarder)), (before[0] + 1, before[1] + 1))
+
+
+class ReplyChannelTests(TestCase):
+    """The proxy answers a request only on the reply channel of the forwarder that sealed it."""
+
+    def test_head_naming_another_reply_channel_is_dropped(self) -> None:
+        """A REQ_HEAD sealed under the forwarder's real key whose reply channel is another
+        forwarder's (``ns:f:<other id>:r``), the forwarder's control channel, or a version 2
+        per-request channel (``ns:f:<id>:r<32 hex>``) is dropped by the proxy as
+        ``bad-reply-channel`` and is never answered; the same head naming ``ns:f:<id>:r`` is
+        answered there (a RESP_HEAD for its stream, the only one published)."""
+        bridge = Bridge(self)
+        forwarder, proxy = bridge.forwarder(), bridge.proxy()
+        [entry] = forwarder.candidates("alpha")
+        own = CHANNELS.reply(forwarder.id)
+        wrong = [CHANNELS.reply(b"\x01" * 8), CHANNELS.forwarder_control(forwarder.id), own + b"0" * 32]
+        for i, reply in enumerate([*wrong, own]):
+            head = RequestHead(b"GET", b"/", [(b"Host", b"public.example")], reply, None,
+                               int((bridge.clock.seconds() + 30) * 1000))
+            forwarder.node.send(entry, forwarder.data_channel(entry), MsgType.REQ_HEAD, bytes([i + 1]) * 16, 0,
+                                head.encode(), FLAG_END)
+            self.assertEqual(dropped(proxy.metrics, "bad-reply-channel"), min(i + 1, len(wrong)), reply)
+        answered = [(ch, unpack_header(m).stream_id) for ch, m in bridge.published(MsgType.RESP_HEAD)]
+        self.assertEqual(answered, [(own, bytes([len(wrong) + 1]) * 16)])
 
 
 class ClaimedInstanceTests(TestCase):

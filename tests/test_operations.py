@@ -35,6 +35,7 @@ from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from ppbridge import bus as bus_module
+from ppbridge.accessconfig import ACCESS_KEYS
 from ppbridge import config as config_module
 from ppbridge import forwarder_tap, keys, node, proxy_tap, timers
 from ppbridge.admin import admin_site
@@ -48,6 +49,7 @@ from ppbridge.redis_server import RedisServer, free_port
 from ppbridge.scaffold import toml_text, write_forwarder_config, write_proxy_config
 from ppbridge.timers import Periodic
 from tests.processes import ERR, OUT, PPBRIDGE, TWISTD, awaited, refuses_connections, run, spawn
+from tests.redisclient import client_for
 from tests.support import Client, Stack, key_pair, listen, poll, redis_clients, start_redis, temp_folder
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -303,7 +305,7 @@ class TlsTests(TestCase):
         yield watch.until(watch.states_are(True), "connected over TLS")
         receivers = yield watch.round_trip(b"over tls")
         self.assertEqual(receivers, 1)
-        admin = server.client()
+        admin = client_for(server)
         self.addCleanup(admin.close)
         named = redis_clients(admin)
         for name in ("ppbridge-publisher", "ppbridge-subscriber"):
@@ -314,8 +316,8 @@ class TlsTests(TestCase):
     def test_rediss_with_a_wrong_ca_or_the_system_store_never_connects(self):
         """The same TLS server, with ``ca_file`` naming another CA, and then with no ca_file at
         all (the system's store, which does not hold the test CA): the server refuses each TLS
-        handshake (its log says "Error accepting a client connection"), the bus reports that
-        Redis refused the connection, retries (the watchdog replaces the factories that gave
+        handshake (its log says "Error accepting a client connection"), the bus warns "Redis
+        TLS to ... failed" (ppbridge.redistls names the cause), retries (the watchdog replaces the factories that gave
         up; HEALTH_INTERVAL patched to 0.2 s) and fails again, and never reports on_state True,
         never counts as connected and never shows in CLIENT LIST: no silent fallback to an
         unverified link."""
@@ -323,12 +325,12 @@ class TlsTests(TestCase):
         folder = temp_folder(self)
         server, tls_port, _ = start_tls_redis(self, folder)
         wrong_ca, _, _ = make_ca(folder, "someone else CA")
-        admin = server.client()
+        admin = client_for(server)
         self.addCleanup(admin.close)
         url = f"rediss://127.0.0.1:{tls_port}/0"
         for redis in ({"url": url, "ca_file": wrong_ca.name}, {"url": url}):
             refused = LogWatch(self, lambda e: e.get("log_namespace") == "ppbridge.bus"
-                               and "refused" in (e.get("log_format") or ""))
+                               and "Redis TLS to" in (e.get("log_format") or ""))
             log_start = Path(server.logfile).stat().st_size
             watch = BusWatch(self, proxy_redis_settings(folder, redis), CHANNEL)
             # first attempts of the publisher and the subscriber, then the watchdog's retries
@@ -355,7 +357,7 @@ class AclTests(TestCase):
         default user has no password, so AUTH with pw alone would be refused: the name counts."""
         folder = temp_folder(self)
         server = start_redis(self)
-        admin = server.client()
+        admin = client_for(server)
         self.addCleanup(admin.close)
         self.assertEqual(admin.command("ACL", "SETUSER", "alice", "on", ">pw-of-alice", "~*", "&*", "+@all"), "OK")
         write_secret(folder / "secrets" / "redis.password", "pw-of-alice\n")
@@ -376,7 +378,7 @@ class AclTests(TestCase):
         with db=3, and pub/sub works through it."""
         folder = temp_folder(self)
         server = start_redis(self)
-        admin = server.client()
+        admin = client_for(server)
         self.addCleanup(admin.close)
         settings = proxy_redis_settings(folder, {"url": f"redis://127.0.0.1:{server.port}/3"})
         self.assertEqual(settings.db, 3)
@@ -893,14 +895,23 @@ _KEY_LINE = re.compile(r"^(?:# ?)?([a-z_]+) = ")
 
 def mentioned_keys(text: str) -> dict[str, set[str]]:
     """Keys set or shown commented out (``# key = ...``) per table header of an example file.
-    ``[proxies.NAME]`` tables are gathered under ``proxies.``."""
+    ``[proxies.NAME]`` tables are gathered under ``proxies.``; an ``[X.access]`` table is key
+    ``access`` of ``X`` and its keys are gathered under ``X.access`` (``proxies..access``)."""
     found: dict[str, set[str]] = {}
     table = ""
+
+    def group(name: str) -> str:
+        return "proxies." if name.startswith("proxies.") else name
+
     for line in text.splitlines():
         header = _TABLE_LINE.match(line)
         if header:
-            table = header.group(1)
-            table = "proxies." if table.startswith("proxies.") else table
+            parent, _, leaf = header.group(1).rpartition(".")
+            if parent and leaf == "access":
+                found.setdefault(group(parent), set()).add("access")
+                table = group(parent) + ".access"
+            else:
+                table = group(header.group(1))
             found.setdefault(table, set())
             continue
         key = _KEY_LINE.match(line)
@@ -919,11 +930,14 @@ class ExampleSchemaTests(TestCase):
         expected = {(table if keys_ is not None else f"{table}."): set(keys_ if keys_ is not None
                                                                        else config_module._ROUTE_KEYS)
                     for table, keys_ in schema.items()}
+        expected.update({f"{table}.access": set(ACCESS_KEYS) for table, keys_ in list(expected.items())
+                         if "access" in keys_})  # [forwarder.access], [proxies.NAME.access]
         for table, table_numbers in numbers.items():
             self.assertLessEqual(set(table_numbers), expected[table], f"{table}: numbers not in the schema")
         self.assertEqual(set(mentioned), set(expected), f"{name}: tables")
         for table, wanted in expected.items():
-            self.assertEqual(wanted - mentioned[table], set(), f"{name}: [{table}] keys of the schema missing")
+            if table != "proxies..access":  # a route's table shows a few ("same keys as [forwarder.access]")
+                self.assertEqual(wanted - mentioned[table], set(), f"{name}: [{table}] keys of the schema missing")
             self.assertEqual(mentioned[table] - wanted, set(), f"{name}: [{table}] keys not in the schema")
         parsed = tomllib.loads(text)  # what is really set is in the schema too (no typo in a real key)
         for table, values in parsed.items():
@@ -934,9 +948,10 @@ class ExampleSchemaTests(TestCase):
                     self.assertIn(key, schema[table], f"{name}: [{table}] {key}")
 
     def test_forwarder_example_matches_the_schema(self):
-        """Every table and key of _FORWARDER_SCHEMA (the [forwarder] numbers and the route keys
-        of [proxies.NAME] included) appears in conf/forwarder.example.toml, set or commented
-        out, and every key there, commented or not, is in the schema."""
+        """Every table and key of _FORWARDER_SCHEMA (the [forwarder] numbers, the route keys
+        of [proxies.NAME] and every access key in [forwarder.access] included) appears in
+        conf/forwarder.example.toml, set or commented out, and every key there, commented or
+        not, is in the schema ([proxies.NAME.access] may show only some)."""
         self.check("forwarder.example.toml", config_module._FORWARDER_SCHEMA,
                    {"forwarder": config_module._FORWARDER_NUMBERS})
 

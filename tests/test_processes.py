@@ -20,10 +20,11 @@ from typing import Any, Sequence
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from ppbridge.redis_server import RawRedisClient, free_port
+from ppbridge.redis_server import free_port
 from ppbridge.sampleapp import make_site
 from ppbridge.scaffold import write_forwarder_config, write_proxy_config
 from tests.processes import DEMO_TIMEOUT, ERR, OUT, PPBRIDGE, REPO, TWISTD, refuses_connections, run, spawn
+from tests.redisclient import RawRedisClient
 from tests.support import Client, key_pair, listen, start_redis, temp_folder
 
 def header_values(echo: dict, name: str) -> list[str]:

@@ -19,7 +19,7 @@ CHANNELS = Channels("ppbridge")
 
 def key_request(name: str, now: float = T0) -> bytes:
     """A KEY_REQUEST for ``name`` as the wire encodes it (its signature is never checked here)."""
-    body = KeyRequest(proxy=name, instance=os.urandom(8), reply_channel=CHANNELS.negotiation_temp(),
+    body = KeyRequest(proxy=name, instance=os.urandom(8), reply_channel=CHANNELS.negotiation_temp(name),
                       nonce=os.urandom(16), timestamp_ms=int(now * 1000), ephemeral=os.urandom(32),
                       frame_size=65536, window=1 << 20, target=ANY_FORWARDER).encode_body()
     return encode_signed(body, os.urandom(256))

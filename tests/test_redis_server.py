@@ -1,4 +1,5 @@
-"""Tests for ``ppbridge.redis_server``: a real private redis-server, and the raw RESP client.
+"""Tests for ``ppbridge.redis_server`` (a real private redis-server and its hiredis-based
+connection) and for the tests' raw client, ``tests/redisclient.py``.
 
 These are integration tests: each starts its own ``redis-server`` on a free loopback port
 and kills it in a cleanup. A missing Redis fails ``setUp``; it is never a skip.
@@ -18,7 +19,7 @@ from twisted.trial import unittest
 
 from ppbridge import redis_server
 from ppbridge.redis_server import (
-    RawRedisClient,
+    RedisConnection,
     RedisNotFound,
     RedisReplyError,
     RedisServer,
@@ -26,6 +27,7 @@ from ppbridge.redis_server import (
     free_port,
     redis_server_origin,
 )
+from tests.redisclient import RawRedisClient, client_for
 
 _MISSING = object()
 
@@ -215,7 +217,7 @@ class BundledRedisServerTests(_TempDirMixin):
         server = self.server()
         self.assertEqual(server.binary, redis_server._bundled_redis_server())
         server.start()
-        with server.client() as client:
+        with client_for(server) as client:
             self.assertEqual(client.command("PING"), "PONG")
             info = client.info("server")
             self.assertEqual(info["process_id"], str(server.pid))
@@ -230,7 +232,7 @@ class RedisServerTests(_TempDirMixin):
     """Starting, stopping, killing and restarting a private redis-server."""
 
     def ping(self, server: RedisServer) -> object:
-        with server.client() as client:
+        with client_for(server) as client:
             return client.command("PING")
 
     def test_start_answers_ping(self) -> None:
@@ -242,7 +244,7 @@ class RedisServerTests(_TempDirMixin):
         self.assertTrue(server.running)
         self.assertIsInstance(server.pid, int)
         self.assertEqual(self.ping(server), "PONG")
-        with server.client() as client:
+        with client_for(server) as client:
             self.assertEqual(client.info("server")["process_id"], str(server.pid))
 
     def test_url_and_port(self) -> None:
@@ -338,6 +340,31 @@ class RedisServerTests(_TempDirMixin):
         server.kill()
         server.restart()
         self.assertEqual(self.ping(server), "PONG")
+
+    def test_info(self) -> None:
+        """info() reads INFO on a connection of its own, authenticating when there is a password."""
+        server = self.server(password="s3cret")
+        self.assertRaises(RuntimeError, lambda: server.info())
+        server.start()
+        self.assertEqual(server.info("server")["process_id"], str(server.pid))
+        self.assertIn("connected_clients", server.info())
+        server.password = "wrong"
+        error = self.assertRaises(RedisReplyError, server.info)
+        self.assertIn("WRONGPASS", str(error))
+
+    def test_extra_args_replica_and_sentinel(self) -> None:
+        """extra_args go on the command line after the defaults: a replica of another server,
+        and a Sentinel (which rewrites the config file given first) start and answer."""
+        master = self.server()
+        master.start()
+        replica = self.server(extra_args=["--replicaof", master.host, str(master.port)])
+        replica.start()
+        self.assertEqual(replica.info("replication")["role"], "slave")
+        sentinel = self.server(extra_args=["--sentinel"])
+        sentinel.start()
+        self.assertEqual(sentinel.info("server")["redis_mode"], "sentinel")
+        with open(sentinel.conffile) as conf:
+            self.assertIn("sentinel myid", conf.read())
 
     def test_start_failure_reports_log(self) -> None:
         """A server that cannot start raises RuntimeError quoting redis's own complaint."""
@@ -449,11 +476,11 @@ class RawRedisClientTests(_TempDirMixin):
     def setUp(self) -> None:
         self.redis = self.server()
         self.redis.start()
-        self.client = self.redis.client()
+        self.client = client_for(self.redis)
         self.addCleanup(self.client.close)
 
     def subscriber(self) -> RawRedisClient:
-        client = self.redis.client()
+        client = client_for(self.redis)
         self.addCleanup(client.close)
         return client
 
@@ -523,6 +550,35 @@ class RawRedisClientTests(_TempDirMixin):
         self.assertIsNone(sub.read_message(timeout=0))
         self.client.publish("quiet", b"now")
         self.assertEqual(sub.read_message(timeout=5), (b"message", b"quiet", b"now"))
+
+    def test_status_and_bulk_replies(self) -> None:
+        """A status reply comes as str, a bulk string that reads the same as bytes."""
+        self.assertEqual(self.client.command("SET", "k", "OK"), "OK")
+        self.assertEqual(self.client.command("GET", "k"), b"OK")
+        self.assertEqual(self.client.command("ECHO", "PONG"), b"PONG")
+
+    def test_nested_error_is_returned(self) -> None:
+        """An error inside an array reply (EXEC) is returned as a RedisReplyError instance; a
+        status inside one comes as bytes (only a whole reply's type is known to the client)."""
+        self.client.command("SET", "s", "text")
+        self.assertEqual(self.client.command("MULTI"), "OK")
+        self.assertEqual(self.client.command("INCR", "s"), "QUEUED")
+        self.assertEqual(self.client.command("PING"), "QUEUED")
+        replies = self.client.command("EXEC")
+        assert isinstance(replies, list)
+        first, second = replies
+        self.assertIsInstance(first, RedisReplyError)
+        self.assertEqual(second, b"PONG")
+
+    def test_not_resp_is_connection_error(self) -> None:
+        """A peer that answers with something other than RESP ends in ConnectionError."""
+        holder, port = self.hold_port()
+        with RedisConnection("127.0.0.1", port, timeout=5) as conn:
+            peer, _ = holder.accept()
+            self.addCleanup(peer.close)
+            conn.send(("PING",))
+            peer.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            self.assertRaises(ConnectionError, conn.reply, None)
 
     def test_close_is_idempotent(self) -> None:
         """close() twice is harmless; a closed client refuses commands."""

@@ -20,8 +20,8 @@ from twisted.trial.unittest import TestCase
 
 from ppbridge.bus import SMALL_MESSAGE, RedisBus, _PublisherFactory, _SubscriberFactory
 from ppbridge.config import RedisSettings
-from ppbridge.redis_server import RawRedisClient
 from ppbridge.respguard import EMPTY_BULK, RespGuard, RespProtocolError
+from tests.redisclient import RawRedisClient
 from tests.support import start_redis
 
 CHANNEL = b"ns:p:alpha:" + b"0" * 32

@@ -33,12 +33,13 @@ from ppbridge.config import load_forwarder_config, load_proxy_config
 from ppbridge.errors import BusMessageError
 from ppbridge.forwarder import ForwarderService
 from ppbridge.proxy import ProxyService
-from ppbridge.redis_server import RawRedisClient, free_port
+from ppbridge.redis_server import free_port
 from ppbridge.sampleapp import SampleApp, make_site, pattern_bytes, pattern_sha256
 from ppbridge.scaffold import write_forwarder_config, write_proxy_config
 from ppbridge.webface import BridgeSite
 from ppbridge.wire import MsgType, unpack_header
 from tests.processes import TWISTD, Child, spawn
+from tests.redisclient import RawRedisClient, client_for
 from tests.support import Client, Stack, error_of, key_pair, listen, start_redis, temp_folder
 
 log = Logger()
@@ -453,7 +454,7 @@ class SlowClient(TestCase):
         bridge = yield ChildBridge(self).start()
         size = 64 * MiB
         expected = pattern_sha256(31, size)
-        conn = bridge.redis.client()
+        conn = client_for(bridge.redis)
         self.addCleanup(conn.close)
         forwarder_rss, proxy_rss = bridge.rss(bridge.forwarder).start(), bridge.rss(bridge.proxy).start()
         redis_memory = Peak(self, "Redis used_memory", redis_used_memory(conn)).start()

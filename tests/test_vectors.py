@@ -1,4 +1,4 @@
-"""Known-answer vectors: the exact bytes of protocol version ``wire.VERSION`` (now 2).
+"""Known-answer vectors: the exact bytes of protocol version ``wire.VERSION`` (now 3).
 
 ``tests/vectors/vectors_v<N>.json`` (written by ``python -m tests.vectors.make_vectors``) holds
 fixed inputs and the bytes the code made from them when the version was frozen. Each test
@@ -237,36 +237,54 @@ class ChannelTests(VectorTestCase):
 
     def test_fixed_names(self) -> None:
         """Channels(namespace) gives the stored negotiate, announce, proxy data, forwarder
-        pattern and forwarder control names, in the default and in another namespace."""
+        control and forwarder reply names and the stored ACL patterns (a proxy's two, the
+        forwarders', the namespace's), in the default and in another namespace."""
         cases = []
         for c in self.v["channels"]:
             ch, ns = Channels(c["namespace"]), c["namespace"]
-            instance, forwarder = b(c["instance"]), b(c["forwarder"])
+            instance, forwarder, acl = b(c["instance"]), b(c["forwarder"]), c["acl_patterns"]
             cases += [(f"{ns} negotiate", ch.negotiate, a(c["negotiate"])),
                       (f"{ns} announce", ch.announce, a(c["announce"])),
                       (f"{ns} proxy_data", ch.proxy_data(c["proxy"], instance), a(c["proxy_data"])),
-                      (f"{ns} forwarder_pattern", ch.forwarder_pattern(forwarder), a(c["forwarder_pattern"])),
-                      (f"{ns} forwarder_control", ch.forwarder_control(forwarder), a(c["forwarder_control"]))]
+                      (f"{ns} forwarder_control", ch.forwarder_control(forwarder), a(c["forwarder_control"])),
+                      (f"{ns} reply", ch.reply(forwarder), a(c["reply"])),
+                      (f"{ns} acl proxy", list(ch.proxy_patterns(c["proxy"])), [a(p) for p in acl["proxy"]]),
+                      (f"{ns} acl forwarders", ch.forwarders_pattern(), a(acl["forwarders"])),
+                      (f"{ns} acl namespace", ch.namespace_pattern(), a(acl["namespace"]))]
         self.assertEqual(self.v["channels"][0]["namespace"], "ppbridge")
         self.assertAllEqual(cases)
 
     def test_random_names_shape(self) -> None:
-        """negotiation_temp() and reply() are the stored prefix and 32 lowercase hex digits;
-        the stored examples are accepted as such; a reply channel and the control channel
-        fall under the forwarder's pattern (Redis glob)."""
+        """negotiation_temp(proxy) is the stored prefix (namespace, ``:n:``, the proxy's name,
+        ``:``) and 32 lowercase hex digits, and names that proxy as its owner, as does the stored
+        example."""
         for c in self.v["channels"]:
-            ch, forwarder = Channels(c["namespace"]), b(c["forwarder"])
-            for kind, fresh, accepts in (("negotiation_temp", ch.negotiation_temp, ch.is_negotiation_temp),
-                                         ("reply", lambda: ch.reply(forwarder),
-                                          lambda name: ch.is_reply_of(forwarder, name))):
-                spec = c[kind]
-                shape = re.compile(re.escape(a(spec["prefix"])) + b"[0-9a-f]{%d}" % spec["token_hex_digits"])
-                for name in (fresh(), fresh(), a(spec["example"])):
-                    self.assertTrue(shape.fullmatch(name), (kind, name))
-                    self.assertTrue(accepts(name), (kind, name))
-            pattern = c["forwarder_pattern"]
-            self.assertTrue(fnmatch.fnmatchcase(c["reply"]["example"], pattern))
-            self.assertTrue(fnmatch.fnmatchcase(c["forwarder_control"], pattern))
+            ch, spec = Channels(c["namespace"]), c["negotiation_temp"]
+            shape = re.compile(re.escape(a(spec["prefix"])) + b"[0-9a-f]{%d}" % spec["token_hex_digits"])
+            for name in (ch.negotiation_temp(c["proxy"]), ch.negotiation_temp(c["proxy"]), a(spec["example"])):
+                self.assertTrue(shape.fullmatch(name), name)
+                self.assertEqual(ch.negotiation_owner(name), c["proxy"], name)
+
+    def test_acl_patterns_cover_exactly_their_channels(self) -> None:
+        """Redis matches SUBSCRIBE and PUBLISH channels against ACL patterns as globs: the proxy's
+        two patterns cover its data and grant channels and none of the forwarder's; the
+        forwarders' pattern covers the control and reply channels and none of the proxy's; the
+        namespace pattern covers all of them."""
+        for c in self.v["channels"]:
+            acl = c["acl_patterns"]
+            proxy = [c["proxy_data"], c["negotiation_temp"]["example"]]
+            forwarder = [c["forwarder_control"], c["reply"]]
+
+            def covered(name: str, patterns: list[str]) -> bool:
+                return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+            wrong = ([f"{name}: proxy's patterns" for name in proxy + forwarder
+                      if covered(name, acl["proxy"]) != (name in proxy)]
+                     + [f"{name}: forwarders' pattern" for name in proxy + forwarder
+                        if covered(name, [acl["forwarders"]]) != (name in forwarder)]
+                     + [f"{name}: namespace pattern" for name in proxy + forwarder + [c["negotiate"], c["announce"]]
+                        if not covered(name, [acl["namespace"]])])
+            self.assertEqual(wrong, [])
 
 
 def header_of(s: dict[str, Any]) -> Header:
@@ -490,7 +508,7 @@ class FixedChannels(Channels):
         super().__init__(namespace)
         self.temp = temp
 
-    def negotiation_temp(self) -> bytes:
+    def negotiation_temp(self, proxy: str) -> bytes:
         return self.temp
 
 

@@ -22,9 +22,9 @@ from twisted.trial.unittest import TestCase
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 
-from ppbridge.redis_server import RawRedisClient
 from ppbridge.scaffold import TomlValue
 from ppbridge.wire import HEADER_SIZE, MsgType
+from tests.redisclient import RawRedisClient, client_for
 from tests.support import Client, Stack, listen, poll
 from tests.test_security import DropWatcher, drain, of_type, spy, with_counter
 from tests.test_streaming import RSS_LIMIT, Peak, redis_used_memory, vm_rss
@@ -156,7 +156,7 @@ class MemoryWatch:
 
         self.rss = [Peak(case, f"{child.name} RSS", rss_of(child.transport.pid)).start()
                     for child in (bridge.forwarder, bridge.proxy)]
-        conn = bridge.redis.client()
+        conn = client_for(bridge.redis)
         case.addCleanup(conn.close)
         self.redis = Peak(case, "Redis used_memory", redis_used_memory(conn)).start()
 

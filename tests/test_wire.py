@@ -198,8 +198,9 @@ class HeaderTests(TestCase):
             self.assertEqual(err.reason, "malformed")
 
     def test_bad_version(self) -> None:
-        """A header of another protocol version is rejected as bad-version."""
-        for version in (0, 1, 3, 255):
+        """A header of another protocol version (the one before and after this one too) is
+        rejected as bad-version."""
+        for version in (0, VERSION - 1, VERSION + 1, 255):
             data = bytes([version]) + session_message()[1:]
             self.assertEqual(self.assertRaises(BusMessageError, unpack_header, data).reason, "bad-version")
 
@@ -474,9 +475,9 @@ class SignedMessageTests(TestCase):
         self.assertEqual(err.reason, "bad-type")
 
     def test_bad_version(self) -> None:
-        """A signed message of another version is bad-version."""
+        """A signed message of another version (the one before and after this one too) is bad-version."""
         data = signed(announce())
-        for version in (0, 1, 3):
+        for version in (0, VERSION - 1, VERSION + 1):
             err = self.assertRaises(BusMessageError, decode_signed, bytes([version]) + data[1:], Announce)
             self.assertEqual(err.reason, "bad-version")
 

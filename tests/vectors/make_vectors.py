@@ -56,8 +56,7 @@ OTHER_NAMESPACE = "acme.prod-2"
 PROXY = "alpha"
 INSTANCE = bytes.fromhex("1122334455667788")
 FORWARDER = bytes.fromhex("f0e1d2c3b4a59687")
-TEMP_TOKEN = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"  # the random part of ns:n:<32 hex>
-REPLY_TOKEN = "c0ffee00deadbeef0123456789abcdef"  # the random part of ns:f:<fwd>:r<32 hex>
+TEMP_TOKEN = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"  # the random part of ns:n:<proxy>:<32 hex>
 # RFC 7748 section 6.1: Alice's and Bob's keys, so the shared secret is a published one.
 PROXY_X25519 = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
 FORWARDER_X25519 = bytes.fromhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb")
@@ -132,10 +131,9 @@ def rsa_section(previous: dict[str, Any] | None) -> tuple[dict[str, Any], dict[s
 
 def channel_names(namespace: str) -> dict[str, Any]:
     ch = Channels(namespace)
-    temp = ch.prefix + b":n:" + TEMP_TOKEN.encode("ascii")
-    reply_prefix = b"%s:f:%s:r" % (ch.prefix, FORWARDER.hex().encode("ascii"))
-    reply = reply_prefix + REPLY_TOKEN.encode("ascii")
-    assert ch.is_negotiation_temp(temp) and ch.is_reply_of(FORWARDER, reply)
+    temp_prefix = b"%s:n:%s:" % (ch.prefix, PROXY.encode("ascii"))
+    temp = temp_prefix + TEMP_TOKEN.encode("ascii")
+    assert ch.negotiation_owner(temp) == PROXY
     return {
         "namespace": namespace,
         "proxy": PROXY,
@@ -144,11 +142,13 @@ def channel_names(namespace: str) -> dict[str, Any]:
         "negotiate": ch.negotiate.decode("ascii"),
         "announce": ch.announce.decode("ascii"),
         "proxy_data": ch.proxy_data(PROXY, INSTANCE).decode("ascii"),
-        "forwarder_pattern": ch.forwarder_pattern(FORWARDER).decode("ascii"),
         "forwarder_control": ch.forwarder_control(FORWARDER).decode("ascii"),
-        "negotiation_temp": {"prefix": (ch.prefix + b":n:").decode("ascii"), "token_hex_digits": 32,
+        "reply": ch.reply(FORWARDER).decode("ascii"),
+        "negotiation_temp": {"prefix": temp_prefix.decode("ascii"), "token_hex_digits": 32,
                              "example": temp.decode("ascii")},
-        "reply": {"prefix": reply_prefix.decode("ascii"), "token_hex_digits": 32, "example": reply.decode("ascii")},
+        "acl_patterns": {"proxy": [p.decode("ascii") for p in ch.proxy_patterns(PROXY)],
+                         "forwarders": ch.forwarders_pattern().decode("ascii"),
+                         "namespace": ch.namespace_pattern().decode("ascii")},
     }
 
 
@@ -211,7 +211,7 @@ def _data(body: bytes) -> tuple[dict[str, Any], bytes]:
 
 def session_specs(names: dict[str, Any]) -> list[tuple[str, MsgType, Role, int, int, bytes, int, str, Any]]:
     """(name, type, sender, flags, counter, stream id, seq, channel, (fields, payload)) of each vector."""
-    data, reply, ctl = names["proxy_data"], names["reply"]["example"], names["forwarder_control"]
+    data, reply, ctl = names["proxy_data"], names["reply"], names["forwarder_control"]
     split = 11
     post = _request_head(b"POST", b"/office/report?year=2025&q=a%20b",
                          [(b"Host", b"intranet.example"), (b"Content-Type", b"application/json"), (b"X-Empty", b"")],
