@@ -185,6 +185,10 @@ class Sentinels:
                 reply = yield factory.live.sentinel_get_master_addr_by_name(self.name).addTimeout(
                     QUERY_TIMEOUT, self._clock)
                 found = parse_master_reply(reply)
+            except defer.CancelledError:
+                # The caller gave up (ClientService stopping): asking on would let a connection
+                # be made that its stopped service cannot account for (automat NoTransition).
+                raise
             except Exception as err:  # a refusal, a timeout, a lost link, a malformed reply
                 problems.append(f"{host}:{port} {type(err).__name__}: {escape(str(err), 120)}")
                 continue

@@ -17,6 +17,7 @@ from __future__ import annotations
 import subprocess
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import defer, reactor, task
@@ -31,7 +32,7 @@ from ppbridge.bus import RedisBus, _PublisherFactory, _SubscriberFactory
 from ppbridge.errors import BusUnavailable
 from ppbridge.redis_server import RedisReplyError, RedisServer, find_redis_server, free_port
 from ppbridge.redisconfig import RedisSettings
-from ppbridge.sentinel import parse_master_reply, parse_switch
+from ppbridge.sentinel import MasterEndpoint, Sentinels, parse_master_reply, parse_switch
 from tests.redisclient import RawRedisClient
 from tests.support import Client, Stack, error_of, poll, redis_clients, start_redis, temp_folder
 
@@ -436,6 +437,53 @@ class ReadOnlyTests(TestCase):
         proto.dataReceived(b"+OK\r\n+OK\r\n*3\r\n$6\r\nmaster\r\n:0\r\n*0\r\n")
         self.assertTrue(proto.checked)
         self.assertEqual(factory.retryDelay(1), 0.1)
+
+
+class _Link:
+    """Stands in for a sentinel's live connection: its answer to the master lookup is
+    ``answer`` (a Deferred the test fires, or never)."""
+
+    def __init__(self, answer: Deferred[Any]) -> None:
+        self.answer = answer
+        self.asked = 0
+
+    def sentinel_get_master_addr_by_name(self, name: str) -> Deferred[Any]:
+        self.asked += 1
+        return self.answer
+
+
+class CancelTests(TestCase):
+    """No sockets: a MasterEndpoint over two stand-in sentinel connections."""
+
+    def test_cancelled_lookup_asks_no_other_sentinel_and_connects_nowhere(self):
+        """The first sentinel never answers, the second would name a master at once. The
+        connection attempt is cancelled while the first is being asked (what Twisted's
+        ClientService does when the bus stops or restarts a factory). Asserted: the attempt
+        fails with CancelledError; the second sentinel is never asked and no connection to a
+        master is attempted (one made then would outlive its stopped service: automat's
+        NoTransition ``_clientDisconnected`` in ``Stopped`` when it closes)."""
+        clock = Clock()
+        settings = RedisSettings(namespace="ns", sentinels=(("10.0.0.9", 26379), ("10.0.0.10", 26379)),
+                                 master_name=MASTER_NAME)
+        connects: list[tuple[str, int]] = []
+
+        def endpoint_for(host: str, port: int) -> Any:
+            connects.append((host, port))
+            raise AssertionError("no connection may be attempted")
+
+        sentinels = Sentinels(settings, clock, endpoint_for)
+        silent = _Link(Deferred())
+        answering = _Link(defer.succeed([b"10.0.0.5", b"6379"]))
+        sentinels._links = [SimpleNamespace(live=link, stopped=False, disconnectCalled=False)  # type: ignore[misc]
+                            for link in (silent, answering)]
+        factory = SimpleNamespace()
+        attempt = MasterEndpoint(sentinels, endpoint_for, factory).connect(object())
+        self.assertEqual(silent.asked, 1)
+        attempt.cancel()
+        self.failureResultOf(attempt, defer.CancelledError)
+        clock.advance(10)  # past every query timeout
+        self.assertEqual((answering.asked, connects), (0, []))
+        self.assertFalse(hasattr(factory, "master"))
 
 
 class ParseTests(TestCase):
