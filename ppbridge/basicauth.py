@@ -120,7 +120,8 @@ class BasicCheck:
         """The check of one access table; the file watcher, the failure budget and the
         verifier carried over from the previous configuration where they fit."""
         path = settings.htpasswd_file
-        assert path is not None
+        if path is None:
+            raise ValueError("a Basic check needs an htpasswd_file")
         users = context.keep(("htpasswd", path), lambda: HtpasswdFile(path, context.clock))
         limiter = context.keep(("failures", route, settings.max_failures, settings.failure_window),
                                lambda: FailureLimiter(settings.max_failures, settings.failure_window))

@@ -270,9 +270,8 @@ class ForwardAuthCheck:
     def _failed(self, failure: Failure) -> RequestError | Failure:
         if failure.check(CancelledError):
             return failure  # not ours to answer: the client left, or the policy's deadline passed
-        if failure.check(RequestError):
-            err = failure.value
-            assert isinstance(err, RequestError)
+        err = failure.value
+        if isinstance(err, RequestError):
             return self._unavailable(err.detail)
         return self._unavailable(failure.getErrorMessage() or repr(failure.value))
 

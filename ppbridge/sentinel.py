@@ -159,8 +159,7 @@ class Sentinels:
     def _link(self, i: int) -> _LinkFactory | None:
         """Sentinel ``i``'s connection; one that gave up (a refused AUTH) is replaced."""
         factory = self._links[i]
-        if _gave_up(factory):
-            assert factory is not None
+        if factory is not None and _gave_up(factory):
             factory.disconnect().addErrback(lambda _: None)
             factory = self._links[i] = self._open(i)
         return factory
@@ -319,9 +318,9 @@ class Failover:
 
     def watch(self) -> None:
         """From the bus's watchdog: replace a listener that gave up (a refused AUTH)."""
-        if self._running and _gave_up(self._listener):
-            assert self._listener is not None
-            self._listener.disconnect().addErrback(lambda _: None)
+        listener = self._listener
+        if self._running and listener is not None and _gave_up(listener):
+            listener.disconnect().addErrback(lambda _: None)
             self._listener = self._listen()
 
     def _listen(self) -> _ListenerFactory:
