@@ -180,14 +180,21 @@ class Sentinels:
             if factory is None or factory.live is None:
                 problems.append(f"{host}:{port} not connected")
                 continue
+            link = factory.live
             try:
-                reply = yield factory.live.sentinel_get_master_addr_by_name(self.name).addTimeout(
-                    QUERY_TIMEOUT, self._clock)
+                reply = yield link.sentinel_get_master_addr_by_name(self.name).addTimeout(QUERY_TIMEOUT, self._clock)
                 found = parse_master_reply(reply)
-            except defer.CancelledError:
-                # The caller gave up (ClientService stopping): asking on would let a connection
-                # be made that its stopped service cannot account for (automat NoTransition).
-                raise
+            except (defer.CancelledError, defer.TimeoutError) as err:
+                # txredisapi matches replies to commands in order, and a command given up on
+                # leaves its late reply to the next one: drop the link (it reconnects by itself).
+                if link.transport is not None:
+                    link.transport.abortConnection()
+                if isinstance(err, defer.CancelledError):
+                    # The caller gave up (ClientService stopping): asking on would let a connection
+                    # be made that its stopped service cannot account for (automat NoTransition).
+                    raise
+                problems.append(f"{host}:{port} did not answer within {QUERY_TIMEOUT:g} s")
+                continue
             except Exception as err:  # a refusal, a timeout, a lost link, a malformed reply
                 problems.append(f"{host}:{port} {type(err).__name__}: {escape(str(err), 120)}")
                 continue

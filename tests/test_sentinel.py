@@ -32,7 +32,7 @@ from ppbridge.bus import RedisBus, _PublisherFactory, _SubscriberFactory
 from ppbridge.errors import BusUnavailable
 from ppbridge.redis_server import RedisReplyError, RedisServer, find_redis_server, free_port
 from ppbridge.redisconfig import RedisSettings
-from ppbridge.sentinel import MasterEndpoint, Sentinels, parse_master_reply, parse_switch
+from ppbridge.sentinel import QUERY_TIMEOUT, MasterEndpoint, Sentinels, parse_master_reply, parse_switch
 from tests.redisclient import RawRedisClient
 from tests.support import Client, Stack, error_of, poll, redis_clients, start_redis, temp_folder
 
@@ -446,6 +446,7 @@ class _Link:
     def __init__(self, answer: Deferred[Any]) -> None:
         self.answer = answer
         self.asked = 0
+        self.transport = StringTransport()
 
     def sentinel_get_master_addr_by_name(self, name: str) -> Deferred[Any]:
         self.asked += 1
@@ -461,7 +462,8 @@ class CancelTests(TestCase):
         ClientService does when the bus stops or restarts a factory). Asserted: the attempt
         fails with CancelledError; the second sentinel is never asked and no connection to a
         master is attempted (one made then would outlive its stopped service: automat's
-        NoTransition ``_clientDisconnected`` in ``Stopped`` when it closes)."""
+        NoTransition ``_clientDisconnected`` in ``Stopped`` when it closes); the first
+        sentinel's connection is dropped (its late reply would answer the next query)."""
         clock = Clock()
         settings = RedisSettings(namespace="ns", sentinels=(("10.0.0.9", 26379), ("10.0.0.10", 26379)),
                                  master_name=MASTER_NAME)
@@ -484,6 +486,34 @@ class CancelTests(TestCase):
         clock.advance(10)  # past every query timeout
         self.assertEqual((answering.asked, connects), (0, []))
         self.assertFalse(hasattr(factory, "master"))
+        self.assertEqual((silent.transport.disconnected, answering.transport.disconnected), (True, False))
+
+    def test_query_timeout_drops_that_sentinel_and_asks_the_next(self):
+        """The first sentinel does not answer within QUERY_TIMEOUT: its connection is dropped
+        (txredisapi would hand its late reply to the next query), the second sentinel is
+        asked, and the endpoint connects to the master it names."""
+        clock = Clock()
+        settings = RedisSettings(namespace="ns", sentinels=(("10.0.0.9", 26379), ("10.0.0.10", 26379)),
+                                 master_name=MASTER_NAME)
+        connects: list[tuple[str, int]] = []
+
+        class Endpoint:
+            def __init__(self, host: str, port: int) -> None:
+                connects.append((host, port))
+
+            def connect(self, protocol_factory: object) -> Deferred[str]:
+                return defer.succeed("connected")
+
+        sentinels = Sentinels(settings, clock, Endpoint)
+        silent, answering = _Link(Deferred()), _Link(defer.succeed([b"10.0.0.5", b"6379"]))
+        sentinels._links = [SimpleNamespace(live=link, stopped=False, disconnectCalled=False)  # type: ignore[misc]
+                            for link in (silent, answering)]
+        factory = SimpleNamespace()
+        attempt = MasterEndpoint(sentinels, Endpoint, factory).connect(object())
+        clock.advance(QUERY_TIMEOUT)
+        self.assertEqual(self.successResultOf(attempt), "connected")
+        self.assertEqual((silent.transport.disconnected, answering.transport.disconnected), (True, False))
+        self.assertEqual((answering.asked, connects, factory.master), (1, [("10.0.0.5", 6379)], ("10.0.0.5", 6379)))
 
 
 class ParseTests(TestCase):
