@@ -43,6 +43,20 @@ def rotations(forwarder: Any, proxy: str = "alpha") -> int:
     return forwarder.status()["proxies"][proxy].get("rotations") or 0
 
 
+def diagnosis(stack: Stack) -> str:
+    """What a failed rotation test needs to be explained: each forwarder's view of proxy alpha
+    (live instances, last error) and every service's non-zero drop and abort counters."""
+    lines = [f"forwarder {f.id.hex()[:8]}: alpha {f.status()['proxies']['alpha']}" for f in stack.forwarders]
+    services: list[Any] = [*stack.forwarders, *stack.proxies.values()]
+    for service in services:
+        counts = {f"{m.name}{{{','.join(s.labels.values())}}}": s.value
+                  for m in service.metrics.registry.collect() if m.name in ("ppbridge_bus_dropped",
+                                                                            "ppbridge_streams_aborted")
+                  for s in m.samples if s.name.endswith("_total") and s.value}
+        lines.append(f"{type(service).__name__}: {counts or 'nothing dropped or aborted'}")
+    return "\n".join(lines)
+
+
 class Traffic:
     """Client loops of mixed requests, each checked for a 200 and its exact body.
 
@@ -128,7 +142,8 @@ class Soak(TestCase):
         elapsed = reactor.seconds() - start
         seen = rotations(forwarder) - before
         log.info("{n} rotations and {r} requests in {s:.1f} s under load", n=seen, r=traffic.done, s=elapsed)
-        self.assertEqual(traffic.failures[:20], [], f"{len(traffic.failures)} of {traffic.done} requests failed")
+        self.assertEqual(traffic.failures[:20], [], f"{len(traffic.failures)} of {traffic.done} requests failed;\n"
+                         f"{diagnosis(stack)}")
         self.assertGreaterEqual(seen, SOAK_ROTATIONS, f"only {seen} rotations before the give-up ({elapsed:.1f} s,"
                                 f" {traffic.done} requests); proxy status: {stack.proxies['alpha'].status()}")
         unserved = sorted(set(range(1, SOAK_ROTATIONS)) - set(traffic.marks))
@@ -155,7 +170,8 @@ class TwoForwarders(TestCase):
         start = reactor.seconds()
         traffic = Traffic(self, stack.forwarder_urls, seed=2)
         yield traffic.run(4, lambda: enough() or reactor.seconds() - start > 60.0, max_requests=10_000)
-        self.assertEqual(traffic.failures[:20], [], f"{len(traffic.failures)} of {traffic.done} requests failed")
+        self.assertEqual(traffic.failures[:20], [], f"{len(traffic.failures)} of {traffic.done} requests failed;\n"
+                         f"{diagnosis(stack)}")
         for forwarder, url in zip(stack.forwarders, stack.forwarder_urls):
             self.assertGreaterEqual(rotations(forwarder) - base[id(forwarder)], 3,
                                     f"{url}: {forwarder.status()['proxies']['alpha']}")
