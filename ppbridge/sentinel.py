@@ -195,7 +195,7 @@ class Sentinels:
                     raise
                 problems.append(f"{host}:{port} did not answer within {QUERY_TIMEOUT:g} s")
                 continue
-            except Exception as err:  # a refusal, a timeout, a lost link, a malformed reply
+            except Exception as err:  # a refusal, a lost link, a malformed reply
                 problems.append(f"{host}:{port} {type(err).__name__}: {escape(str(err), 120)}")
                 continue
             if found is None:
