@@ -20,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import txredisapi
 from twisted.internet import defer, reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -453,8 +454,8 @@ class _Link:
         return self.answer
 
 
-class CancelTests(TestCase):
-    """No sockets: a MasterEndpoint over two stand-in sentinel connections."""
+class LookupTests(TestCase):
+    """No sockets: a MasterEndpoint over stand-in sentinel connections."""
 
     def test_cancelled_lookup_asks_no_other_sentinel_and_connects_nowhere(self):
         """The first sentinel never answers, the second would name a master at once. The
@@ -515,6 +516,34 @@ class CancelTests(TestCase):
         self.assertEqual((silent.transport.disconnected, answering.transport.disconnected), (True, False))
         self.assertEqual((answering.asked, connects, factory.master), (1, [("10.0.0.5", 6379)], ("10.0.0.5", 6379)))
 
+
+    def test_lookup_failure_names_what_each_sentinel_said(self):
+        """Three sentinels: one refuses (an error reply), one does not know the master name
+        (nil), one answers garbage. Asserted: the connection attempt fails with
+        MasterNotFoundError naming each sentinel and what it said, none of them dropped
+        (each answered), and no connection to any master is attempted."""
+        settings = RedisSettings(namespace="ns", master_name=MASTER_NAME,
+                                 sentinels=(("10.0.0.9", 26379), ("10.0.0.10", 26379), ("10.0.0.11", 26379)))
+        connects: list[tuple[str, int]] = []
+
+        def endpoint_for(host: str, port: int) -> Any:
+            connects.append((host, port))
+            raise AssertionError("no connection may be attempted")
+
+        sentinels = Sentinels(settings, Clock(), endpoint_for)
+        links = [_Link(defer.fail(txredisapi.ResponseError("NOAUTH Authentication required."))),
+                 _Link(defer.succeed(None)), _Link(defer.succeed([b"10.0.0.5"]))]
+        sentinels._links = [SimpleNamespace(live=link, stopped=False, disconnectCalled=False)  # type: ignore[misc]
+                            for link in links]
+        attempt = MasterEndpoint(sentinels, endpoint_for, SimpleNamespace()).connect(object())
+        message = str(self.failureResultOf(attempt, txredisapi.MasterNotFoundError).value)
+        for part in ("10.0.0.9:26379 ResponseError: NOAUTH Authentication required.",
+                     f"10.0.0.10:26379 does not know {MASTER_NAME!r}",
+                     "10.0.0.11:26379 ValueError: not a (host, port) reply"):
+            self.assertIn(part, message)
+        self.assertEqual([link.asked for link in links], [1, 1, 1])
+        self.assertEqual([link.transport.disconnected for link in links], [False, False, False])
+        self.assertEqual(connects, [])
 
 class ParseTests(TestCase):
     """What a sentinel sends is checked by type, length and pattern before use."""
