@@ -14,7 +14,6 @@ import contextlib
 import io
 import shlex
 import signal
-from pathlib import Path
 
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
