@@ -38,7 +38,6 @@ from zope.interface import implementer
 
 from ppbridge.errors import HeaderTimeout, HeaderTooLarge, RequestError, TooManyHeaders
 from ppbridge.logsafe import escape
-from ppbridge.sockets import widen
 
 MIN_TOTAL_HEAD = 16384  # twisted.web's totalHeadersSize
 LINGER = 2.0  # seconds a refused client may go on sending (dropped) before we close
@@ -130,7 +129,6 @@ class EdgeChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        widen(self.transport)  # big bodies: a frame per read
         self.edge.open.add(self)
         self._arm_head_timer()
         if self.edge.draining:  # accepted in the turn the port closed

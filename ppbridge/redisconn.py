@@ -17,7 +17,6 @@ a reconnecting factory. What they work around in txredisapi 1.6.0, each in one p
   and its replies matched by :class:`~ppbridge.pubbatch.BatchedPublish`;
 * ClientService forgets failed attempts once a transport is made: :class:`_Backoff` counts a
   server that was not the master (behind sentinels) as one;
-* Twisted reads 64 KiB per wake-up: :func:`~ppbridge.sockets.widen`;
 * Twisted's ClientService logs a line per reconnection, which a flood would turn into
   several a second for the public subscriber: :func:`_quiet_reconnects` silences that one;
 * a failed AUTH/SELECT stops reconnecting for good: :func:`_gave_up` tells the bus's
@@ -40,7 +39,6 @@ from ppbridge.config import RedisSettings
 from ppbridge.logsafe import escape
 from ppbridge.pubbatch import BatchedPublish
 from ppbridge.respguard import RespGuard, RespProtocolError
-from ppbridge.sockets import widen
 from ppbridge.sentinelreply import Address, is_readonly
 
 if TYPE_CHECKING:
@@ -130,7 +128,6 @@ class _Guarded(GuardedReader):
         return getattr(self.factory, "master", None)
 
     def connectionMade(self):  # type: ignore[no-untyped-def]
-        widen(self.transport)  # a frame per read
         self.guard = self.new_guard()
         d = super().connectionMade().addCallback(self._set_name)  # type: ignore[misc]
         if self.factory.bus._failover is not None:

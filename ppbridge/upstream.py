@@ -52,7 +52,6 @@ from ppbridge.errors import (
 from ppbridge.httpheaders import end_to_end, upstream_request_headers
 from ppbridge.logs import CAUSES, NO_CAUSE, status_of
 from ppbridge.logsafe import Throttle, escape
-from ppbridge.sockets import widen
 from ppbridge.streams import INLINE_MAX, Inbound, Outbound
 from ppbridge.targets import confined
 from ppbridge.timers import Deadline
@@ -75,6 +74,7 @@ if TYPE_CHECKING:
 
 log = Logger()
 POOL_SIZE = 64
+READ_SIZE = 256 * 1024  # the default frame_size: an upstream read can fill a frame
 
 
 class _QuietFactory(_HTTP11ClientFactory):
@@ -97,13 +97,14 @@ class _OneEndpoint:
         return self
 
     def connect(self, factory: Any) -> Deferred[Any]:
-        """Connect, and let each socket read take up to a frame (:func:`ppbridge.sockets.widen`)."""
+        """Connect, and let each socket read take up to a frame (Twisted reads 64 KiB)."""
 
-        def widened(protocol: Any) -> Any:
-            widen(protocol.transport)
+        def bigger_reads(protocol: Any) -> Any:
+            if hasattr(protocol.transport, "bufferSize"):
+                protocol.transport.bufferSize = READ_SIZE
             return protocol
 
-        return self._endpoint.connect(factory).addCallback(widened)
+        return self._endpoint.connect(factory).addCallback(bigger_reads)
 
 
 class Upstream:
