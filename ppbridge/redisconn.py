@@ -13,8 +13,8 @@ a reconnecting factory. What they work around in txredisapi 1.6.0, each in one p
 * no CLIENT SETNAME option: :class:`_Guarded` names each connection (``ppbridge-publisher``,
   ``-subscriber``, ``-public``) so an operator can tell them apart in CLIENT LIST;
 * the command builder copies every argument about three times: :meth:`_Publisher._build_command`;
-* each command costs two Deferreds and their callbacks: PUBLISH is batched per reactor turn
-  and its replies matched by :class:`~ppbridge.pubbatch.BatchedPublish`;
+* each command costs two Deferreds and their callbacks: PUBLISH is pipelined and its replies
+  matched by :class:`~ppbridge.pubpipeline.PipelinedPublish`;
 * ClientService forgets failed attempts once a transport is made: :class:`_Backoff` counts a
   server that was not the master (behind sentinels) as one;
 * Twisted's ClientService logs a line per reconnection, which a flood would turn into
@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 
 from ppbridge.config import RedisSettings
 from ppbridge.logsafe import escape
-from ppbridge.pubbatch import BatchedPublish
+from ppbridge.pubpipeline import PipelinedPublish
 from ppbridge.respguard import RespGuard, RespProtocolError
 from ppbridge.sentinelreply import Address, is_readonly
 
@@ -177,17 +177,14 @@ class _Guarded(GuardedReader):
         log.warn("Redis {name}: refusing the server's reply ({err}); reconnecting", name=self.name, err=err)
 
 
-class _Publisher(BatchedPublish, _Guarded, txredisapi.RedisProtocol):
+class _Publisher(PipelinedPublish, _Guarded, txredisapi.RedisProtocol):
     """txredisapi's command builder copies every argument about three times (bytearray
     extend, concatenation, bytes()); for a 256 KiB frame one join is enough. Replies are
-    small (no bulk over 64 KiB: :class:`_Guarded`). PUBLISH goes out batched per reactor
-    turn (:class:`~ppbridge.pubbatch.BatchedPublish`)."""
+    small (no bulk over 64 KiB: :class:`_Guarded`). PUBLISH is pipelined, its replies matched
+    here (:class:`~ppbridge.pubpipeline.PipelinedPublish`)."""
 
     name = "publisher"
     role = b"publisher"
-
-    def batch_clock(self) -> Any:
-        return self.factory.bus._clock
 
     def master_confirmed(self) -> None:
         if self in self.factory.pool and not self.factory.disconnectCalled:
