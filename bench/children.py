@@ -36,10 +36,15 @@ def _die_with_parent() -> None:
         pass
 
 
+EXTRA_ENV: dict[str, str] = {}  # set by bench/ab.py: the PYTHONPATH of the build it measures
+
+
 def child_env() -> dict[str, str]:
-    """The benchmark's environment minus PYTHONPATH (children run the installed package)."""
+    """The benchmark's environment minus PYTHONPATH (children run the installed package),
+    plus :data:`EXTRA_ENV`."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(EXTRA_ENV)
     return env
 
 

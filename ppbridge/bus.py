@@ -374,12 +374,12 @@ class RedisBus(Subscriptions):
     # pub/sub
 
     def publish(self, channel: bytes, message: bytes | bytearray) -> Deferred[int]:
-        """PUBLISH; fires with the number of receivers. Fails at once when disconnected."""
+        """PUBLISH (pipelined: :mod:`ppbridge.pubpipeline`); fires with the number of receivers.
+        Fails at once when disconnected."""
         pub = self._pub
         if pub is None or not pub.connected:
             return defer.fail(BusUnavailable())
-        return pub.execute_command(b"PUBLISH", channel, message).addErrback(self._command_refused, "PUBLISH",
-                                                                            (channel,))
+        return pub.publish_pipelined(channel, message).addErrback(self._command_refused, "PUBLISH", (channel,))
 
     def numsub(self, channels: list[bytes]) -> Deferred[dict[bytes, int]]:
         """PUBSUB NUMSUB: plain subscribers per channel (pattern subscribers don't count, so a

@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.application.service import IService
 
+from ppbridge import gctune
 from ppbridge.config import load_forwarder_config
 from ppbridge.tap import BaseOptions, Listener, add_admin, add_reload
 
@@ -48,4 +49,5 @@ def makeService(options: Any) -> IService:
         service.listeners.append(listener)
     add_admin(service, settings.admin_listen, service, reactor)
     add_reload(service, options, service.reload, reactor)
+    reactor.callWhenRunning(gctune.tune)  # once started: what exists then lives as long as the process
     return service

@@ -38,6 +38,8 @@ def end_to_end(headers: HeaderList) -> HeaderList:
 def trusted_peer(client_ip: bytes, networks: Sequence[Network]) -> bool:
     """True when the TCP peer's address lies in one of ``networks`` (an IPv4-mapped IPv6
     address counts as its IPv4 address); False for anything that is not an IP address."""
+    if not networks:
+        return False  # no proxy trusted (the default): no address to parse, per request
     try:
         address: IPAddress = ipaddress.ip_address(client_ip.decode("ascii"))
     except ValueError:

@@ -72,11 +72,26 @@ class Metrics:
         self.bytes_up = self.body_bytes.labels("up")  # client -> upstream
         self.bytes_down = self.body_bytes.labels("down")
         self._watching: Collector | None = None
+        # Each request ends here; labels() validates and looks its child up under a lock every
+        # time, so the children are kept per label set (bounded: see the module's docstring).
+        self._done: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._latency: dict[str, Any] = {}
 
     def request_done(self, proxy: str, code: str, cause: str, seconds: float) -> None:
         """Count a finished request and observe how long it took."""
-        self.requests.labels(proxy, code, cause or NO_CAUSE).inc()
-        self.request_duration.labels(proxy, code).observe(max(0.0, seconds))
+        key = (proxy, code, cause or NO_CAUSE)
+        children = self._done.get(key)
+        if children is None:
+            children = self._done[key] = (self.requests.labels(*key), self.request_duration.labels(proxy, code))
+        children[0].inc()
+        children[1].observe(max(0.0, seconds))
+
+    def upstream_latency_of(self, proxy: str) -> Any:
+        """The upstream latency histogram of ``proxy`` (its labelled child, kept)."""
+        child = self._latency.get(proxy)
+        if child is None:
+            child = self._latency[proxy] = self.upstream_latency.labels(proxy)
+        return child
 
     def watch_forwarder(self, service: ForwarderService) -> None:
         """Export the per-proxy gauges of ``service`` (once, however often called)."""

@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.application.service import IService
 
+from ppbridge import gctune
 from ppbridge.config import load_proxy_config
 from ppbridge.tap import BaseOptions, add_admin, add_reload
 
@@ -34,4 +35,5 @@ def makeService(options: Any) -> IService:
     service = ProxyService(settings, RedisBus(settings.redis, reactor), reactor, reactor)
     add_admin(service, settings.admin_listen, service, reactor)
     add_reload(service, options, service.reload, reactor)
+    reactor.callWhenRunning(gctune.tune)  # once started: what exists then lives as long as the process
     return service

@@ -13,6 +13,8 @@ a reconnecting factory. What they work around in txredisapi 1.6.0, each in one p
 * no CLIENT SETNAME option: :class:`_Guarded` names each connection (``ppbridge-publisher``,
   ``-subscriber``, ``-public``) so an operator can tell them apart in CLIENT LIST;
 * the command builder copies every argument about three times: :meth:`_Publisher._build_command`;
+* each command costs two Deferreds and their callbacks: PUBLISH is pipelined and its replies
+  matched by :class:`~ppbridge.pubpipeline.PipelinedPublish`;
 * ClientService forgets failed attempts once a transport is made: :class:`_Backoff` counts a
   server that was not the master (behind sentinels) as one;
 * Twisted's ClientService logs a line per reconnection, which a flood would turn into
@@ -35,6 +37,7 @@ from twisted.python.failure import Failure
 
 from ppbridge.config import RedisSettings
 from ppbridge.logsafe import escape
+from ppbridge.pubpipeline import PipelinedPublish
 from ppbridge.respguard import RespGuard, RespProtocolError
 from ppbridge.sentinelreply import Address, is_readonly
 
@@ -155,10 +158,13 @@ class _Guarded(GuardedReader):
     def master_confirmed(self) -> None:
         """Behind sentinels, once ROLE said the server is the master."""
 
-    def replyReceived(self, reply: object) -> None:
+    def check_reply(self, reply: object) -> None:
         if self.master is not None and is_readonly(reply):
             self.factory.bus._leave(self.master, "it answered -READONLY")
             self.transport.abortConnection()  # already, unless it was still being set up
+
+    def replyReceived(self, reply: object) -> None:
+        self.check_reply(reply)
         super().replyReceived(reply)  # type: ignore[misc]
 
     def _set_name(self, result: object) -> object:
@@ -171,10 +177,11 @@ class _Guarded(GuardedReader):
         log.warn("Redis {name}: refusing the server's reply ({err}); reconnecting", name=self.name, err=err)
 
 
-class _Publisher(_Guarded, txredisapi.RedisProtocol):
+class _Publisher(PipelinedPublish, _Guarded, txredisapi.RedisProtocol):
     """txredisapi's command builder copies every argument about three times (bytearray
     extend, concatenation, bytes()); for a 256 KiB frame one join is enough. Replies are
-    small (no bulk over 64 KiB: :class:`_Guarded`)."""
+    small (no bulk over 64 KiB: :class:`_Guarded`). PUBLISH is pipelined, its replies matched
+    here (:class:`~ppbridge.pubpipeline.PipelinedPublish`)."""
 
     name = "publisher"
     role = b"publisher"

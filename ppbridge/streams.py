@@ -78,9 +78,7 @@ class Outbound:
         if data:
             self._queue.append(data)
             self._queued += len(data)
-            self._flush(force=self._clock is None)
-            if self._queue and self._clock is not None and self._timer is None and self.credit > 0:
-                self._timer = self._clock.callLater(COALESCE, self._flush_partial)
+            self._flush_full()
 
     def _flush_partial(self) -> None:
         self._timer = None
@@ -92,9 +90,17 @@ class Outbound:
         self._flush(force=True)
 
     def grant(self, increment: int) -> None:
-        """The peer allowed ``increment`` more bytes."""
+        """The peer allowed ``increment`` more bytes. Coalescing, only full frames go at once:
+        the rest of the queue is a partial frame, which waits for more data like any other."""
         self.credit += increment
-        self._flush(force=True)
+        self._flush_full()
+
+    def _flush_full(self) -> None:
+        """Send the full frames the credit allows (everything, without a clock); a partial
+        frame left waits at most ``COALESCE`` seconds."""
+        self._flush(force=self._clock is None)
+        if self._queue and self._clock is not None and self._timer is None and self.credit > 0:
+            self._timer = self._clock.callLater(COALESCE, self._flush_partial)
 
     def stop(self) -> None:
         """The stream is over (aborted or done): drop what waits, cancel the timer."""

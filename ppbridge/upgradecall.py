@@ -110,7 +110,7 @@ class UpgradeCall(UpstreamCall):
 
     def _head_arrived(self) -> None:
         self._headers_timer.cancel()
-        self.proxy.metrics.upstream_latency.labels(self.proxy.settings.name).observe(
+        self.proxy.metrics.upstream_latency_of(self.proxy.settings.name).observe(
             max(0.0, self.proxy.clock.seconds() - self.started))
 
     # from the upstream connection

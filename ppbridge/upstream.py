@@ -304,7 +304,7 @@ class UpstreamCall:
 
     def _got_response(self, response: IResponse) -> None:
         self._headers_timer.cancel()
-        self.proxy.metrics.upstream_latency.labels(self.proxy.settings.name).observe(
+        self.proxy.metrics.upstream_latency_of(self.proxy.settings.name).observe(
             max(0.0, self.proxy.clock.seconds() - self.started))
         if self.done:
             response.deliverBody(_Discard())

@@ -468,3 +468,19 @@ class CoalescingTests(TestCase):
         other.write(b"y")
         other.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_credit_sends_full_frames_and_the_rest_waits(self) -> None:
+        """New credit sends the full frames it allows at once; what is left over, a partial
+        frame, waits for more data (at most the coalescing delay) instead of going out as a
+        small frame of its own."""
+        frames: list[tuple[bytes, bool]] = []
+        out = Outbound(0, 256 * 1024, lambda c, e: frames.append((c, e)), lambda: None, lambda: None, self.clock)
+        out.write(b"a" * (300 * 1024))
+        out.grant(1 << 20)
+        self.assertEqual([len(c) for c, _ in frames], [256 * 1024])
+        out.write(b"b" * (212 * 1024))
+        self.assertEqual([len(c) for c, _ in frames], [256 * 1024, 256 * 1024])
+        out.write(b"c" * 1000)
+        self.clock.advance(self.delay)
+        self.assertEqual([len(c) for c, _ in frames], [256 * 1024, 256 * 1024, 1000])
+        self.assertEqual(self.clock.getDelayedCalls(), [])

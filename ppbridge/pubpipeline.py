@@ -1,0 +1,75 @@
+"""PUBLISH pipelined: the bus's publisher connection writes each PUBLISH at once and matches
+Redis's replies to them itself.
+
+txredisapi 1.6.0 pays, per command, a reply-queue Deferred, a result Deferred and two
+callbacks between them; the services publish about one message per request each way.
+:class:`PipelinedPublish` (a base of the bus's publisher protocol,
+:class:`ppbridge.redisconn._Publisher`) writes each PUBLISH to the transport as it is made and
+gives its caller one Deferred, fired from its own reply. The transport buffers what is written
+in one reactor turn and sends it with one ``send`` when the reactor next polls, so several
+publishes of a turn leave in one write, in order, and no later than before (a publish is never
+held back behind anything else the process writes in that turn). Redis answers commands in the
+order they were written, so one FIFO of "who waits for the next reply" covers both kinds: an
+entry per pipelined PUBLISH, ``None`` per command txredisapi sent itself (AUTH, SELECT, PING,
+PUBSUB...), whose reply goes on to txredisapi's own queue.
+
+Checked against txredisapi 1.6.0: ``execute_command`` writes at once (pipelining off) and waits
+on ``replyQueue``; ``replyReceived(reply)`` is the only way replies come in (an error reply is
+an exception instance); ``connectionLost`` fails its waiters through ``replyReceived``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable
+
+import txredisapi
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+
+
+class PipelinedPublish:
+    """The pipelining half of a txredisapi protocol (a base class before it in the MRO)."""
+
+    transport: Any
+    connected: int
+    _waiters: deque[Deferred[int] | None] | None = None  # per command written: who takes its reply
+    check_reply: Callable[[object], None]  # looks at every reply first (the publisher's -READONLY check)
+
+    def _fifo(self) -> deque[Deferred[int] | None]:
+        if self._waiters is None:
+            self._waiters = deque()
+        return self._waiters
+
+    def publish_pipelined(self, channel: bytes, message: bytes | bytearray) -> Deferred[int]:
+        """PUBLISH ``channel`` ``message`` now; fires with its receiver count, or fails with its
+        error reply, or with ``txredisapi.ConnectionError`` when the link is lost first."""
+        if not self.connected:
+            return defer.fail(txredisapi.ConnectionError("Not connected"))
+        self.transport.write(self._build_command(b"PUBLISH", channel, message))  # type: ignore[attr-defined]
+        waiter: Deferred[int] = Deferred()
+        self._fifo().append(waiter)
+        return waiter
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        if self.connected:  # else txredisapi raises and writes nothing
+            self._fifo().append(None)
+        return super().execute_command(*args, **kwargs)  # type: ignore[misc, no-any-return]
+
+    def replyReceived(self, reply: object) -> None:
+        waiter = self._waiters.popleft() if self._waiters else None
+        if waiter is None:  # txredisapi's own command: on to its reply queue
+            super().replyReceived(reply)  # type: ignore[misc]
+            return
+        self.check_reply(reply)
+        if isinstance(reply, Exception):
+            waiter.errback(reply)
+        else:
+            waiter.callback(reply)  # type: ignore[arg-type]
+
+    def connectionLost(self, why: object) -> None:
+        written = [w for w in (self._waiters or ()) if w is not None]
+        self._waiters = None  # txredisapi's own waiters are failed by its connectionLost
+        super().connectionLost(why)  # type: ignore[misc]
+        for waiter in written:
+            waiter.errback(txredisapi.ConnectionError("Lost connection"))

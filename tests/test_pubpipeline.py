@@ -1,0 +1,132 @@
+"""PUBLISH pipelined (ppbridge.pubpipeline) on the bus's publisher connection.
+
+Unit tests run the publisher protocol on a StringTransport: what it writes is read back and
+Redis's replies are fed in by hand. One test runs a bus against a real redis-server and counts
+the publisher socket's sends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import txredisapi
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+
+from ppbridge.bus import RedisBus, _PublisherFactory
+from ppbridge.config import RedisSettings
+from ppbridge.errors import BusUnavailable
+from tests.support import poll, start_redis
+
+
+def publish_command(channel: bytes, message: bytes) -> bytes:
+    parts = (b"PUBLISH", channel, message)
+    return b"*3\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+class Publisher:
+    """A RedisBus (never started) and its publisher protocol past SELECT and CLIENT SETNAME,
+    on a StringTransport."""
+
+    def __init__(self) -> None:
+        self.bus = RedisBus(RedisSettings(namespace="ns"), Clock())
+        factory = _PublisherFactory(self.bus)
+        factory.charset, factory.convertNumbers, factory.dbid = None, False, 0
+        self.proto: Any = factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+        self.proto.dataReceived(b"+OK\r\n")  # SELECT 0
+        self.proto.dataReceived(b"+OK\r\n")  # CLIENT SETNAME
+        self.bus._pub = self.proto
+        self.transport.clear()
+
+
+class PipelineTests(TestCase):
+    """Several publishes: written at once and in order, each Deferred gets its own reply."""
+
+    def test_written_at_once_in_order(self) -> None:
+        """Three publishes are written as they are made, in that order; each Deferred fires
+        with its own receiver count as the replies come in."""
+        pub = Publisher()
+        results: list[tuple[int, int]] = []
+        sent = [(b"ch:%d" % i, b"message %d" % i) for i in range(3)]
+        for i, (channel, message) in enumerate(sent):
+            pub.bus.publish(channel, message).addCallback(lambda n, i=i: results.append((i, n)))
+        self.assertEqual(pub.transport.value(), b"".join(publish_command(c, m) for c, m in sent))
+        pub.proto.dataReceived(b":1\r\n:0\r\n")
+        self.assertEqual(results, [(0, 1), (1, 0)])
+        pub.proto.dataReceived(b":2\r\n")
+        self.assertEqual(results, [(0, 1), (1, 0), (2, 2)])
+
+    def test_other_commands_keep_their_place(self) -> None:
+        """A command txredisapi sends itself (PING) between publishes: every reply still
+        reaches its own waiter, in order."""
+        pub = Publisher()
+        got: list[object] = []
+        pub.bus.publish(b"a", b"1").addCallback(got.append)
+        pub.proto.ping().addCallback(got.append)
+        pub.bus.publish(b"b", b"2").addCallback(got.append)
+        self.assertEqual(pub.transport.value(), publish_command(b"a", b"1") + b"*1\r\n$4\r\nPING\r\n"
+                         + publish_command(b"b", b"2"))
+        pub.proto.dataReceived(b":3\r\n+PONG\r\n:4\r\n")
+        self.assertEqual(got, [3, b"PONG", 4])
+
+    def test_error_reply_fails_its_own_publish(self) -> None:
+        """An error reply fails only the publish it answers."""
+        pub = Publisher()
+        ok: list[int] = []
+        failed = pub.bus.publish(b"a", b"1")
+        pub.bus.publish(b"b", b"2").addCallback(ok.append)
+        pub.proto.dataReceived(b"-ERR something\r\n:1\r\n")
+        self.failureResultOf(failed, txredisapi.ResponseError)
+        self.assertEqual(ok, [1])
+
+    def test_lost_link_fails_what_is_unanswered(self) -> None:
+        """When the link drops, publishes written and not answered fail as a lost link
+        (BusUnavailable); one already answered keeps its result."""
+        pub = Publisher()
+        answered, unanswered = pub.bus.publish(b"a", b"1"), pub.bus.publish(b"b", b"2")
+        pub.proto.dataReceived(b":1\r\n")
+        pub.proto.connectionLost(txredisapi.ConnectionError("gone"))
+        self.assertEqual(self.successResultOf(answered), 1)
+        self.failureResultOf(unanswered, BusUnavailable)
+
+
+class RealRedisTests(TestCase):
+    """Against a real redis-server, on the real reactor."""
+
+    @defer.inlineCallbacks
+    def test_one_send_for_a_turns_publishes(self):  # type: ignore[no-untyped-def]
+        """Three publishes made in one reactor turn leave in one send on the publisher's
+        socket; they arrive in order, and each Deferred fires with its own receiver count."""
+        server = start_redis(self)
+        bus = RedisBus(RedisSettings(url=server.url, host="127.0.0.1", port=server.port, namespace="ns"), reactor)
+        received: list[tuple[bytes, bytes]] = []
+        bus.on_message = lambda channel, data: received.append((channel, data))
+        yield bus.subscribe(b"ns:one")
+        bus.start()
+        self.addCleanup(bus.stop)
+        yield poll(lambda: bus.connected, 10, "the bus connected")
+        for _ in range(200):  # until Redis counts the subscription
+            counts = yield bus.numsub([b"ns:one"])
+            if counts.get(b"ns:one") == 1:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        transport = bus._pub.transport
+        sends: list[int] = []
+        write_some = transport.writeSomeData
+
+        def counted(data: bytes) -> int:
+            sends.append(len(data))
+            return write_some(data)
+
+        transport.writeSomeData = counted
+        done = defer.gatherResults([bus.publish(channel, b"m%d" % i)
+                                    for i, channel in enumerate((b"ns:one", b"ns:none", b"ns:one"))])
+        counts = yield done
+        self.assertEqual(counts, [1, 0, 1])
+        self.assertEqual(len(sends), 1, sends)
+        yield poll(lambda: len(received) == 2, 10, "both messages delivered")
+        self.assertEqual(received, [(b"ns:one", b"m0"), (b"ns:one", b"m2")])
