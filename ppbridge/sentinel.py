@@ -184,15 +184,15 @@ class Sentinels:
             try:
                 reply = yield link.sentinel_get_master_addr_by_name(self.name).addTimeout(QUERY_TIMEOUT, self._clock)
                 found = parse_master_reply(reply)
-            except (defer.CancelledError, defer.TimeoutError) as err:
-                # txredisapi matches replies to commands in order, and a command given up on
-                # leaves its late reply to the next one: drop the link (it reconnects by itself).
+            except defer.CancelledError:
+                # The caller gave up (ClientService stopping): asking on would let a connection
+                # be made that its stopped service cannot account for (automat NoTransition).
+                raise
+            except defer.TimeoutError:
+                # A sentinel that does not answer may sit behind a link TCP has not yet found
+                # dead: drop it (it reconnects by itself) rather than wait on it at every lookup.
                 if link.transport is not None:
                     link.transport.abortConnection()
-                if isinstance(err, defer.CancelledError):
-                    # The caller gave up (ClientService stopping): asking on would let a connection
-                    # be made that its stopped service cannot account for (automat NoTransition).
-                    raise
                 problems.append(f"{host}:{port} did not answer within {QUERY_TIMEOUT:g} s")
                 continue
             except Exception as err:  # a refusal, a lost link, a malformed reply
