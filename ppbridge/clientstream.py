@@ -37,7 +37,7 @@ from ppbridge.edge import request_line
 from ppbridge.httpheaders import end_to_end, forwarded_request_headers
 from ppbridge.keyring import KeyEntry
 from ppbridge.logs import NO_CAUSE, AccessLog, client_address, status_of
-from ppbridge.streams import INLINE_MAX, Inbound, Outbound
+from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
 from ppbridge.timers import Deadline
 from ppbridge.webrequest import connection, refuse_early, render_error, routed
@@ -251,7 +251,7 @@ class ClientStream:
     def _current(self) -> KeyEntry | None:
         return self.bridge.keyring.current(self.peer) if self.peer is not None else None
 
-    def _send(self, mtype: MsgType, seq: int, payload: bytes, flags: int = 0) -> None:
+    def _send(self, mtype: MsgType, seq: int, payload: Chunk, flags: int = 0) -> None:
         entry = self._current()
         if entry is None:
             if mtype is not MsgType.RESET:  # a RESET is best effort: the stream ends anyway
@@ -260,7 +260,7 @@ class ClientStream:
         d = self.bridge.node.send(entry, self.bridge.data_channel(entry), mtype, self.id, seq, payload, flags)
         d.addErrback(lambda f: None)  # a lost link is handled by bus_lost()
 
-    def _send_frame(self, chunk: bytes, end: bool) -> None:
+    def _send_frame(self, chunk: Chunk, end: bool) -> None:
         self.seq += 1
         self._send(MsgType.REQ_DATA, self.seq, chunk, FLAG_END if end else 0)
 

@@ -62,7 +62,7 @@ class Envelope:
         self.last_received = -1
         self.received = 0
 
-    def seal(self, mtype: MsgType, stream_id: bytes, seq: int, channel: bytes, payload: bytes,
+    def seal(self, mtype: MsgType, stream_id: bytes, seq: int, channel: bytes, payload: bytes | memoryview,
              flags: int = 0) -> bytearray:
         """Encrypt ``payload`` for publication on ``channel``."""
         counter = self.sent

@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.application.service import IService
 
-from ppbridge import gctune
+from ppbridge import gctune, malloctune
 from ppbridge.config import load_forwarder_config
 from ppbridge.tap import BaseOptions, Listener, add_admin, add_reload
 
@@ -50,4 +50,5 @@ def makeService(options: Any) -> IService:
     add_admin(service, settings.admin_listen, service, reactor)
     add_reload(service, options, service.reload, reactor)
     reactor.callWhenRunning(gctune.tune)  # once started: what exists then lives as long as the process
+    reactor.callWhenRunning(malloctune.tune)  # frame-sized buffers stay in the heap
     return service

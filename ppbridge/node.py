@@ -19,6 +19,7 @@ from ppbridge.errors import BusMessageError
 from ppbridge.keyring import KeyEntry, Keyring
 from ppbridge.logsafe import Throttle, escape
 from ppbridge.metrics import Metrics
+from ppbridge.streams import Chunk
 from ppbridge.wire import OVERHEAD, Header, MsgType, unpack_header
 
 log = Logger()
@@ -105,7 +106,7 @@ class SessionNode:
         self.metrics.opened.inc()
         return entry, header, plaintext
 
-    def send(self, entry: KeyEntry, channel: bytes, mtype: MsgType, stream_id: bytes, seq: int, payload: bytes,
+    def send(self, entry: KeyEntry, channel: bytes, mtype: MsgType, stream_id: bytes, seq: int, payload: Chunk,
              flags: int = 0) -> Deferred[int]:
         """Seal under ``entry`` and publish; fires with the number of receivers."""
         if len(payload) + OVERHEAD > entry.session.frame_size:

@@ -29,7 +29,7 @@ from ppbridge.node import SessionNode
 from ppbridge.ratelimit import ANNOUNCE_BURST, ANNOUNCE_RATE, TokenBucket
 from ppbridge.rekey import RekeySchedule
 from ppbridge.reload import split_settings, warn_held
-from ppbridge.streams import RecentlyClosed
+from ppbridge.streams import Chunk, RecentlyClosed
 from ppbridge.timers import Periodic, log_failure, wait_until
 from ppbridge.upgradecall import UpgradeCall, is_upgrade
 from ppbridge.upstream import Upstream, UpstreamCall
@@ -319,7 +319,7 @@ class ProxyService(MultiService):
 
     # used by UpstreamCall
 
-    def send(self, forwarder: bytes, channel: bytes, mtype: MsgType, stream_id: bytes, seq: int, payload: bytes,
+    def send(self, forwarder: bytes, channel: bytes, mtype: MsgType, stream_id: bytes, seq: int, payload: Chunk,
              flags: int = 0) -> Deferred[int] | None:
         """Seal under the current key with ``forwarder`` and publish; None without a key."""
         entry = self.keyring.current(forwarder)

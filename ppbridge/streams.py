@@ -14,9 +14,13 @@ per stream, and Redis never holds more than that for a stream either.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Union
 
 from ppbridge.errors import BusMessageError
+
+# A frame's body: a write as it came, or a memoryview of one cut at a frame boundary (a slice
+# of bytes would copy it).
+Chunk = Union[bytes, memoryview]
 
 # A body of at most this size travels inside its head when both fit one frame: a small
 # request or response is then one bus message each way.
@@ -48,7 +52,7 @@ class Outbound:
         self,
         credit: int,
         max_chunk: int,
-        send: Callable[[bytes, bool], None],
+        send: Callable[[Chunk, bool], None],
         pause: Callable[[], None],
         resume: Callable[[], None],
         clock: Scheduler | None = None,
@@ -61,7 +65,7 @@ class Outbound:
         self._resume = resume
         self._clock = clock
         self._timer: Any = None
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[Chunk] = deque()
         self._queued = 0
         self._finishing = False
         self.finished = False
@@ -125,9 +129,16 @@ class Outbound:
             self.stop()
         self._apply_backpressure()
 
-    def _take(self, n: int) -> bytes:
-        """Up to ``n`` bytes from the front of the queue, across writes."""
-        parts: list[bytes] = []
+    def _take(self, n: int) -> Chunk:
+        """Up to ``n`` bytes from the front of the queue, across writes. A write of at least
+        half of ``n`` that fits goes alone, as it is: topping it up with a slice of the next
+        write would copy both (with reads of about a frame, every byte twice). A write cut at
+        the frame's end (by the frame size or the credit) is cut as memoryviews, uncopied."""
+        first = self._queue[0]
+        if n // 2 <= len(first) <= n:
+            self._queued -= len(first)
+            return self._queue.popleft()
+        parts: list[Chunk] = []
         size = 0
         while self._queue and size < n:
             first = self._queue[0]
@@ -136,8 +147,9 @@ class Outbound:
                 parts.append(self._queue.popleft())
                 size += len(first)
             else:
-                parts.append(first[:room])
-                self._queue[0] = first[room:]
+                view = first if isinstance(first, memoryview) else memoryview(first)
+                parts.append(view[:room])
+                self._queue[0] = view[room:]
                 size += room
         self._queued -= size
         return parts[0] if len(parts) == 1 else b"".join(parts)

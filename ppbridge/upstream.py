@@ -52,7 +52,7 @@ from ppbridge.errors import (
 from ppbridge.httpheaders import end_to_end, upstream_request_headers
 from ppbridge.logs import CAUSES, NO_CAUSE, status_of
 from ppbridge.logsafe import Throttle, escape
-from ppbridge.streams import INLINE_MAX, Inbound, Outbound
+from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
 from ppbridge.timers import Deadline
 from ppbridge.wire import (
@@ -74,7 +74,10 @@ if TYPE_CHECKING:
 
 log = Logger()
 POOL_SIZE = 64
-READ_SIZE = 256 * 1024  # the default frame_size: an upstream read can fill a frame
+# A full upstream read is one DATA frame's payload at the default frame_size: the frame is the
+# read itself, neither sliced nor joined (a 256 KiB read split a frame's worth off and joined
+# the 56 bytes left with the next read: two copies of every byte downloaded).
+READ_SIZE = 256 * 1024 - OVERHEAD
 
 
 class _QuietFactory(_HTTP11ClientFactory):
@@ -390,7 +393,7 @@ class UpstreamCall:
 
     # toward the forwarder
 
-    def _send(self, mtype: MsgType, seq: int, payload: bytes, flags: int = 0) -> None:
+    def _send(self, mtype: MsgType, seq: int, payload: Chunk, flags: int = 0) -> None:
         d = self.proxy.send(self.forwarder, self.head.reply_channel, mtype, self.stream_id, seq, payload, flags)
         if d is None:
             self.cancel("no key for the forwarder any more")
@@ -429,7 +432,7 @@ class UpstreamCall:
             if end:
                 self._outbound.finish()
 
-    def _send_frame(self, chunk: bytes, end: bool) -> None:
+    def _send_frame(self, chunk: Chunk, end: bool) -> None:
         self.seq += 1
         self._send(MsgType.RESP_DATA, self.seq, chunk, FLAG_END if end else 0)
 

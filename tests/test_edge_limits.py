@@ -360,6 +360,24 @@ class EdgeChannelTests(TestCase):
         self.assertEqual(int(headers[b"content-length"][0]), len(body))
         self.assertEqual((HeaderTooLarge.status, HeaderTimeout.status), (431, 408))
 
+    def test_client_transport_sends_whole_frames(self):
+        """A TCP transport's per-send() limit is raised to CLIENT_SEND_LIMIT, so a frame-sized
+        write is not cut at Twisted's 128 KiB and its rest joined (copied) with the next; the
+        attribute still exists on Twisted's transports (checked on Twisted 26.10)."""
+        from twisted.internet import abstract, tcp
+        self.assertEqual(abstract.FileDescriptor.SEND_LIMIT, 128 * 1024)
+        self.assertTrue(issubclass(tcp.Server, abstract.FileDescriptor))
+
+        class TCPLike(StringTransport):
+            SEND_LIMIT = abstract.FileDescriptor.SEND_LIMIT
+
+        channel = EdgeChannel(edge.Edge(EdgeLimits(), Clock(), lambda ch, err, s: None))
+        transport = TCPLike()
+        channel.makeConnection(transport)
+        self.assertEqual(transport.SEND_LIMIT, edge.CLIENT_SEND_LIMIT)
+        self.assertGreaterEqual(edge.CLIENT_SEND_LIMIT, 256 * 1024 + 64)
+        channel.connectionLost(None)
+
     def test_twisted_internals_still_there(self):
         """The private parts of twisted.web this edge relies on (checked on Twisted 26.10)
         still exist: fail loudly here rather than silently lose the limits."""

@@ -94,6 +94,32 @@ class PipelineTests(TestCase):
         self.failureResultOf(unanswered, BusUnavailable)
 
 
+class SendLimitTests(TestCase):
+    """The publisher's transport sends a frame-sized PUBLISH whole."""
+
+    def test_send_limit_raised(self) -> None:
+        """On a transport with Twisted's per-send() limit (128 KiB, checked on Twisted 26.10),
+        the publisher raises it to PUBLISH_SEND_LIMIT, above a 256 KiB frame's PUBLISH: the
+        rest of a cut PUBLISH is joined (copied) with the next ones otherwise."""
+        from twisted.internet import abstract, tcp
+
+        from ppbridge.redisconn import PUBLISH_SEND_LIMIT
+        self.assertEqual(abstract.FileDescriptor.SEND_LIMIT, 128 * 1024)
+        self.assertTrue(issubclass(tcp.Client, abstract.FileDescriptor))
+
+        class TCPLike(StringTransport):
+            SEND_LIMIT = abstract.FileDescriptor.SEND_LIMIT
+
+        factory = _PublisherFactory(RedisBus(RedisSettings(namespace="ns"), Clock()))
+        factory.charset, factory.convertNumbers, factory.dbid = None, False, 0
+        proto: Any = factory.buildProtocol(None)
+        transport = TCPLike()
+        proto.makeConnection(transport)
+        self.assertEqual(transport.SEND_LIMIT, PUBLISH_SEND_LIMIT)
+        self.assertGreaterEqual(PUBLISH_SEND_LIMIT, 256 * 1024 + 1024)
+        self.assertIn(b"SELECT", transport.value())  # txredisapi's own setup still runs
+
+
 class RealRedisTests(TestCase):
     """Against a real redis-server, on the real reactor."""
 

@@ -72,6 +72,19 @@ class OutboundTests(TestCase):
         self.assertTrue(all(0 < len(c) <= 7 for c, _ in frames))
         self.assertEqual(body_of(frames), data)
 
+    def test_cut_writes_are_not_copied(self) -> None:
+        """A write cut at the frame's end by the credit goes out as memoryviews of it (no
+        copy), the first part now and the rest when credit comes, together the write."""
+        out, frames, _ = outbound(credit=100, max_chunk=1000)
+        data = bytes(range(256)) + b"x" * 44
+        out.write(data)
+        out.grant(1000)
+        self.assertEqual([len(c) for c, _ in frames], [100, 200])
+        for chunk, _ in frames:
+            self.assertIsInstance(chunk, memoryview)
+            self.assertIs(chunk.obj, data)  # type: ignore[union-attr]
+        self.assertEqual(body_of(frames), data)
+
     def test_credit_smaller_than_chunk(self) -> None:
         """With less credit than max_chunk, the frame is cut to the credit."""
         out, frames, _ = outbound(credit=10, max_chunk=64)
@@ -449,6 +462,23 @@ class CoalescingTests(TestCase):
             self.out.write(bytes([i]) * 65536)
         self.assertEqual([len(c) for c, _ in self.frames], [262144])
         self.assertEqual(self.frames[0][0], b"".join(bytes([i]) * 65536 for i in range(4)))
+
+    def test_big_write_goes_alone_uncopied(self) -> None:
+        """A write of at least half a frame that fits one goes out as it is (the same object,
+        not a copy) instead of being topped up with a slice of the next write; writes of
+        under half a frame are still joined into full frames."""
+        first, second = b"a" * 200_000, b"b" * 262_144
+        self.out.write(first)
+        self.assertEqual(self.frames, [])  # a partial frame waits for more
+        self.out.write(second)
+        self.assertIs(self.frames[0][0], first)
+        self.assertIs(self.frames[1][0], second)
+        small = [bytes([i]) * 100_000 for i in range(3)]
+        for chunk in small:
+            self.out.write(chunk)
+        self.assertEqual([len(c) for c, _ in self.frames], [200_000, 262_144, 262_144])
+        self.clock.advance(self.delay)
+        self.assertEqual(b"".join(c for c, _ in self.frames[2:]), b"".join(small))
 
     def test_a_partial_frame_goes_out_after_the_delay(self) -> None:
         """A small write is not held longer than the coalescing delay (events stay live)."""
