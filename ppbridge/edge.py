@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from ppbridge.errors import HeaderTimeout, HeaderTooLarge, RequestError, TooManyHeaders
 from ppbridge.logsafe import escape
+from ppbridge.sendlimit import SEND_LIMIT, raise_send_limit
 
 MIN_TOTAL_HEAD = 16384  # twisted.web's totalHeadersSize
 LINGER = 2.0  # seconds a refused client may go on sending (dropped) before we close
@@ -106,7 +107,7 @@ class Edge:
             channel.drain()
 
 
-CLIENT_SEND_LIMIT = 1024 * 1024  # bytes per send() to a client (Twisted: 128 KiB)
+CLIENT_SEND_LIMIT = SEND_LIMIT  # bytes per send() to a client (see ppbridge.sendlimit)
 
 
 class EdgeChannel(HTTPChannel):
@@ -132,12 +133,7 @@ class EdgeChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        # Twisted sends at most SEND_LIMIT (128 KiB) per send() and joins what is left with
-        # the next writes: each ~256 KiB frame of a download was copied once more. Checked
-        # against Twisted 26.10 (abstract.FileDescriptor); a TLS transport has no such limit.
-        transport: Any = self.transport
-        if hasattr(transport, "SEND_LIMIT"):
-            transport.SEND_LIMIT = CLIENT_SEND_LIMIT
+        raise_send_limit(self.transport, CLIENT_SEND_LIMIT)  # frames of a download go out uncopied
         self.edge.open.add(self)
         self._arm_head_timer()
         if self.edge.draining:  # accepted in the turn the port closed

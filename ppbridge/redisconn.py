@@ -39,6 +39,7 @@ from ppbridge.config import RedisSettings
 from ppbridge.logsafe import escape
 from ppbridge.pubpipeline import PipelinedPublish
 from ppbridge.respguard import RespGuard, RespProtocolError
+from ppbridge.sendlimit import SEND_LIMIT, raise_send_limit
 from ppbridge.sentinelreply import Address, is_readonly
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from ppbridge.redissubs import _Slot
 
 log = Logger(namespace="ppbridge.bus")
-PUBLISH_SEND_LIMIT = 1024 * 1024  # bytes per send() on the publisher connection (Twisted: 128 KiB)
+PUBLISH_SEND_LIMIT = SEND_LIMIT  # bytes per send() on the publisher connection (see ppbridge.sendlimit)
 
 
 def _ignore(*args: object) -> None:
@@ -192,12 +193,9 @@ class _Publisher(PipelinedPublish, _Guarded, txredisapi.RedisProtocol):
             self.factory.bus._publisher_up(self)  # else addConnection() does, once it runs
 
     def connectionMade(self):  # type: ignore[no-untyped-def]
-        # Twisted sends at most SEND_LIMIT (128 KiB) per send() and joins what is left of a
-        # PUBLISH with the next ones: a frame of ~256 KiB was copied a second time. Sent
-        # whole, the next PUBLISH is usually alone in the buffer and goes uncopied (a bytes
-        # join of one item is that item). Checked against Twisted 26.10 (abstract.FileDescriptor).
-        if hasattr(self.transport, "SEND_LIMIT"):
-            self.transport.SEND_LIMIT = PUBLISH_SEND_LIMIT
+        # Each PUBLISH sent whole: the next one is then usually alone in the buffer and goes
+        # uncopied (a bytes join of one item is that item).
+        raise_send_limit(self.transport, PUBLISH_SEND_LIMIT)
         return super().connectionMade()
 
     def _build_command(self, *args: bytes | bytearray | str | int, **kwargs: object) -> bytes:
