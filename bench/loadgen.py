@@ -1,5 +1,5 @@
-"""Load generation: small-request runs (wrk, else bench/pyload.py) and one-stream downloads
-(curl, else a plain socket). Every run is bounded in time and stops by itself; its client's
+"""Load generation: small-request runs (wrk, else bench/pyload.py) and one-stream downloads and
+uploads (curl, else a plain socket). Every run is bounded in time and stops by itself; its client's
 own CPU time is measured too (``RUSAGE_CHILDREN`` around it), so it can be told apart.
 """
 
@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -63,7 +64,7 @@ class LoadResult:
 
 @dataclass
 class DownloadResult:
-    """One or more downloads of the big file over one connection each, one at a time."""
+    """One or more downloads (or uploads) of the big file over one connection each, one at a time."""
 
     tool: str
     size: int
@@ -163,15 +164,49 @@ class LoadGenerator:
                           (latencies[-1] / 1000 if latencies else 0.0), errors)
 
 
-class Downloader:
-    """One-stream downloads of the big file: curl if installed (and allowed), else a socket."""
+class _OneStream:
+    """The client of one-stream transfers, chosen once: curl if installed (and allowed), else a socket."""
+
+    WHAT = "transfers"
 
     def __init__(self, prefer: str = "auto") -> None:
         curl = shutil.which("curl")
         self.curl = curl if prefer in ("auto", "curl") else None
         if prefer == "curl" and not curl:
             raise SystemExit("--downloader curl: curl is not installed (apt-get install curl)")
-        self.note = "" if self.curl or prefer == "python" else "curl not installed: downloads use a Python socket"
+        self.note = "" if self.curl or prefer == "python" else f"curl not installed: {self.WHAT} use a Python socket"
+
+    def repeat(self, once: Callable[[], tuple[int, float, str]], size: int, min_seconds: float,
+               max_count: int) -> DownloadResult:
+        """``once()`` (bytes carried, seconds, what was wrong or "") one at a time until
+        ``min_seconds`` have passed (at least once, at most ``max_count`` times); the first
+        error ends the series."""
+        before, started = _children_cpu(), time.monotonic()
+        speeds: list[float] = []
+        errors: list[str] = []
+        total = 0
+        while len(speeds) + len(errors) < max(1, max_count):
+            try:
+                got, seconds, wrong = once()
+            except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
+                errors.append(str(err))
+                break
+            total += got
+            if wrong:
+                errors.append(wrong)
+                break
+            speeds.append(got / seconds / 1e6 if seconds > 0 else 0.0)
+            if time.monotonic() - started >= min_seconds:
+                break
+        cpu = _children_cpu() - before if self.curl else 0.0
+        return DownloadResult("curl" if self.curl else "socket", size, speeds, total,
+                              time.monotonic() - started, errors, cpu)
+
+
+class Downloader(_OneStream):
+    """One-stream downloads of the big file: curl if installed (and allowed), else a socket."""
+
+    WHAT = "downloads"
 
     @property
     def tool(self) -> str:
@@ -180,26 +215,11 @@ class Downloader:
     def run(self, url: str, size: int, min_seconds: float, max_count: int, timeout: float) -> DownloadResult:
         """Download ``url`` one at a time until ``min_seconds`` have passed (at least once,
         at most ``max_count`` times); each must deliver ``size`` bytes within ``timeout``."""
-        before, started = _children_cpu(), time.monotonic()
-        speeds: list[float] = []
-        errors: list[str] = []
-        total = 0
-        while len(speeds) + len(errors) < max(1, max_count):
-            try:
-                got, seconds = self._curl(url, timeout) if self.curl else _socket_download(url, timeout)
-            except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
-                errors.append(str(err))
-                break
-            total += got
-            if got != size:
-                errors.append(f"got {got} bytes, expected {size}")
-                break
-            speeds.append(got / seconds / 1e6 if seconds > 0 else 0.0)
-            if time.monotonic() - started >= min_seconds:
-                break
-        cpu = _children_cpu() - before if self.curl else 0.0
-        return DownloadResult("curl" if self.curl else "socket", size, speeds, total,
-                              time.monotonic() - started, errors, cpu)
+        def once() -> tuple[int, float, str]:
+            got, seconds = self._curl(url, timeout) if self.curl else _socket_download(url, timeout)
+            return got, seconds, "" if got == size else f"got {got} bytes, expected {size}"
+
+        return self.repeat(once, size, min_seconds, max_count)
 
     def _curl(self, url: str, timeout: float) -> tuple[int, float]:
         assert self.curl is not None
@@ -239,3 +259,59 @@ def _socket_download(url: str, timeout: float) -> tuple[int, float]:
         else:
             raise RuntimeError(f"download not finished after {timeout:g} s")
     return received, time.perf_counter() - started
+
+
+class Uploader(_OneStream):
+    """One-stream uploads of the big file: ``curl -T`` (a PUT) if installed (and allowed), else a
+    socket. The upstream's own record of what it received is checked after every upload."""
+
+    WHAT = "uploads"
+
+    @property
+    def tool(self) -> str:
+        return 'curl -T FILE -H "Expect:" (PUT)' if self.curl else "Python socket (sendfile)"
+
+    def run(self, url: str, source: Path, min_seconds: float, max_count: int, timeout: float,
+            received: Callable[[], int], reset: Callable[[], None]) -> DownloadResult:
+        """PUT ``source`` to ``url`` one at a time until ``min_seconds`` have passed (at least
+        once, at most ``max_count`` times); each must be answered 2xx within ``timeout``, after
+        which ``received()`` (the upstream's count, cleared by ``reset()`` before each) must be
+        the file's whole size."""
+        size = source.stat().st_size
+
+        def once() -> tuple[int, float, str]:
+            reset()
+            sent, seconds = (self._curl(url, source, timeout) if self.curl
+                             else _socket_upload(url, source, size, timeout))
+            got = received()
+            wrong = "" if sent == size and got == size else (
+                f"sent {sent} bytes, upstream received {got}, expected {size}")
+            return max(0, got), seconds, wrong
+
+        return self.repeat(once, size, min_seconds, max_count)
+
+    def _curl(self, url: str, source: Path, timeout: float) -> tuple[int, float]:
+        assert self.curl is not None
+        args = [self.curl, "-s", "-S", "--noproxy", "*", "-T", str(source), "-H", "Expect:", "-o", "/dev/null",
+                "--max-time", str(timeout), "-w", "%{http_code} %{size_upload} %{time_total}", url]
+        out = subprocess.run(args, check=False, capture_output=True, text=True, timeout=timeout + GRACE)
+        fields = out.stdout.split()
+        if out.returncode != 0 or len(fields) != 3 or not fields[0].startswith("2"):
+            raise RuntimeError(f"curl upload exit {out.returncode}, status {fields[:1]}: {out.stderr.strip()}")
+        return int(fields[1]), float(fields[2])
+
+
+def _socket_upload(url: str, source: Path, size: int, timeout: float) -> tuple[int, float]:
+    """PUT ``source`` to ``url`` over one socket (``sendfile``) and read the status line;
+    (bytes sent, seconds until the answer)."""
+    parts = urlsplit(url)
+    started = time.perf_counter()
+    with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=timeout) as sock:
+        sock.sendall(f"PUT {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Length: {size}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        with open(source, "rb") as body:
+            sent = sock.sendfile(body)
+        status = sock.makefile("rb").readline()
+    if not status.startswith((b"HTTP/1.1 2", b"HTTP/1.0 2")):
+        raise RuntimeError(f"upload answered {status.decode('latin-1').strip()!r}")
+    return sent, time.perf_counter() - started

@@ -17,6 +17,7 @@ LOCALTUNNEL = {"rps": 4500.0, "p99_ms": 9.0, "us_per_req": 260.0, "mb_s": 400.0}
 RELAY, TWFLOOR, SSH = "relay floor", "twisted.web floor", "ssh -R"
 FLOOR_CPU_MAX = 1.3  # issue 12: ppbridge's CPU per request at most this many times the relay floor's
 SSH_RPS_MIN = 0.5  # issue 12: ppbridge's req/s at least this share of ssh -R's (with a lower p99)
+TRANSFERS = ("download", "upload")  # the one-stream measurements, each a DownloadResult with CPU per GB
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -103,13 +104,15 @@ def floors_section(result: Result) -> str | None:
                     ratio(run["rps"], field(s, "rps")), ratio(run["p99_ms"], field(s, "p99_ms")), fmt(cpu, 0),
                     ratio(cpu, relay_cpu), ratio(cpu, field(t, "row_us_per_req")),
                     ratio(cpu, field(s, "row_us_per_req")), fmt(above, 0)])
-    dl = pp.get("download")
-    if dl:
-        base = {name: (row or {}).get("download") or {}
+    for what in TRANSFERS:
+        dl = pp.get(what)
+        if not dl:
+            continue
+        base = {name: (row or {}).get(what) or {}
                 for name, row in ((RELAY, relay), (TWFLOOR, tw), (SSH, ssh))}
         mb_s, gb = dl["median_mb_s"], dl.get("row_s_per_gb")
         relay_gb = base[RELAY].get("row_s_per_gb")
-        out.append(["download", f"{fmt(mb_s, 0)} MB/s", ratio(mb_s, base[RELAY].get("median_mb_s")),
+        out.append([what, f"{fmt(mb_s, 0)} MB/s", ratio(mb_s, base[RELAY].get("median_mb_s")),
                     ratio(mb_s, base[SSH].get("median_mb_s")), "-", f"{fmt(gb, 2)} s/GB", ratio(gb, relay_gb),
                     ratio(gb, base[TWFLOOR].get("row_s_per_gb")), ratio(gb, base[SSH].get("row_s_per_gb")),
                     "-" if gb is None or relay_gb is None else f"{gb - relay_gb:.2f} s/GB"])
@@ -128,12 +131,14 @@ def cpu_section(result: Result) -> str:
             row_us = run.get("row_us_per_req")
             out.append([f"{name} c{conc}", parts, fmt(None if row_us is None else row_us / 1000, 3), up,
                         f"{client:.3f}"])
-        dl = row.get("download")
-        if dl:
+        for what in TRANSFERS:
+            dl = row.get(what)
+            if not dl:
+                continue
             parts = ", ".join(f"{role} {v:.2f}" for role, v in dl.get("cpu_s_per_gb", {}).items()) or "-"
             up = ", ".join(f"{role} {v:.2f}" for role, v in _helpers(dl, "_cpu_s_per_gb").items())
             total = dl.get("row_s_per_gb")
-            out.append([f"{name} download", f"{parts} (s/GB)" if total is not None else "-",
+            out.append([f"{name} {what}", f"{parts} (s/GB)" if total is not None else "-",
                         "-" if total is None else f"{total:.2f} s/GB", up, "-"])
         out += _ws_cpu_rows(name, row)
     return table(["measurement", "row processes (CPU s per 1000 req)", "row total", "upstream (not counted)",
@@ -175,9 +180,10 @@ def counters_section(result: Result) -> str | None:
         for conc, run in row.get("small", {}).items():
             if run.get("per_request"):
                 out.append([f"{name} c{conc}", "per request", _counters(run["per_request"])])
-        dl = row.get("download") or {}
-        if dl.get("per_mib"):
-            out.append([f"{name} download", "per MiB", _counters(dl["per_mib"])])
+        for what in TRANSFERS:
+            dl = row.get(what) or {}
+            if dl.get("per_mib"):
+                out.append([f"{name} {what}", "per MiB", _counters(dl["per_mib"])])
         ws = row.get("ws") or {}
         for conc, run in ws.get("echo", {}).items():
             if run.get("per_message"):
@@ -192,12 +198,13 @@ def _counters(values: Mapping[str, float]) -> str:
                      for k, v in sorted(values.items()))
 
 
-def download_section(result: Result) -> str:
+def download_section(result: Result, what: str = "download") -> str:
+    """The one-stream ``what`` (download or upload) of every row, with ratios to direct and ssh -R."""
     rows = _ok(result["rows"])
-    base = {k: rows[k]["download"]["median_mb_s"] for k in ("direct", "ssh -R") if k in rows and rows[k].get("download")}
+    base = {k: rows[k][what]["median_mb_s"] for k in ("direct", "ssh -R") if k in rows and rows[k].get(what)}
     out = []
     for name, row in rows.items():
-        dl = row.get("download")
+        dl = row.get(what)
         if not dl:
             continue
         speeds = ", ".join(f"{v:.0f}" for v in dl["speeds_mb_s"])
@@ -211,15 +218,18 @@ def download_section(result: Result) -> str:
 def memory_section(result: Result) -> str:
     out = []
     with_ws = any("after_ws" in row.get("rss_mib", {}) for row in _ok(result["rows"]).values())
+    with_up = any("after_upload" in row.get("rss_mib", {}) for row in _ok(result["rows"]).values())
     for name, row in _ok(result["rows"]).items():
         rss = row.get("rss_mib", {})
         small_peak, dl_peak = rss.get("after_small", {}), rss.get("after_download", {})
-        ws_peak = rss.get("after_ws", {})
-        for role in ws_peak or dl_peak or small_peak:
-            a, b = small_peak.get(role), dl_peak.get(role)
-            grow = None if a is None or b is None else b - a
-            out.append([name, role, fmt(a), fmt(b), fmt(grow)] + ([fmt(ws_peak.get(role))] if with_ws else []))
-    return table(["row", "process", "peak RSS MiB after small reqs", "after big download", "growth"]
+        up_peak, ws_peak = rss.get("after_upload", {}), rss.get("after_ws", {})
+        for role in ws_peak or up_peak or dl_peak or small_peak:
+            a, b, c = small_peak.get(role), dl_peak.get(role), up_peak.get(role)
+            grow = None if a is None or b is None else max(b, c if c is not None else b) - a
+            out.append([name, role, fmt(a), fmt(b)] + ([fmt(c)] if with_up else []) + [fmt(grow)]
+                       + ([fmt(ws_peak.get(role))] if with_ws else []))
+    return table(["row", "process", "peak RSS MiB after small reqs", "after big download"]
+                 + (["after big upload"] if with_up else []) + ["growth"]
                  + (["after WebSocket"] if with_ws else []), out)
 
 
@@ -305,7 +315,7 @@ def targets(result: Result) -> list[dict[str, Any]]:
         ("target", f"p99 at c16 < ssh -R's {ssh_p99:.2f} ms ({ssh_src})", p99, p99 is not None and p99 < ssh_p99),
         ("target", "CPU (forwarder+proxy+Redis) <= 100 us per request", cpu, cpu is not None and cpu <= 100),
         ("target", "one-stream download >= 300 MB/s", mb_s, mb_s is not None and mb_s >= 300),
-        ("target", (f"memory flat with size: peak RSS growth during the big download <= {FLAT_MEMORY_MIB:g} MiB"
+        ("target", (f"memory flat with size: peak RSS growth during the big download and upload <= {FLAT_MEMORY_MIB:g} MiB"
                     " per process"), growth, growth is not None and growth <= FLAT_MEMORY_MIB),
     ]
     found += _floor_targets(rows, pp)
@@ -323,26 +333,33 @@ def _floor_targets(rows: Mapping[str, Result], pp: Result) -> list[tuple[str, st
     cpu = _times(field(run, "row_us_per_req"), field(r, "row_us_per_req"))
     rps = _times(field(run, "rps"), field(s, "rps"))
     p99, ssh_p99 = field(run, "p99_ms"), field(s, "p99_ms")
-    dl, ssh_dl = pp.get("download") or {}, (ssh or {}).get("download") or {}
-    mb_s = _times(dl.get("median_mb_s"), ssh_dl.get("median_mb_s"))
-    per_gb = _times(dl.get("row_s_per_gb"), ssh_dl.get("row_s_per_gb"))
-    return [
+    found = [
+
         ("issue 12", f"CPU per request (forwarder+proxy+Redis) / relay floor's <= {FLOOR_CPU_MAX:g}{missing[RELAY]}",
          cpu, cpu is not None and cpu <= FLOOR_CPU_MAX),
         ("issue 12", f"req/s at c16 / ssh -R's >= {SSH_RPS_MIN:g}, with p99 below ssh -R's"
                      + ("" if p99 is None or ssh_p99 is None else f" ({p99:.2f} vs {ssh_p99:.2f} ms)") + missing[SSH],
          rps, rps is not None and rps >= SSH_RPS_MIN and p99 is not None and ssh_p99 is not None and p99 < ssh_p99),
-        ("issue 12", f"one-stream download MB/s / ssh -R's >= 1.0{missing[SSH]}", mb_s,
-         mb_s is not None and mb_s >= 1.0),
-        ("issue 12", f"download CPU s/GB / ssh -R's <= 1.0{missing[SSH]}", per_gb,
-         per_gb is not None and per_gb <= 1.0),
     ]
+    for what in TRANSFERS:
+        dl, ssh_dl = pp.get(what) or {}, (ssh or {}).get(what) or {}
+        if what != "download" and not dl:
+            continue  # a run without uploads (--no-upload, or saved before they were measured)
+        mb_s = _times(dl.get("median_mb_s"), ssh_dl.get("median_mb_s"))
+        per_gb = _times(dl.get("row_s_per_gb"), ssh_dl.get("row_s_per_gb"))
+        found += [
+            ("issue 12", f"one-stream {what} MB/s / ssh -R's >= 1.0{missing[SSH]}", mb_s,
+             mb_s is not None and mb_s >= 1.0),
+            ("issue 12", f"{what} CPU s/GB / ssh -R's <= 1.0{missing[SSH]}", per_gb,
+             per_gb is not None and per_gb <= 1.0),
+        ]
+    return found
 
 
 def _max_growth(row: Result) -> float | None:
     rss = row.get("rss_mib", {})
-    a, b = rss.get("after_small", {}), rss.get("after_download", {})
-    growth = [b[r] - a[r] for r in b if r in a and r in row.get("row_roles", [])]
+    a, b, c = rss.get("after_small", {}), rss.get("after_download", {}), rss.get("after_upload", {})
+    growth = [max(b[r], c.get(r, b[r])) - a[r] for r in b if r in a and r in row.get("row_roles", [])]
     return max(growth) if growth else None
 
 
@@ -356,9 +373,11 @@ def render(result: Result) -> str:
     parts = [
         (f"ppbridge benchmark {meta['started']}  ({meta['mode']}; {meta['cpus']} CPUs; load average at start"
          f" {meta['loadavg_start']}, at end {meta.get('loadavg_end', '?')})"),
-        f"upstream: {meta['upstream']}   small requests: {meta['loadgen']}   download: {meta['downloader']}",
+        (f"upstream: {meta['upstream']}   small requests: {meta['loadgen']}   download: {meta['downloader']}"
+         + (f"   upload: {meta['uploader']}" if meta.get("uploader") else "")),
         (f"each small-request run: {meta['duration']:g} s after {meta['warmup']:g} s warm-up;"
-         f" download: {meta['big_mib']} MiB file, one stream, repeated for >= {meta['download_time']:g} s"),
+         f" download{' and upload' if meta.get('uploader') else ''}: {meta['big_mib']} MiB file, one stream,"
+         f" repeated for >= {meta['download_time']:g} s"),
     ]
     pp = meta.get("ppbridge")
     if pp:
@@ -414,13 +433,17 @@ def rows_sections(result: Result) -> list[str]:
         parts += ["", ("ppbridge as multiples of the floors and of ssh -R (same run, same concurrency; row CPU:"
                        " forwarder+proxy+Redis against the floor's one process)"), floors]
     parts += ["", (("CPU by process (CPU seconds per 1000 requests or WebSocket round trips = ms per each;"
-                   " download and WebSocket throughput: per GB)") if _any_ws(result) else
-                  "CPU by process (CPU seconds per 1000 requests = ms per request; download: per GB)"),
+                   " download, upload and WebSocket throughput: per GB)") if _any_ws(result) else
+                  "CPU by process (CPU seconds per 1000 requests = ms per request; download and upload: per GB)"),
               cpu_section(result)]
     counters = counters_section(result)
     if counters:
         parts += ["", "Through Redis (INFO commandstats/stats deltas)", counters]
-    return parts + ["", "One-stream download", download_section(result)] + ws_sections(result) + [
+    parts += ["", "One-stream download", download_section(result)]
+    if any(row.get("upload") for row in _ok(result["rows"]).values()):
+        parts += ["", "One-stream upload (the same file; each checked against the bytes the upstream received)",
+                  download_section(result, "upload")]
+    return parts + ws_sections(result) + [
         "", "Peak memory (VmHWM; largest process of each role)", memory_section(result)]
 
 
@@ -432,11 +455,12 @@ def _figures(row: Result) -> dict[str, float]:
         figures[f"c{conc} p99 ms"] = run["p99_ms"]
         if run.get("row_us_per_req") is not None:
             figures[f"c{conc} row CPU us/req"] = run["row_us_per_req"]
-    dl = row.get("download")
-    if dl:
-        figures["download MB/s"] = dl["median_mb_s"]
-        if dl.get("row_s_per_gb") is not None:
-            figures["download row CPU s/GB"] = dl["row_s_per_gb"]
+    for what in TRANSFERS:
+        dl = row.get(what)
+        if dl:
+            figures[f"{what} MB/s"] = dl["median_mb_s"]
+            if dl.get("row_s_per_gb") is not None:
+                figures[f"{what} row CPU s/GB"] = dl["row_s_per_gb"]
     ws = row.get("ws") or {}
     for conc, run in ws.get("echo", {}).items():
         figures[f"WebSocket c{conc} round trips/s"] = run["round_trips_per_s"]

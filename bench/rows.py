@@ -176,19 +176,20 @@ def reactor_of(child: Child) -> list[str]:
 def twisted_floor(upstream: Upstream, folder: Path) -> Iterator[RowRun]:
     """bench/twfloor.py: a bare twisted.web resource answering the upstream's two files itself,
     one process, listening as the forwarder does."""
-    if upstream.root is None:
+    if upstream.root is None or upstream.uploads is None:
         raise RowSkipped("the upstream has no folder of files to serve")
     folder.mkdir(exist_ok=True)
     port = free_port()
     name = "twisted.web floor"
     with contextlib.ExitStack() as stack:
         child = Child("twfloor", [sys.executable, str(HERE / "twfloor.py"), "--root", str(upstream.root),
-                                  "--listen", LISTEN.format(port=port)], folder)
+                                  "--uploads", str(upstream.uploads), "--listen", LISTEN.format(port=port)], folder)
         stack.callback(child.stop)
         base = f"http://127.0.0.1:{port}"
         _wait_ready(base + SMALL_PATH, [child], f"a 200 from the {name}")
         notes = ["bench/twfloor.py: a bare twisted.web resource (BridgeSite's settings) answering 100 bytes;"
-                 " no upstream", *reactor_of(child)]
+                 " no upstream; uploads are read by twisted.web (into a temp file), counted and dropped",
+                 *reactor_of(child)]
         yield RowRun(name, base, {"twisted.web": child.pids}, {}, notes, ws=False)
 
 

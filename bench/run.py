@@ -2,7 +2,7 @@
 
 Starts a fast upstream (nginx, else a Twisted static server), then each row in turn (direct,
 the twisted.web floor, the relay floor, ppbridge, ssh -R), measures small-request throughput
-and latency at several concurrencies, a one-stream download of a big file, WebSocket echo round
+and latency at several concurrencies, a one-stream download and upload of a big file, WebSocket echo round
 trips and one-connection WebSocket throughput (nginx only, not the floors), the CPU time and
 peak memory of every process of the row; then the capacity of one Redis (PUBLISH throughput at
 ppbridge's message sizes, combined with the ppbridge row's Redis commands and bytes per
@@ -38,9 +38,9 @@ from typing import Any
 import capacity
 import report
 import rows
-from loadgen import Downloader, LoadGenerator, LoadResult
+from loadgen import Downloader, DownloadResult, LoadGenerator, LoadResult, Uploader
 from procstats import Snapshot, loadavg, machine_busy_seconds, peak_rss_mib
-from upstreams import BIG_PATH, SMALL_PATH, WS_PATH, Upstream, start_upstream
+from upstreams import BIG_PATH, SMALL_PATH, UPLOAD_PATH, WS_PATH, Upstream, start_upstream
 
 WS_IMPORT_ERROR = ""
 try:
@@ -60,12 +60,14 @@ WS_INFLIGHT = 4  # throughput messages on their way at once
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="short runs: 2 s each, 0.5 s warm-up, one download")
+    p.add_argument("--quick", action="store_true", help="short runs: 2 s each, 0.5 s warm-up, one download and upload")
     p.add_argument("--duration", type=float, help="seconds per small-request run (default 8; quick 2)")
     p.add_argument("--warmup", type=float, help="warm-up seconds before each run, discarded (default 2; quick 0.5)")
     p.add_argument("--download-time", type=float,
-                   help="repeat the big download until this many seconds have passed (default 5; quick 0)")
-    p.add_argument("--download-max", type=int, default=10, help="at most this many downloads per row (10)")
+                   help="repeat the big download, then the upload, until this many seconds have passed"
+                        " (default 5; quick 0)")
+    p.add_argument("--download-max", type=int, default=10, help="at most this many downloads (and uploads) per row (10)")
+    p.add_argument("--no-upload", action="store_true", help="skip the one-stream uploads")
     p.add_argument("--concurrency", default="1,16,64", help="comma-separated connection counts (1,16,64)")
     p.add_argument("--big-mib", type=int, default=64, help="size of the big file in MiB (64)")
     p.add_argument("--rows", default=DEFAULT_ROWS, help=f"rows to run, in this order: {DEFAULT_ROWS} (all)")
@@ -74,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wan-only", action="store_true", help="with --wan-delay: skip the ordinary rows")
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto", help="small-request client")
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (1: the rest of 2 cores is the row's)")
-    p.add_argument("--downloader", choices=("auto", "curl", "python"), default="auto", help="download client")
+    p.add_argument("--downloader", choices=("auto", "curl", "python"), default="auto",
+                   help="download and upload client")
     p.add_argument("--no-nginx", action="store_true", help="use the Twisted static upstream even if nginx exists")
     p.add_argument("--no-ws", action="store_true", help="skip the WebSocket measurements")
     p.add_argument("--ws-duration", type=float,
@@ -119,9 +122,10 @@ class Bench:
     """One benchmark run: options, clients, the upstream, and the result being built."""
 
     def __init__(self, args: argparse.Namespace, tmp: Path, upstream: Upstream,
-                 loadgen: LoadGenerator, downloader: Downloader, ws: wsload.WsClient | None = None) -> None:
+                 loadgen: LoadGenerator, downloader: Downloader, ws: wsload.WsClient | None = None,
+                 uploader: Uploader | None = None) -> None:
         self.args, self.tmp, self.upstream = args, tmp, upstream
-        self.loadgen, self.downloader, self.ws = loadgen, downloader, ws
+        self.loadgen, self.downloader, self.ws, self.uploader = loadgen, downloader, ws, uploader
 
     def measured(self, run: rows.RowRun, action: Callable[[], Any]) -> tuple[Any, dict[str, float], float,
                                                                            dict[str, float]]:
@@ -163,10 +167,21 @@ class Bench:
 
     def download_run(self, run: rows.RowRun) -> dict[str, Any]:
         a = self.args
-        def action() -> Any:
-            return self.downloader.run(run.base_url + BIG_PATH, self.upstream.big_size, a.download_time,
-                                       a.download_max, timeout=120)
+        return self.transfer_run(run, "download", lambda: self.downloader.run(
+            run.base_url + BIG_PATH, self.upstream.big_size, a.download_time, a.download_max, timeout=120))
 
+    def upload_run(self, run: rows.RowRun) -> dict[str, Any]:
+        """PUTs of the big file, checked against what the upstream (or the twisted.web floor) received."""
+        a, up, uploader = self.args, self.upstream, self.uploader
+        assert uploader is not None and up.root is not None
+        source = up.root / BIG_PATH.lstrip("/")
+        return self.transfer_run(run, "upload", lambda: uploader.run(
+            run.base_url + UPLOAD_PATH, source, a.download_time, a.download_max, 120,
+            up.upload_received, up.upload_reset))
+
+    def transfer_run(self, run: rows.RowRun, what: str, action: Callable[[], DownloadResult]) -> dict[str, Any]:
+        """One-stream transfers measured: MB/s, the CPU of each process per GB carried."""
+        dl: DownloadResult
         dl, used, others, grown = self.measured(run, action)
         gb = max(dl.total_bytes, 1) / 1e9
         own = {role: used[role] for role in run.roles}
@@ -179,7 +194,8 @@ class Bench:
             "others_cpu_pct": round(others / max(dl.seconds, 1e-9) * 100, 1),
             "per_mib": {k: round(v / (max(dl.total_bytes, 1) / 2**20), 2) for k, v in grown.items()},
         })
-        say(f"  {run.name} download: {dl.median_mb_s:,.0f} MB/s over {len(dl.speeds_mb_s)} run(s)"
+        say(f"  {run.name} {what}: {dl.median_mb_s:,.0f} MB/s over {len(dl.speeds_mb_s)} run(s)"
+            + (f", row CPU {figures['row_s_per_gb']:.2f} s/GB" if own else "")
             + (f", errors: {'; '.join(dl.errors)}" if dl.errors else ""))
         return figures
 
@@ -193,6 +209,9 @@ class Bench:
         rss: dict[str, Any] = {"after_small": _rounded(peak_rss_mib(everything))}
         result["download"] = self.download_run(run)
         rss["after_download"] = _rounded(peak_rss_mib(everything))
+        if self.uploader is not None:
+            result["upload"] = self.upload_run(run)
+            rss["after_upload"] = _rounded(peak_rss_mib(everything))
         if self.ws is not None and run.ws:
             result["ws"] = self.ws_row(run)
             rss["after_ws"] = _rounded(peak_rss_mib(everything))
@@ -427,8 +446,9 @@ def run_all(args: argparse.Namespace, tmp: Path, result: dict[str, Any], started
     meta = result["meta"]
     loadgen = LoadGenerator(tmp, args.loadgen, args.wrk_threads)
     downloader = Downloader(args.downloader)
-    meta.update(loadgen=loadgen.tool, downloader=downloader.tool)
-    meta["notes"] += [n for n in (loadgen.note, downloader.note) if n]
+    uploader = None if args.no_upload or args.wan_only else Uploader(args.downloader)
+    meta.update(loadgen=loadgen.tool, downloader=downloader.tool, uploader=uploader.tool if uploader else None)
+    meta["notes"] += [n for n in (loadgen.note, downloader.note, uploader.note if uploader else "") if n]
     ws_wanted = not args.no_ws and not args.wan_only and wsload is not None
     with start_upstream(tmp, args.big_mib << 20, allow_nginx=not args.no_nginx, ws=ws_wanted) as upstream:
         meta["upstream"] = upstream.kind
@@ -444,7 +464,7 @@ def run_all(args: argparse.Namespace, tmp: Path, result: dict[str, Any], started
                       "path": f"nginx {WS_PATH} -> bench/wsecho.py" if ws else None}
         if skipped:
             say(f"WebSocket measurements skipped: {skipped}")
-        bench = Bench(args, tmp, upstream, loadgen, downloader, ws)
+        bench = Bench(args, tmp, upstream, loadgen, downloader, ws, uploader)
         if not args.wan_only:
             for key in args.row_keys:
                 name = ROW_NAMES[key]

@@ -6,7 +6,11 @@ reactor twistd installs (the platform default, epoll on Linux):
 
 - ``/small.txt``: DIR's 100-byte file, read once at start, answered from memory;
 - ``/big.bin``: DIR's big file, streamed with a push producer in 256 KiB writes (the size of
-  the frames the forwarder writes), so memory stays flat.
+  the frames the forwarder writes), so memory stays flat;
+- ``PUT /upload.bin``: the body as twisted.web reads it before any resource sees it (into a
+  temporary file above 100 KB), counted and answered 201; the count is recorded as the size of
+  a sparse ``--uploads DIR/upload.bin`` (no data written), where the bench checks it as it
+  checks nginx's uploads.
 
 The site is set up as the forwarder's ``BridgeSite`` (ppbridge/webface.py): a 60 s idle
 timeout, no multipart form parsing, not noisy, no access log; ENDPOINT is the forwarder's
@@ -28,6 +32,7 @@ from zope.interface import implementer
 
 SMALL_PATH = b"/small.txt"  # bench/upstreams.py's paths
 BIG_PATH = b"/big.bin"
+UPLOAD_PATH = b"/upload.bin"
 CHUNK = 256 * 1024  # the forwarder's default frame_size: what it writes to a client at a time
 SITE_TIMEOUT = 60.0  # BridgeSite's default idle timeout (ppbridge/webface.py)
 
@@ -113,10 +118,11 @@ class Floor(Resource):
 
     isLeaf = True
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, uploads: Path) -> None:
         super().__init__()
         self.small = (root / SMALL_PATH.decode().lstrip("/")).read_bytes()
         self.big = root / BIG_PATH.decode().lstrip("/")
+        self.upload_record = uploads / UPLOAD_PATH.decode().lstrip("/")
 
     def render_GET(self, request: Any) -> Any:
         if request.path == SMALL_PATH:
@@ -127,17 +133,28 @@ class Floor(Resource):
         request.setResponseCode(404)
         return b"not found\n"
 
+    def render_PUT(self, request: Any) -> bytes:
+        if request.path != UPLOAD_PATH:
+            request.setResponseCode(405)
+            return b"PUT only to /upload.bin\n"
+        received = request.content.seek(0, os.SEEK_END)
+        with open(self.upload_record, "wb") as record:
+            record.truncate(received)  # sparse: the count, not the bytes
+        request.setResponseCode(201)
+        return b""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True, help="folder with small.txt and big.bin")
+    parser.add_argument("--uploads", type=Path, required=True, help="folder where an upload's size is recorded")
     parser.add_argument("--listen", required=True, help="endpoint, e.g. tcp:8080:interface=127.0.0.1:backlog=1024")
     args = parser.parse_args()
 
     from twisted.internet import reactor as global_reactor
 
     reactor: Any = global_reactor
-    listen(reactor, args.listen, floor_site(Floor(args.root)), "twisted.web floor")
+    listen(reactor, args.listen, floor_site(Floor(args.root, args.uploads)), "twisted.web floor")
     reactor.run()
 
 

@@ -1,7 +1,10 @@
 """The fast upstream every row calls: nginx when installed, else a Twisted static server.
 
 Both serve the same two files from a folder in the run's temp dir: ``/small.txt`` (a 100-byte
-body) and ``/big.bin`` (64 MiB of random bytes by default). With nginx, ``/ws`` is also
+body) and ``/big.bin`` (64 MiB of random bytes by default), and take uploads: a ``PUT`` of
+``/upload.bin`` is read whole and written to ``upload.bin`` in a folder of its own (nginx's DAV
+module, which answers only after the last byte is in), so the bench can check by the file's size
+that every byte arrived. With nginx, ``/ws`` is also
 proxied (HTTP/1.1, ``Upgrade``/``Connection`` passed on) to bench/wsecho.py, a WebSocket echo
 server, so every row reaches WebSocket through the same base URL and the same extra hop.
 """
@@ -25,6 +28,7 @@ from procstats import PidSource
 SMALL_PATH = "/small.txt"
 BIG_PATH = "/big.bin"
 WS_PATH = "/ws"
+UPLOAD_PATH = "/upload.bin"
 SMALL_SIZE = 100
 START_TIMEOUT = 15.0
 HERE = Path(__file__).resolve().parent
@@ -45,6 +49,8 @@ class Upstream:
     """Why there is no ``/ws`` (empty when there is)."""
     root: Path | None = None
     """The folder with the two files (the twisted.web floor serves the same ones)."""
+    uploads: Path | None = None
+    """The folder an upload of :data:`UPLOAD_PATH` is written to."""
 
     @property
     def base_url(self) -> str:
@@ -52,6 +58,17 @@ class Upstream:
 
     def roles(self) -> dict[str, PidSource]:
         return {"nginx" if self.kind.startswith("nginx") else "upstream": self.child.pids}
+
+    def upload_received(self) -> int:
+        """Bytes of the last upload the upstream wrote out (-1: none since :meth:`upload_reset`)."""
+        try:
+            return (self.uploads or Path("/nonexistent")).joinpath(UPLOAD_PATH.lstrip("/")).stat().st_size
+        except FileNotFoundError:
+            return -1
+
+    def upload_reset(self) -> None:
+        """Forget the last upload, so the next check sees only the next one."""
+        (self.uploads or Path("/nonexistent")).joinpath(UPLOAD_PATH.lstrip("/")).unlink(missing_ok=True)
 
     def ws_roles(self) -> dict[str, PidSource]:
         """The processes a WebSocket message passes through upstream: nginx and the echo server."""
@@ -78,9 +95,11 @@ def nginx_version(binary: str) -> str:
     return (out.stderr or out.stdout).strip().replace("nginx version: ", "")
 
 
-def _nginx_config(tmp: Path, www: Path, port: int, ws_port: int | None = None) -> Path:
+def _nginx_config(tmp: Path, www: Path, port: int, ws_port: int | None = None, uploads: Path | None = None) -> Path:
     """A self-contained nginx.conf: one worker, no access log, every path in ``tmp``; with
-    ``ws_port``, ``/ws`` proxied to the WebSocket echo server there (upgrade passed on)."""
+    ``ws_port``, ``/ws`` proxied to the WebSocket echo server there (upgrade passed on); with
+    ``uploads``, a ``PUT`` of :data:`UPLOAD_PATH` written there by the DAV module, which reads
+    the whole body (into a temp file, renamed into place) before it answers 201."""
     temp = tmp / "nginx-temp"
     temp.mkdir()
     paths = {name: temp / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
@@ -96,6 +115,12 @@ def _nginx_config(tmp: Path, www: Path, port: int, ws_port: int | None = None) -
             proxy_busy_buffers_size 64k;
             proxy_read_timeout 3600s;
             proxy_send_timeout 3600s;
+        }}"""
+    upload = "" if uploads is None else f"""
+        location = {UPLOAD_PATH} {{
+            root {uploads};
+            dav_methods PUT;
+            client_max_body_size 0;
         }}"""
     conf = tmp / "nginx.conf"
     conf.write_text(f"""daemon off;
@@ -120,7 +145,7 @@ http {{
     server {{
         listen 127.0.0.1:{port} backlog=1024;
         root {www};
-        location / {{ }}{ws}
+        location / {{ }}{ws}{upload}
     }}
 }}
 """)
@@ -133,6 +158,9 @@ def start_upstream(tmp: Path, big_size: int, allow_nginx: bool = True, ws: bool 
     (and ``ws``) the WebSocket echo server behind its ``/ws``; stop them on exit."""
     www = tmp / "www"
     _write_files(www, big_size)
+    uploads = tmp / "uploads"
+    uploads.mkdir()
+    os.chmod(uploads, 0o777)  # nginx workers (another user) write the uploads here
     port = free_port()
     nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
     notes: list[str] = []
@@ -145,7 +173,7 @@ def start_upstream(tmp: Path, big_size: int, allow_nginx: bool = True, ws: bool 
                 ws_child, ws_port, ws_skipped = _start_wsecho(tmp)
                 if ws_child is not None:
                     stack.callback(ws_child.stop)  # after nginx's stop (callbacks run last in, first out)
-            conf = _nginx_config(tmp, www, port, ws_port)
+            conf = _nginx_config(tmp, www, port, ws_port, uploads)
             child = Child("nginx", [nginx, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "nginx-error.log")],
                           tmp)
             kind = f"nginx {nginx_version(nginx)} (1 worker, sendfile)"
@@ -153,13 +181,13 @@ def start_upstream(tmp: Path, big_size: int, allow_nginx: bool = True, ws: bool 
             notes.append("nginx not installed: upstream is bench/staticserver.py (twisted.web.static)"
                          if not nginx else "nginx disabled (--no-nginx): upstream is bench/staticserver.py")
             child = Child("staticserver", [sys.executable, str(HERE / "staticserver.py"), "--root", str(www),
-                                           "--port", str(port)], tmp)
+                                           "--uploads", str(uploads), "--port", str(port)], tmp)
             kind = "twisted.web.static (bench/staticserver.py)"
             if ws:
                 ws_skipped = "no nginx: the Twisted static upstream does not pass /ws on to the echo server"
         stack.callback(child.stop)
         wait_until(lambda: http_ok(f"http://127.0.0.1:{port}{SMALL_PATH}"), START_TIMEOUT, "the upstream", child)
-        yield Upstream(kind, port, child, big_size, notes, ws_child, ws_skipped, www)
+        yield Upstream(kind, port, child, big_size, notes, ws_child, ws_skipped, www, uploads)
 
 
 def _start_wsecho(tmp: Path) -> tuple[Child | None, int | None, str]:
