@@ -296,5 +296,6 @@ def _quiet_reconnects(factory: txredisapi.RedisFactory) -> None:
 
 
 def _gave_up(factory: txredisapi.RedisFactory | None) -> bool:
-    """A factory that stopped reconnecting on its own (failed AUTH/SELECT), not by stop()."""
+    """A factory that stopped reconnecting on its own (failed AUTH/SELECT), not by stop() or
+    disconnect(); the bus's and the sentinels' (:mod:`ppbridge.sentinel`)."""
     return factory is not None and factory.stopped and not factory.disconnectCalled

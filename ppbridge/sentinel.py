@@ -43,7 +43,7 @@ from zope.interface import implementer
 
 from ppbridge.logsafe import Throttle, escape
 from ppbridge.redisconfig import RedisSettings
-from ppbridge.redisconn import GuardedReader
+from ppbridge.redisconn import GuardedReader, _gave_up
 from ppbridge.respguard import RespGuard, RespProtocolError
 from ppbridge.sentinelreply import Address, parse_master_reply, parse_switch, role_of
 
@@ -52,11 +52,6 @@ log = Logger()
 EndpointFor = Callable[[str, int], Any]  # (host, port) -> an IStreamClientEndpoint
 QUERY_TIMEOUT = 2.0  # per sentinel asked; a sentinel is on a LAN, or it is no help in a failover
 SWITCH_CHANNEL = b"+switch-master"
-
-
-def _gave_up(factory: txredisapi.RedisFactory | None) -> bool:
-    """A factory that stopped reconnecting on its own (failed AUTH), not by disconnect()."""
-    return factory is not None and factory.stopped and not factory.disconnectCalled
 
 
 # --- connections to the sentinels ----------------------------------------------------------
