@@ -8,7 +8,10 @@ callbacks between them; the services publish about one message per request each 
 gives its caller one Deferred, fired from its own reply. The transport buffers what is written
 in one reactor turn and sends it with one ``send`` when the reactor next polls, so several
 publishes of a turn leave in one write, in order, and no later than before (a publish is never
-held back behind anything else the process writes in that turn). Redis answers commands in the
+held back behind anything else the process writes in that turn). Every ``SEND_EVERY``-th PUBLISH
+sends what the transport holds at once (:func:`ppbridge.sendnow.send_now`): under load, Redis
+and the peer start on the first messages of a turn while this process goes on with the rest,
+instead of waiting for the whole turn. Redis answers commands in the
 order they were written, so one FIFO of "who waits for the next reply" covers both kinds: an
 entry per pipelined PUBLISH, ``None`` per command txredisapi sent itself (AUTH, SELECT, PING,
 PUBSUB...), whose reply goes on to txredisapi's own queue.
@@ -27,6 +30,13 @@ import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
+from ppbridge.sendnow import send_now
+
+SEND_EVERY = 8
+"""PUBLISHes written between two sends before the reactor's own: at c16, 8 cut a turn's batch
+of sixteen in two (bench, c16: +40 % req/s for the same CPU per request; every PUBLISH sent
+alone cost a quarter more CPU per request for less gain)."""
+
 
 class PipelinedPublish:
     """The pipelining half of a txredisapi protocol (a base class before it in the MRO)."""
@@ -34,6 +44,7 @@ class PipelinedPublish:
     transport: Any
     connected: int
     _waiters: deque[Deferred[int] | None] | None = None  # per command written: who takes its reply
+    _written = 0  # PUBLISHes written, counting to SEND_EVERY
     check_reply: Callable[[object], None]  # looks at every reply first (the publisher's -READONLY check)
 
     def _fifo(self) -> deque[Deferred[int] | None]:
@@ -49,6 +60,10 @@ class PipelinedPublish:
         self.transport.write(self._build_command(b"PUBLISH", channel, message))  # type: ignore[attr-defined]
         waiter: Deferred[int] = Deferred()
         self._fifo().append(waiter)
+        self._written += 1
+        if self._written >= SEND_EVERY:
+            self._written = 0
+            send_now(self.transport)
         return waiter
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Deferred[Any]:

@@ -124,22 +124,27 @@ class RealRedisTests(TestCase):
     """Against a real redis-server, on the real reactor."""
 
     @defer.inlineCallbacks
-    def test_one_send_for_a_turns_publishes(self):  # type: ignore[no-untyped-def]
-        """Three publishes made in one reactor turn leave in one send on the publisher's
-        socket; they arrive in order, and each Deferred fires with its own receiver count."""
+    def connected_bus(self, channel: bytes):  # type: ignore[no-untyped-def]
+        """A started bus on a fresh redis-server, subscribed to ``channel`` (Redis counts it),
+        and the list its messages go to."""
         server = start_redis(self)
         bus = RedisBus(RedisSettings(url=server.url, host="127.0.0.1", port=server.port, namespace="ns"), reactor)
         received: list[tuple[bytes, bytes]] = []
         bus.on_message = lambda channel, data: received.append((channel, data))
-        yield bus.subscribe(b"ns:one")
+        yield bus.subscribe(channel)
         bus.start()
         self.addCleanup(bus.stop)
         yield poll(lambda: bus.connected, 10, "the bus connected")
         for _ in range(200):  # until Redis counts the subscription
-            counts = yield bus.numsub([b"ns:one"])
-            if counts.get(b"ns:one") == 1:
+            counts = yield bus.numsub([channel])
+            if counts.get(channel) == 1:
                 break
             yield deferLater(reactor, 0.05, lambda: None)
+        return bus, received
+
+    @staticmethod
+    def count_sends(bus: RedisBus) -> list[int]:
+        """The sizes of the publisher socket's sends from now on, in a list kept up to date."""
         transport = bus._pub.transport
         sends: list[int] = []
         write_some = transport.writeSomeData
@@ -149,6 +154,14 @@ class RealRedisTests(TestCase):
             return write_some(data)
 
         transport.writeSomeData = counted
+        return sends
+
+    @defer.inlineCallbacks
+    def test_one_send_for_a_turns_publishes(self):  # type: ignore[no-untyped-def]
+        """Three publishes made in one reactor turn leave in one send on the publisher's
+        socket; they arrive in order, and each Deferred fires with its own receiver count."""
+        bus, received = yield self.connected_bus(b"ns:one")
+        sends = self.count_sends(bus)
         done = defer.gatherResults([bus.publish(channel, b"m%d" % i)
                                     for i, channel in enumerate((b"ns:one", b"ns:none", b"ns:one"))])
         counts = yield done
@@ -156,3 +169,22 @@ class RealRedisTests(TestCase):
         self.assertEqual(len(sends), 1, sends)
         yield poll(lambda: len(received) == 2, 10, "both messages delivered")
         self.assertEqual(received, [(b"ns:one", b"m0"), (b"ns:one", b"m2")])
+
+    @defer.inlineCallbacks
+    def test_every_eighth_publish_sent_before_the_turn_ends(self):  # type: ignore[no-untyped-def]
+        """Twenty publishes made in one reactor turn: the eighth and the sixteenth send what is
+        buffered before the turn ends (SEND_EVERY), so two sends of eight PUBLISHes each have
+        happened by the time the loop is done; the last four leave with the reactor. All
+        twenty arrive, in order."""
+        from ppbridge.pubpipeline import SEND_EVERY
+        self.assertEqual(SEND_EVERY, 8)
+        bus, received = yield self.connected_bus(b"ns:many")
+        sends = self.count_sends(bus)
+        one = len(publish_command(b"ns:many", b"m00"))
+        done = [bus.publish(b"ns:many", b"m%02d" % i) for i in range(20)]
+        self.assertEqual(sends, [8 * one, 8 * one])  # before the reactor has run
+        counts = yield defer.gatherResults(done)
+        self.assertEqual(counts, [1] * 20)
+        self.assertEqual(sends, [8 * one, 8 * one, 4 * one])
+        yield poll(lambda: len(received) == 20, 10, "all twenty delivered")
+        self.assertEqual(received, [(b"ns:many", b"m%02d" % i) for i in range(20)])
