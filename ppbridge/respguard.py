@@ -20,8 +20,8 @@ bytes whose sizes it has checked:
   declare more than ``max_elements`` elements, nesting deeper than ``max_depth``, a length that
   hiredis would not accept either, or a type byte other than ``+ - : $ *``.
 
-A push payload of at least ``cut_min`` bytes that is not all in one read is **cut out** of
-the stream (it is within its limit, or it would be dropped as above): the parser gets its
+A push payload of at least ``cut_min`` bytes is **cut out** of the stream (it is within its
+limit, or it would be dropped as above): the parser gets its
 header only once the body is complete, as ``$0``, and the guard keeps memoryviews of the body
 as it streams in and joins them once, into the payload the reply is delivered with
 (:meth:`RespGuard.cut_payload`, after :meth:`RespGuard.delivered`). hiredis would otherwise
@@ -227,7 +227,7 @@ class RespGuard:
             size = _length(data[pos:eol])
             if self._bulk_header(size):
                 self._replace(data, pos, eol + 2, EMPTY_BULK)
-            elif self._capture_role == _PAYLOAD and size >= self.cut_min and eol + size + 4 > end:
+            elif self._capture_role == _PAYLOAD and size >= self.cut_min:
                 self._replace(data, pos, eol + 2)  # "$0" follows the body (_cut_done)
                 self._discard = True
                 self._cut_parts, self._cut_left = [], size
@@ -276,7 +276,7 @@ class RespGuard:
             return 0
         size = int(payload[1])
         after = payload.end() + size + 2
-        if after > end or size > limit_for(data[name.end():at]):
+        if after > end or size >= self.cut_min or size > limit_for(data[name.end():at]):
             return 0
         self.replies += 1
         return after

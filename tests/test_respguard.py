@@ -20,6 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from ppbridge.bus import SMALL_MESSAGE, RedisBus, _PublisherFactory, _SubscriberFactory
 from ppbridge.config import RedisSettings
+from ppbridge.redisconn import SUBSCRIBER_READ_SIZE
 from ppbridge.respguard import EMPTY_BULK, RespGuard, RespProtocolError
 from tests.redisclient import RawRedisClient
 from tests.support import start_redis
@@ -48,6 +49,20 @@ def parse(stream: bytes) -> list[Any]:
     while (reply := reader.gets()) is not False:
         replies.append(reply)
     return replies
+
+
+def through(guard: RespGuard, stream: bytes) -> list[Any]:
+    """What a subscriber delivers from ``stream``: hiredis' replies of the pass-through, each
+    with the payload the guard cut out put back, the dropped ones left out."""
+    out = []
+    for reply in parse(guard.feed(stream)):
+        if guard.delivered():
+            continue
+        payload = guard.cut_payload()
+        if payload is not None:
+            reply[-1] = payload
+        out.append(reply)
+    return out
 
 
 class Recorder:
@@ -199,11 +214,11 @@ class PushTests(TestCase):
         reports: list[tuple[bytes, int]] = []
         guard = RespGuard(bus.limit_for, lambda ch, n: reports.append((ch, n)))
         for channel in (b"ns:negotiate", b"ns:announce"):
-            at_limit = message(channel, b"n" * SMALL_MESSAGE)
-            self.assertEqual(guard.feed(at_limit), at_limit)
-            guard.feed(message(channel, b"n" * (SMALL_MESSAGE + 1)))
-        data = message(CHANNEL, b"d" * (SMALL_MESSAGE + 1))
-        self.assertEqual(guard.feed(data), data)
+            at_limit = b"n" * SMALL_MESSAGE
+            self.assertEqual(through(guard, message(channel, at_limit)), [[b"message", channel, at_limit]])
+            self.assertEqual(through(guard, message(channel, b"n" * (SMALL_MESSAGE + 1))), [])
+        data = b"d" * (SMALL_MESSAGE + 1)
+        self.assertEqual(through(guard, message(CHANNEL, data)), [[b"message", CHANNEL, data]])
         self.assertEqual(reports, [(b"ns:negotiate", SMALL_MESSAGE + 1), (b"ns:announce", SMALL_MESSAGE + 1)])
 
     def test_long_channel_name_is_dropped_not_fatal(self) -> None:
@@ -257,13 +272,23 @@ class CutTests(TestCase):
         self.assertNotIn(big, passed)
         self.assertNotIn(other, passed)
 
-    def test_whole_or_small_payloads_pass_through(self) -> None:
-        """A payload all in one read, or under ``cut_min``, goes through the parser as before."""
+    def test_small_payloads_pass_through(self) -> None:
+        """A payload under ``cut_min`` goes through the parser as before, whole or split."""
         rec = Recorder(cut_min=20)
-        stream = message(CHANNEL, b"B" * 60) + message(CHANNEL, b"s" * 19)
+        stream = message(CHANNEL, b"s" * 19) + message(CHANNEL, b"t" * 19)
         self.assertEqual(rec.feed_all([stream]), stream)
         cut = len(stream) - 5
         self.assertEqual(rec.feed_all([stream[:cut], stream[cut:]]), stream)
+        self.assertEqual(len(rec.guard.cut), 0)
+
+    def test_big_payload_in_one_read_is_cut_too(self) -> None:
+        """A big payload all in one read is cut out as well (hiredis would copy it twice)."""
+        rec = Recorder(cut_min=20)
+        stream = message(CHANNEL, b"B" * 60) + message(CHANNEL, b"s")
+        passed = rec.feed_all([stream])
+        self.assertEqual(passed, message(CHANNEL, b"") + message(CHANNEL, b"s"))
+        self.assertEqual(self.deliver(rec, [b""]), [])
+        self.assertEqual(list(rec.guard.cut), [(0, b"B" * 60)])
 
     def test_header_waits_for_the_body(self) -> None:
         """The parser gets no part of a message being cut out until its body is complete, so
@@ -388,6 +413,18 @@ class AdapterTests(TestCase):
         for at in range(0, len(stream), 97):
             conn.sub.dataReceived(stream[at:at + 97])
         self.assertEqual(conn.messages, [(CHANNEL, b"a"), (CHANNEL, big[:LIMIT - 300]), (CHANNEL, b"b")])
+
+    def test_subscriber_reads_a_frame_at_a_time(self) -> None:
+        """A subscriber connection reads up to 256 KiB per recv() (Twisted's 64 KiB would
+        take five reads per frame); the publisher's keeps Twisted's size."""
+        conn = Connections()
+        for factory, expected in ((_SubscriberFactory(conn.bus), SUBSCRIBER_READ_SIZE), (_PublisherFactory(conn.bus), 65536)):
+            factory.charset, factory.convertNumbers, factory.dbid = None, False, 0
+            transport = StringTransport()
+            transport.bufferSize = 65536  # type: ignore[attr-defined]
+            factory.buildProtocol(None).makeConnection(transport)
+            self.assertEqual(transport.bufferSize, expected)  # type: ignore[attr-defined]
+        self.assertEqual(SUBSCRIBER_READ_SIZE, 256 * 1024)
 
     def test_subscriber_aborts_on_protocol_error(self) -> None:
         """A bad type byte aborts the subscriber's connection and nothing after it is read."""
