@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="ppbridge.bus")
 PUBLISH_SEND_LIMIT = SEND_LIMIT  # bytes per send() on the publisher connection (see ppbridge.sendlimit)
-SUBSCRIBER_READ_SIZE = 256 * 1024  # bytes per recv() on a subscriber connection (Twisted: 64 KiB)
 
 
 def _ignore(*args: object) -> None:
@@ -260,11 +259,6 @@ class _Subscriber(_Guarded, txredisapi.SubscriberProtocol):
     @defer.inlineCallbacks
     def connectionMade(self):  # type: ignore[no-untyped-def]
         # Twisted ignores what connectionMade returns, so nothing may escape from here.
-        if hasattr(self.transport, "bufferSize"):
-            # Frame-sized reads: the guard cuts a frame's payload out of one or two reads
-            # instead of five. A subscriber writes only (un)subscriptions, with no producer, so
-            # bufferSize (also Twisted's write-pause threshold) changes nothing else here.
-            self.transport.bufferSize = SUBSCRIBER_READ_SIZE
         try:
             yield super().connectionMade()  # AUTH, SELECT, SETNAME; behind sentinels ROLE
             if self.connected and self._ready and self.checked:

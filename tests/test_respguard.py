@@ -20,7 +20,6 @@ from twisted.trial.unittest import TestCase
 
 from ppbridge.bus import SMALL_MESSAGE, RedisBus, _PublisherFactory, _SubscriberFactory
 from ppbridge.config import RedisSettings
-from ppbridge.redisconn import SUBSCRIBER_READ_SIZE
 from ppbridge.respguard import EMPTY_BULK, RespGuard, RespProtocolError
 from tests.redisclient import RawRedisClient
 from tests.support import start_redis
@@ -413,18 +412,6 @@ class AdapterTests(TestCase):
         for at in range(0, len(stream), 97):
             conn.sub.dataReceived(stream[at:at + 97])
         self.assertEqual(conn.messages, [(CHANNEL, b"a"), (CHANNEL, big[:LIMIT - 300]), (CHANNEL, b"b")])
-
-    def test_subscriber_reads_a_frame_at_a_time(self) -> None:
-        """A subscriber connection reads up to 256 KiB per recv() (Twisted's 64 KiB would
-        take five reads per frame); the publisher's keeps Twisted's size."""
-        conn = Connections()
-        for factory, expected in ((_SubscriberFactory(conn.bus), SUBSCRIBER_READ_SIZE), (_PublisherFactory(conn.bus), 65536)):
-            factory.charset, factory.convertNumbers, factory.dbid = None, False, 0
-            transport = StringTransport()
-            transport.bufferSize = 65536  # type: ignore[attr-defined]
-            factory.buildProtocol(None).makeConnection(transport)
-            self.assertEqual(transport.bufferSize, expected)  # type: ignore[attr-defined]
-        self.assertEqual(SUBSCRIBER_READ_SIZE, 256 * 1024)
 
     def test_subscriber_aborts_on_protocol_error(self) -> None:
         """A bad type byte aborts the subscriber's connection and nothing after it is read."""
