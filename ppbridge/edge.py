@@ -226,6 +226,7 @@ class EdgeChannel(HTTPChannel):
         WebSocket resource uses) and ``_dataBuffer`` (bytes read while the request was being
         handled), both checked against Twisted 26.10.0."""
         self.stand_down()
+        self.read_body(False)  # the tunnel reads (and pauses writes) as Twisted does
         self.setTimeout(None)
         self.edge.open.discard(self)
         early, self._dataBuffer = b"".join(self._dataBuffer), []
