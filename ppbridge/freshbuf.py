@@ -9,9 +9,11 @@ instructions per MiB each). CPython's C API makes both without the fill:
 contents are uninitialized until the caller writes them, as ``AESGCM.encrypt_into`` /
 ``decrypt_into`` then do, all of them.
 
-A new ``bytes`` is written through a view of its own storage (``bytes.__basicsize__ - 1``
-bytes into the object, where CPython keeps ``ob_sval``) before any other code has seen it:
-what C code does with that API. Checked against CPython 3.10-3.13: :data:`AVAILABLE` is the
+A new ``bytes`` is written through a view of its own storage (``PyMemoryView_FromMemory`` on
+``bytes.__basicsize__ - 1`` bytes into the object, where CPython keeps ``ob_sval``; no ctypes
+array type, which ctypes would cache per size) before any other code has seen it: what C code
+does with that API. Only buffers of :data:`FRESH_MIN` bytes or more are made so: below that
+the fill costs less than the calls. Checked against CPython 3.11: :data:`AVAILABLE` is the
 result of a self-test at import; elsewhere (PyPy, a changed layout) the functions fall back to
 the ordinary zero-filled buffers. tests/test_freshbuf.py fails loudly if the self-test does.
 """
@@ -23,30 +25,39 @@ import sys
 from typing import Any, Callable
 
 
-def _api(name: str) -> Callable[[Any, int], Any] | None:
+FRESH_MIN = 16 * 1024  # smaller buffers are made the ordinary way
+
+
+def _api(name: str, *argtypes: Any) -> Callable[..., Any] | None:
     if sys.implementation.name != "cpython":
         return None
     function = getattr(ctypes.pythonapi, name, None)
     if function is None:
         return None
     function.restype = ctypes.py_object
-    function.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+    function.argtypes = argtypes or (ctypes.c_void_p, ctypes.c_ssize_t)
     return function  # type: ignore[no-any-return]
 
 
 _new_bytearray = _api("PyByteArray_FromStringAndSize")
 _new_bytes = _api("PyBytes_FromStringAndSize")
+_memory_view = _api("PyMemoryView_FromMemory", ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+_PYBUF_WRITE = 0x200
 _SVAL = bytes.__basicsize__ - 1  # offset of a bytes object's contents
 
 
 def _writable(data: bytes) -> memoryview:
-    """A writable view of a new ``bytes`` object's contents (see the module docstring)."""
-    return memoryview((ctypes.c_ubyte * len(data)).from_address(id(data) + _SVAL)).cast("B")
+    """A writable view of a new ``bytes`` object's contents (see the module docstring). It
+    does not keep ``data`` alive: the caller does, until the view is released."""
+    if _memory_view is None:
+        raise RuntimeError("PyMemoryView_FromMemory is not available")
+    view: memoryview = _memory_view(id(data) + _SVAL, len(data), _PYBUF_WRITE)
+    return view
 
 
 def fresh_bytearray(size: int) -> bytearray:
     """A bytearray of ``size`` bytes whose contents are unspecified: overwrite all of them."""
-    if not AVAILABLE or size <= 0:
+    if not AVAILABLE or size < FRESH_MIN:
         return bytearray(size)
     made: bytearray = _new_bytearray(None, size)  # type: ignore[misc]
     return made
@@ -54,8 +65,9 @@ def fresh_bytearray(size: int) -> bytearray:
 
 def fresh_bytes(size: int) -> tuple[bytes, memoryview]:
     """A ``bytes`` of ``size`` bytes and a writable view of it, through which the caller must
-    write every byte before the ``bytes`` is used (or drop both). The view must not be kept."""
-    if not AVAILABLE or size <= 0:
+    write every byte before the ``bytes`` is used (or drop both), then release the view
+    (:func:`filled`); the ``bytes`` must be kept until then."""
+    if not AVAILABLE or size < FRESH_MIN:
         buffer = bytearray(size)
         return b"", memoryview(buffer)  # the caller's fallback: see :func:`filled`
     made: bytes = _new_bytes(None, size)  # type: ignore[misc]
@@ -71,7 +83,7 @@ def filled(made: bytes, view: memoryview) -> bytes:
 
 
 def _self_test() -> bool:
-    if _new_bytes is None or _new_bytearray is None:
+    if _new_bytes is None or _new_bytearray is None or _memory_view is None:
         return False
     try:
         made: bytes = _new_bytes(None, 4)

@@ -20,7 +20,7 @@ class FreshBufTests(TestCase):
 
     def test_bytearray_size_and_type(self) -> None:
         """fresh_bytearray gives a writable bytearray of the size asked (0 included)."""
-        for size in (0, 1, 262184):
+        for size in (0, 1, freshbuf.FRESH_MIN - 1, freshbuf.FRESH_MIN, 262184):
             made = freshbuf.fresh_bytearray(size)
             self.assertIs(type(made), bytearray)
             self.assertEqual(len(made), size)
@@ -31,7 +31,7 @@ class FreshBufTests(TestCase):
     def test_bytes_written_through_view(self) -> None:
         """fresh_bytes: what is written through the view is what the bytes object holds, a real
         ``bytes`` (hashable, equal to its contents), for empty and frame-sized buffers."""
-        for data in (b"", b"x", os.urandom(262144)):
+        for data in (b"", b"x", os.urandom(freshbuf.FRESH_MIN), os.urandom(262144)):
             made, view = freshbuf.fresh_bytes(len(data))
             view[:] = data
             result = freshbuf.filled(made, view)
@@ -53,6 +53,18 @@ class FreshBufTests(TestCase):
         work the same way."""
         self.patch(freshbuf, "AVAILABLE", False)
         self.assertEqual(freshbuf.fresh_bytearray(4), bytearray(4))
-        made, view = freshbuf.fresh_bytes(5)
-        view[:] = b"hello"
-        self.assertEqual(freshbuf.filled(made, view), b"hello")
+        for size in (5, freshbuf.FRESH_MIN):
+            made, view = freshbuf.fresh_bytes(size)
+            view[:] = b"h" * size
+            self.assertEqual(freshbuf.filled(made, view), b"h" * size)
+
+    def test_no_type_per_size(self) -> None:
+        """The writable view is raw memory, with no ctypes array behind it (ctypes caches an
+        array type per length forever: a leak with every frame size a body can have)."""
+        if not freshbuf.AVAILABLE:
+            self.skipTest("no fresh buffers on this interpreter")
+        made, view = freshbuf.fresh_bytes(freshbuf.FRESH_MIN + 7)
+        self.assertIsNone(view.obj)
+        self.assertEqual((view.nbytes, view.readonly, view.format), (freshbuf.FRESH_MIN + 7, False, "B"))
+        view[:] = bytes(len(made))
+        self.assertEqual(freshbuf.filled(made, view), bytes(freshbuf.FRESH_MIN + 7))
