@@ -39,6 +39,7 @@ from zope.interface import implementer
 from ppbridge.errors import HeaderTimeout, HeaderTooLarge, RequestError, TooManyHeaders
 from ppbridge.logsafe import escape
 from ppbridge.sendlimit import SEND_LIMIT, raise_send_limit
+from ppbridge.wire import OVERHEAD
 
 MIN_TOTAL_HEAD = 16384  # twisted.web's totalHeadersSize
 LINGER = 2.0  # seconds a refused client may go on sending (dropped) before we close
@@ -108,6 +109,11 @@ class Edge:
 
 
 CLIENT_SEND_LIMIT = SEND_LIMIT  # bytes per send() to a client (see ppbridge.sendlimit)
+# Bytes per socket read while a big request body streams in (Twisted reads ``bufferSize``, 64
+# KiB): a full read is one DATA frame's payload at the default frame_size, sent as it is
+# instead of four reads joined into a frame. ``bufferSize`` is also Twisted's write-pause
+# threshold, so it is raised only for the body's time (:meth:`EdgeChannel.read_body`).
+UPLOAD_READ_SIZE = 256 * 1024 - OVERHEAD
 
 
 class EdgeChannel(HTTPChannel):
@@ -116,6 +122,7 @@ class EdgeChannel(HTTPChannel):
     refused = False
     draining = False
     tunnel: IProtocol | None = None  # who has the connection after take_over
+    _read_size: int | None = None  # the transport's own bufferSize while a body reads bigger
 
     def __init__(self, edge: Edge) -> None:
         super().__init__()
@@ -189,7 +196,20 @@ class EdgeChannel(HTTPChannel):
     def requestDone(self, request: Any) -> None:
         self._awaiting_head = True  # the timer starts with the next head's first byte
         self._head_bytes = False
+        self.read_body(False)
         super().requestDone(request)
+
+    def read_body(self, big: bool) -> None:
+        """Read ``UPLOAD_READ_SIZE`` bytes at a time while a big request body streams in
+        (``big``), Twisted's ``bufferSize`` otherwise. A transport without one (TLS) is left
+        as it is."""
+        transport: Any = self.transport
+        if not hasattr(transport, "bufferSize"):
+            return
+        if big and self._read_size is None:
+            self._read_size, transport.bufferSize = transport.bufferSize, UPLOAD_READ_SIZE
+        elif not big and self._read_size is not None:
+            transport.bufferSize, self._read_size = self._read_size, None
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.edge.open.discard(self)
@@ -206,6 +226,7 @@ class EdgeChannel(HTTPChannel):
         WebSocket resource uses) and ``_dataBuffer`` (bytes read while the request was being
         handled), both checked against Twisted 26.10.0."""
         self.stand_down()
+        self.read_body(False)  # the tunnel reads (and pauses writes) as Twisted does
         self.setTimeout(None)
         self.edge.open.discard(self)
         early, self._dataBuffer = b"".join(self._dataBuffer), []

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ppbridge.errors import BusMessageError
+from ppbridge.freshbuf import filled, fresh_bytearray, fresh_bytes
 from ppbridge.wire import HEADER_SIZE, TAG_SIZE, Header, MsgType, Role, pack_header
 
 KEY_SIZE = 32
@@ -71,7 +72,8 @@ class Envelope:
         self.sent = counter + 1
         header = pack_header(mtype, flags, self.role, self.key_id, counter, stream_id, seq)
         # Header and ciphertext in one buffer: a 256 KiB frame is not copied to prepend 40 bytes.
-        message = bytearray(HEADER_SIZE + len(payload) + TAG_SIZE)
+        # Not zero-filled first: the header and the cipher write every byte (ppbridge.freshbuf).
+        message = fresh_bytearray(HEADER_SIZE + len(payload) + TAG_SIZE)
         message[:HEADER_SIZE] = header
         self._seal.encrypt_into(_nonce(self.role, counter), payload, header + channel, memoryview(message)[HEADER_SIZE:])
         return message
@@ -87,12 +89,20 @@ class Envelope:
         if header.counter <= self.last_received:
             raise BusMessageError("replay", f"counter {header.counter} after {self.last_received}")
         view = memoryview(data)
+        size = len(data) - HEADER_SIZE - TAG_SIZE
+        if size < 0:  # shorter than a header and a tag: fails to authenticate, as before
+            raise BusMessageError("bad-tag", "authentication failed")
+        # Decrypted into a buffer that is not zero-filled first (ppbridge.freshbuf); on a bad
+        # tag it is dropped unread.
+        made, out = fresh_bytes(size)
         try:
-            plaintext = self._open.decrypt(
-                _nonce(self.peer_role, header.counter), view[HEADER_SIZE:], view[:HEADER_SIZE].tobytes() + channel
+            self._open.decrypt_into(
+                _nonce(self.peer_role, header.counter), view[HEADER_SIZE:], view[:HEADER_SIZE].tobytes() + channel, out
             )
         except InvalidTag:
+            out.release()
             raise BusMessageError("bad-tag", "authentication failed") from None
+        plaintext = filled(made, out)
         self.last_received = header.counter
         self.received += 1
         return plaintext

@@ -9,7 +9,9 @@ a reconnecting factory. What they work around in txredisapi 1.6.0, each in one p
 * no automatic resubscription: :class:`_Subscriber` hands every (re)connection to the bus,
   which resubscribes it (:mod:`ppbridge.redissubs`);
 * the reply reader buffers any bulk string whole: :class:`_Guarded` puts a
-  :class:`~ppbridge.respguard.RespGuard` in front of it;
+  :class:`~ppbridge.respguard.RespGuard` in front of it, which also cuts frame-sized payloads
+  out of the stream (one join instead of hiredis' two copies): :meth:`_Subscriber.replyReceived`
+  puts them back;
 * no CLIENT SETNAME option: :class:`_Guarded` names each connection (``ppbridge-publisher``,
   ``-subscriber``, ``-public``) so an operator can tell them apart in CLIENT LIST;
 * the command builder copies every argument about three times: :meth:`_Publisher._build_command`;
@@ -230,7 +232,8 @@ class _PublisherFactory(_Backoff, txredisapi.RedisFactory):
 class _Subscriber(_Guarded, txredisapi.SubscriberProtocol):
     """Delivers messages to the bus and resubscribes after every (re)connection. A message
     over the slot's limit for its channel is skipped as it streams in and reported to
-    ``bus.on_oversized``; the empty message the guard leaves in its place is not delivered."""
+    ``bus.on_oversized``; the empty message the guard leaves in its place is not delivered.
+    A big payload the guard cut out of the stream is put back into its reply here."""
 
     factory: _SubscriberFactory
 
@@ -244,8 +247,14 @@ class _Subscriber(_Guarded, txredisapi.SubscriberProtocol):
             log.failure("reporting an oversized bus message failed")
 
     def replyReceived(self, reply: object) -> None:
-        if self.guard is None or not self.guard.delivered():
-            super().replyReceived(reply)
+        guard = self.guard
+        if guard is not None:
+            if guard.delivered():
+                return
+            payload = guard.cut_payload()
+            if payload is not None and isinstance(reply, list) and reply:
+                reply[-1] = payload  # the parser read it as empty: the guard cut it out
+        super().replyReceived(reply)
 
     @defer.inlineCallbacks
     def connectionMade(self):  # type: ignore[no-untyped-def]

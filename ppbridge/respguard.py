@@ -20,6 +20,15 @@ bytes whose sizes it has checked:
   declare more than ``max_elements`` elements, nesting deeper than ``max_depth``, a length that
   hiredis would not accept either, or a type byte other than ``+ - : $ *``.
 
+A push payload of at least ``cut_min`` bytes is **cut out** of the stream (it is within its
+limit, or it would be dropped as above): the parser gets its
+header only once the body is complete, as ``$0``, and the guard keeps memoryviews of the body
+as it streams in and joins them once, into the payload the reply is delivered with
+(:meth:`RespGuard.cut_payload`, after :meth:`RespGuard.delivered`). hiredis would otherwise
+copy each frame-sized payload into its buffer, move the rest of that buffer up, and copy the
+payload out again. The bytes it is cut from are the ones the guard has checked, so what is
+delivered is exactly what the server sent; the bulk must end in CRLF.
+
 Bulk bodies are skipped by length, never scanned; line ends are found with ``bytes.find``.
 The pass-through is the input object itself unless something was replaced or an incomplete
 line is held back for the next :meth:`feed`. Which arrays are pushes follows txredisapi's own
@@ -40,6 +49,7 @@ MAX_NAME = 1024  # a channel name inside a push
 MAX_REPLY = 1024 * 1024  # one reply's bytes, not counting a push payload
 MAX_ELEMENTS = 65536  # array elements declared by one reply
 MAX_DEPTH = 8
+CUT_MIN = 16 * 1024  # a push payload at least this big and spread over reads is cut out (see above)
 EMPTY_BULK = b"$0\r\n\r\n"
 _MESSAGE, _PMESSAGE = b"message", b"pmessage"
 _BULK, _ARRAY, _STATUS, _ERROR, _INTEGER = 0x24, 0x2A, 0x2B, 0x2D, 0x3A
@@ -78,13 +88,19 @@ class RespGuard:
     def __init__(self, limit_for: Callable[[bytes], int] | None = None,
                  on_oversized: Callable[[bytes, int], None] = _ignore, *, max_line: int = MAX_LINE,
                  max_bulk: int = MAX_BULK, max_name: int = MAX_NAME, max_reply: int = MAX_REPLY,
-                 max_elements: int = MAX_ELEMENTS, max_depth: int = MAX_DEPTH) -> None:
+                 max_elements: int = MAX_ELEMENTS, max_depth: int = MAX_DEPTH, cut_min: int = CUT_MIN) -> None:
         self.limit_for = limit_for
         self.on_oversized = on_oversized
         self.max_line, self.max_bulk, self.max_name = max_line, max_bulk, max_name
         self.max_reply, self.max_elements, self.max_depth = max_reply, max_elements, max_depth
+        self.cut_min = cut_min
         self.replies = 0  # replies completed so far; the index of the one being read
         self.dropped: deque[int] = deque()  # indices of replies carrying a replaced payload
+        self.cut: deque[tuple[int, bytes]] = deque()  # (reply index, payload) cut out of the stream
+        self._cut_out: bytes | None = None  # the payload of the reply delivered last, if cut
+        self._cut_parts: list[memoryview] | None = None  # the payload being cut out, so far
+        self._cut_left = 0  # ... its bytes still to come (not counting the CRLF)
+        self._cut_tail = b""  # ... the CRLF after it, as it came
         self._delivered = 0
         self._partial = b""  # an incomplete line, held back
         self._out: list[bytes] = []  # during feed(): the pass-through up to _emit_from
@@ -111,10 +127,18 @@ class RespGuard:
         payload was replaced (a dropped message: do not deliver it)."""
         index = self._delivered
         self._delivered += 1
+        cut = self.cut
+        self._cut_out = cut.popleft()[1] if cut and cut[0][0] == index else None
         if self.dropped and self.dropped[0] == index:
             self.dropped.popleft()
             return True
         return False
+
+    def cut_payload(self) -> bytes | None:
+        """The payload cut out of the reply :meth:`delivered` was last called for (the parser
+        saw it as empty: deliver this in its place), once; None when nothing was cut."""
+        payload, self._cut_out = self._cut_out, None
+        return payload
 
     def feed(self, data: bytes) -> bytes:
         """Scan the next bytes from the server; return those the parser may have now.
@@ -164,12 +188,36 @@ class RespGuard:
             keep = min(take, self._capture_left)
             capture += data[pos:pos + keep]
             self._capture_left -= keep
+        parts = self._cut_parts
+        if parts is not None:
+            self._cut_body(parts, data, pos, take)
         if self._discard:
             self._replace(data, pos, pos + take)
         self._skip -= take
         if not self._skip:
+            if self._cut_parts is not None:
+                self._cut_done(data, pos + take)
             self._bulk_done()
         return pos + take
+
+    def _cut_body(self, parts: list[memoryview], data: bytes, pos: int, take: int) -> None:
+        """Keep (uncopied, in ``parts``) what is here of the payload being cut out, and of its CRLF."""
+        size = min(take, self._cut_left)
+        if size:
+            parts.append(memoryview(data)[pos:pos + size])
+            self._cut_left -= size
+        if take > size:
+            self._cut_tail += data[pos + size:pos + take]
+
+    def _cut_done(self, data: bytes, at: int) -> None:
+        """The payload being cut out is complete: join it, and let the parser have its
+        header now, as an empty bulk, at ``at`` (just after the body)."""
+        parts, tail = self._cut_parts or [], self._cut_tail
+        self._cut_parts, self._cut_tail = None, b""
+        if tail != b"\r\n":
+            raise RespProtocolError("a bulk string not ended by CRLF")
+        self.cut.append((self.replies, b"".join(parts)))
+        self._replace(data, at, at, EMPTY_BULK)
 
     def _line(self, data: bytes, pos: int, eol: int, end: int) -> int:
         """Act on the line ``data[pos:eol]``; the position after what was consumed."""
@@ -179,6 +227,10 @@ class RespGuard:
             size = _length(data[pos:eol])
             if self._bulk_header(size):
                 self._replace(data, pos, eol + 2, EMPTY_BULK)
+            elif self._capture_role == _PAYLOAD and size >= self.cut_min:
+                self._replace(data, pos, eol + 2)  # "$0" follows the body (_cut_done)
+                self._discard = True
+                self._cut_parts, self._cut_left = [], size
             pos = eol + 2
             if size < 0:
                 self._done()
@@ -224,7 +276,7 @@ class RespGuard:
             return 0
         size = int(payload[1])
         after = payload.end() + size + 2
-        if after > end or size > limit_for(data[name.end():at]):
+        if after > end or size >= self.cut_min or size > limit_for(data[name.end():at]):
             return 0
         self.replies += 1
         return after

@@ -52,6 +52,7 @@ from ppbridge.errors import (
 from ppbridge.httpheaders import end_to_end, upstream_request_headers
 from ppbridge.logs import CAUSES, NO_CAUSE, status_of
 from ppbridge.logsafe import Throttle, escape
+from ppbridge.sendlimit import raise_send_limit
 from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
 from ppbridge.timers import Deadline
@@ -100,11 +101,14 @@ class _OneEndpoint:
         return self
 
     def connect(self, factory: Any) -> Deferred[Any]:
-        """Connect, and let each socket read take up to a frame (Twisted reads 64 KiB)."""
+        """Connect, and let each socket read take up to a frame (Twisted reads 64 KiB), and
+        each send() a whole frame of an upload's body (ppbridge.sendlimit: Twisted sends
+        128 KiB and joins the rest of each frame with the next one, a copy)."""
 
         def bigger_reads(protocol: Any) -> Any:
             if hasattr(protocol.transport, "bufferSize"):
                 protocol.transport.bufferSize = READ_SIZE
+            raise_send_limit(protocol.transport)
             return protocol
 
         return self._endpoint.connect(factory).addCallback(bigger_reads)

@@ -23,7 +23,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from ppbridge.access import Grant, on_decision
 from ppbridge.clientstream import ClientStream
 from ppbridge.tunnel import UpgradeStream, wants_upgrade
-from ppbridge.edge import Edge, EdgeLimits, client_of, error_bytes, request_line
+from ppbridge.edge import Edge, EdgeChannel, EdgeLimits, client_of, error_bytes, request_line
 from ppbridge.errors import AccessRefused, BadTarget, BodyTooLarge, RequestError
 from ppbridge.logsafe import escape
 from ppbridge.logs import CLIENT_CLOSED, NO_CAUSE, AccessLog, client_address
@@ -71,6 +71,7 @@ class BridgeRequest(Request):
                     return
                 self.grant = decision
             self.stream = self._open(bridge, method, uri, length)
+            self._read_body(length)
         except RequestError as err:
             self._refuse(bridge, err, method, uri, length)
 
@@ -133,6 +134,7 @@ class BridgeRequest(Request):
             return
         if self._paused and not self.body_complete:
             connection(self).resumeProducing()  # before the held chunks: their flow control may pause again
+        self._read_body(length)
         for chunk in held:
             stream.client_data(chunk)
         if self.body_complete:
@@ -153,6 +155,12 @@ class BridgeRequest(Request):
         self._site.access_log.emit(
             client=client_address(self), method=method, uri=uri, code=CLIENT_CLOSED, cause="client-gone",
             bytes_in=0, bytes_out=0, duration=seconds, proxy=proxy, instance="-")
+
+    def _read_body(self, length: int | None) -> None:
+        """A big or chunked body is read a frame at a time until it is complete
+        (:meth:`~ppbridge.edge.EdgeChannel.read_body`)."""
+        if (length is None or length > INLINE_MAX) and not self.body_complete and isinstance(self.channel, EdgeChannel):
+            self.channel.read_body(True)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.stream is not None:
@@ -175,6 +183,8 @@ class BridgeResource(Resource):
     def render(self, request: Any) -> Any:
         if request.refused:
             return NOT_DONE_YET
+        if isinstance(request.channel, EdgeChannel):
+            request.channel.read_body(False)  # the body is complete
         if request.early_error is not None:
             render_error(request, request.early_error)
         elif request.stream is not None:

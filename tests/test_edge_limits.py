@@ -425,3 +425,36 @@ class EdgeConfigTests(ConfigTestCase):
         text = (CONF / "forwarder.example.toml").read_text()
         for line in ("max_header_line = 16384", "max_headers = 100", "header_timeout = 10.0"):
             self.assertIn("\n" + line + "\n", text)
+
+
+class BodyReadSizeTests(TestCase):
+    """EdgeChannel.read_body: frame-sized reads only while a big request body streams in."""
+
+    def channel(self, transport: Any) -> EdgeChannel:
+        chan = EdgeChannel(edge.Edge(EdgeLimits(), Clock(), lambda *args: None))
+        chan.makeConnection(transport)
+        return chan
+
+    def test_raised_for_the_body_then_restored(self) -> None:
+        """The transport reads UPLOAD_READ_SIZE (one frame's payload) at a time while a body
+        is read, and its own bufferSize (also its write-pause threshold) again afterwards,
+        however often either is asked."""
+        transport = StringTransport()
+        transport.bufferSize = 65536  # type: ignore[attr-defined]
+        chan = self.channel(transport)
+        chan.read_body(True)
+        chan.read_body(True)
+        self.assertEqual(transport.bufferSize, edge.UPLOAD_READ_SIZE)  # type: ignore[attr-defined]
+        self.assertEqual(edge.UPLOAD_READ_SIZE, 256 * 1024 - 56)
+        chan.read_body(False)
+        chan.read_body(False)
+        self.assertEqual(transport.bufferSize, 65536)  # type: ignore[attr-defined]
+        chan.connectionLost()
+
+    def test_transport_without_buffer_size(self) -> None:
+        """A transport without bufferSize (TLS) is left as it is."""
+        transport = StringTransport()
+        chan = self.channel(transport)
+        chan.read_body(True)
+        self.assertFalse(hasattr(transport, "bufferSize"))
+        chan.connectionLost()

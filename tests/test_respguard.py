@@ -50,6 +50,20 @@ def parse(stream: bytes) -> list[Any]:
     return replies
 
 
+def through(guard: RespGuard, stream: bytes) -> list[Any]:
+    """What a subscriber delivers from ``stream``: hiredis' replies of the pass-through, each
+    with the payload the guard cut out put back, the dropped ones left out."""
+    out = []
+    for reply in parse(guard.feed(stream)):
+        if guard.delivered():
+            continue
+        payload = guard.cut_payload()
+        if payload is not None:
+            reply[-1] = payload
+        out.append(reply)
+    return out
+
+
 class Recorder:
     """A guard with a fixed limit that records what it reports."""
 
@@ -199,11 +213,11 @@ class PushTests(TestCase):
         reports: list[tuple[bytes, int]] = []
         guard = RespGuard(bus.limit_for, lambda ch, n: reports.append((ch, n)))
         for channel in (b"ns:negotiate", b"ns:announce"):
-            at_limit = message(channel, b"n" * SMALL_MESSAGE)
-            self.assertEqual(guard.feed(at_limit), at_limit)
-            guard.feed(message(channel, b"n" * (SMALL_MESSAGE + 1)))
-        data = message(CHANNEL, b"d" * (SMALL_MESSAGE + 1))
-        self.assertEqual(guard.feed(data), data)
+            at_limit = b"n" * SMALL_MESSAGE
+            self.assertEqual(through(guard, message(channel, at_limit)), [[b"message", channel, at_limit]])
+            self.assertEqual(through(guard, message(channel, b"n" * (SMALL_MESSAGE + 1))), [])
+        data = b"d" * (SMALL_MESSAGE + 1)
+        self.assertEqual(through(guard, message(CHANNEL, data)), [[b"message", CHANNEL, data]])
         self.assertEqual(reports, [(b"ns:negotiate", SMALL_MESSAGE + 1), (b"ns:announce", SMALL_MESSAGE + 1)])
 
     def test_long_channel_name_is_dropped_not_fatal(self) -> None:
@@ -216,6 +230,81 @@ class PushTests(TestCase):
         passed = rec.feed_all([stream[:3000], stream[3000:]])
         self.assertEqual(rec.reports, [(name[:1024], 5)])
         self.assertEqual(rec.delivered(passed), [[b"message", CHANNEL, b"next"]])
+
+
+class CutTests(TestCase):
+    """Big push payloads spread over reads are cut out of the stream and delivered whole."""
+
+    def deliver(self, rec: Recorder, pieces: list[bytes]) -> list[Any]:
+        """What a subscriber delivers: hiredis' replies of the pass-through, each with the
+        payload the guard cut out put back, the dropped ones left out."""
+        out = []
+        for reply in parse(rec.feed_all(pieces)):
+            if rec.guard.delivered():
+                continue
+            payload = rec.guard.cut_payload()
+            if payload is not None:
+                self.assertEqual(reply[-1], b"")
+                reply[-1] = payload
+            out.append(reply)
+        return out
+
+    def test_every_cut_delivers_the_same(self) -> None:
+        """Cut into two reads at every byte, or fed byte by byte, a stream of small and big
+        messages (plain and pattern, one oversized) delivers exactly the replies hiredis reads
+        from it whole, minus the oversized one; the big ones split over reads are cut out
+        (hiredis never holds their bodies) and nothing is left over in the guard."""
+        big, other = b"B" * 60, b"P" * 45
+        stream = MIXED + message(CHANNEL, big) + OVERSIZED + pmessage(b"ns:f:*", b"ns:f:ab:ctl", other) + message(
+            CHANNEL, b"tail")
+        expected = [repr(r) for r in parse(stream) if r != [b"message", CHANNEL, b"y" * (LIMIT + 1)]]
+        splits = [[stream[:cut], stream[cut:]] for cut in range(len(stream) + 1)]
+        splits.append([stream[i:i + 1] for i in range(len(stream))])
+        for pieces in splits:
+            rec = Recorder(cut_min=20)
+            self.assertEqual([repr(r) for r in self.deliver(rec, pieces)], expected, f"pieces of {len(pieces[0])}")
+            self.assertEqual(rec.reports, [(CHANNEL, LIMIT + 1)])
+            self.assertEqual(len(rec.guard.cut), 0)
+            self.assertIsNone(rec.guard.cut_payload())
+        rec = Recorder(cut_min=20)
+        passed = rec.feed_all([stream[i:i + 1] for i in range(len(stream))])
+        self.assertNotIn(big, passed)
+        self.assertNotIn(other, passed)
+
+    def test_small_payloads_pass_through(self) -> None:
+        """A payload under ``cut_min`` goes through the parser as before, whole or split."""
+        rec = Recorder(cut_min=20)
+        stream = message(CHANNEL, b"s" * 19) + message(CHANNEL, b"t" * 19)
+        self.assertEqual(rec.feed_all([stream]), stream)
+        cut = len(stream) - 5
+        self.assertEqual(rec.feed_all([stream[:cut], stream[cut:]]), stream)
+        self.assertEqual(len(rec.guard.cut), 0)
+
+    def test_big_payload_in_one_read_is_cut_too(self) -> None:
+        """A big payload all in one read is cut out as well (hiredis would copy it twice)."""
+        rec = Recorder(cut_min=20)
+        stream = message(CHANNEL, b"B" * 60) + message(CHANNEL, b"s")
+        passed = rec.feed_all([stream])
+        self.assertEqual(passed, message(CHANNEL, b"") + message(CHANNEL, b"s"))
+        self.assertEqual(self.deliver(rec, [b""]), [])
+        self.assertEqual(list(rec.guard.cut), [(0, b"B" * 60)])
+
+    def test_header_waits_for_the_body(self) -> None:
+        """The parser gets no part of a message being cut out until its body is complete, so
+        the reply is never produced before its payload is known."""
+        rec = Recorder(cut_min=20)
+        stream = message(CHANNEL, b"B" * 60)
+        first = rec.guard.feed(stream[:-10])
+        self.assertEqual(parse(first), [])
+        rest = rec.guard.feed(stream[-10:])
+        self.assertEqual(parse(first + rest), [[b"message", CHANNEL, b""]])
+
+    def test_payload_not_ended_by_crlf(self) -> None:
+        """A cut-out payload whose body is not followed by CRLF is a protocol error."""
+        rec = Recorder(cut_min=20)
+        stream = message(CHANNEL, b"B" * 60)[:-2] + b"XY"
+        rec.guard.feed(stream[:-20])
+        self.assertRaises(RespProtocolError, rec.guard.feed, stream[-20:])
 
 
 class RefusalTests(TestCase):
@@ -312,6 +401,17 @@ class AdapterTests(TestCase):
         self.assertEqual(conn.oversized, [(CHANNEL, LIMIT + 1)])
         self.assertEqual(conn.messages, [(CHANNEL, b"next")])
         self.assertFalse(conn.sub.transport.disconnecting or conn.sub.transport.disconnected)
+
+    def test_subscriber_delivers_cut_payload(self) -> None:
+        """A payload the guard cut out of the stream reaches on_message whole, in order
+        between the messages around it."""
+        conn = Connections()
+        conn.sub.guard.cut_min = 100
+        big = bytes(range(256)) * 3
+        stream = message(CHANNEL, b"a") + message(CHANNEL, big[:LIMIT - 300]) + message(CHANNEL, b"b")
+        for at in range(0, len(stream), 97):
+            conn.sub.dataReceived(stream[at:at + 97])
+        self.assertEqual(conn.messages, [(CHANNEL, b"a"), (CHANNEL, big[:LIMIT - 300]), (CHANNEL, b"b")])
 
     def test_subscriber_aborts_on_protocol_error(self) -> None:
         """A bad type byte aborts the subscriber's connection and nothing after it is read."""
