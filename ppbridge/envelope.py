@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ppbridge.errors import BusMessageError
-from ppbridge.freshbuf import filled, fresh_bytearray, fresh_bytes
-from ppbridge.wire import HEADER_SIZE, TAG_SIZE, Header, MsgType, Role, pack_header
+from ppbridge.freshbuf import FRESH_MIN, filled, fresh_bytearray, fresh_bytes
+from ppbridge.wire import HEADER_SIZE, OVERHEAD, TAG_SIZE, Header, MsgType, Role, pack_header
 
 KEY_SIZE = 32
 _LABELS = {Role.FORWARDER: b"ppbridge v3 forwarder->proxy", Role.PROXY: b"ppbridge v3 proxy->forwarder"}
@@ -89,23 +89,28 @@ class Envelope:
         if header.counter <= self.last_received:
             raise BusMessageError("replay", f"counter {header.counter} after {self.last_received}")
         view = memoryview(data)
-        size = len(data) - HEADER_SIZE - TAG_SIZE
-        if size < 0:  # shorter than a header and a tag: fails to authenticate, as before
-            raise BusMessageError("bad-tag", "authentication failed")
-        # Decrypted into a buffer that is not zero-filled first (ppbridge.freshbuf); on a bad
-        # tag it is dropped unread.
-        made, out = fresh_bytes(size)
+        nonce, aad = _nonce(self.peer_role, header.counter), view[:HEADER_SIZE].tobytes() + channel
         try:
-            self._open.decrypt_into(
-                _nonce(self.peer_role, header.counter), view[HEADER_SIZE:], view[:HEADER_SIZE].tobytes() + channel, out
-            )
+            if len(data) - OVERHEAD >= FRESH_MIN:
+                plaintext = self._open_frame(nonce, view[HEADER_SIZE:], aad, len(data) - OVERHEAD)
+            else:  # a small message (or one too short to hold a tag: it fails to authenticate)
+                plaintext = self._open.decrypt(nonce, view[HEADER_SIZE:], aad)
         except InvalidTag:
-            out.release()
             raise BusMessageError("bad-tag", "authentication failed") from None
-        plaintext = filled(made, out)
         self.last_received = header.counter
         self.received += 1
         return plaintext
+
+    def _open_frame(self, nonce: bytes, ciphertext: memoryview, aad: bytes, size: int) -> bytes:
+        """Decrypt a frame into a buffer that is not zero-filled first (ppbridge.freshbuf); on
+        a bad tag the buffer is dropped unread."""
+        made, out = fresh_bytes(size)
+        try:
+            self._open.decrypt_into(nonce, ciphertext, aad, out)
+        except BaseException:
+            out.release()
+            raise
+        return filled(made, out)
 
     @property
     def messages(self) -> int:

@@ -57,6 +57,27 @@ class DeriveKeysTests(TestCase):
 class SealOpenTests(TestCase):
     """Round trips between the forwarder's and the proxy's envelopes of one session."""
 
+    def test_sizes_around_the_frame_path(self) -> None:
+        """Payloads just under, at and over freshbuf.FRESH_MIN (small messages decrypt with
+        cryptography's own buffer, frames into one not zero-filled first) open to exactly
+        what was sealed, as bytes; a frame with one flipped ciphertext bit fails as bad-tag
+        and leaves the counter where it was, so the untouched next frame still opens."""
+        from ppbridge.freshbuf import FRESH_MIN
+        fwd, proxy = pair()
+        for size in (0, 1, FRESH_MIN - 1, FRESH_MIN, 256 * 1024 - OVERHEAD):
+            payload = os.urandom(size)
+            sealed = bytes(fwd.seal(MsgType.REQ_DATA, STREAM, 1, CHANNEL, payload))
+            opened = open_message(proxy, sealed)
+            self.assertEqual((type(opened), opened), (bytes, payload))
+        frame = os.urandom(256 * 1024 - OVERHEAD)
+        bad = bytearray(fwd.seal(MsgType.REQ_DATA, STREAM, 2, CHANNEL, frame))
+        bad[HEADER_SIZE + 1000] ^= 1
+        good = bytes(fwd.seal(MsgType.REQ_DATA, STREAM, 3, CHANNEL, frame))
+        with self.assertRaises(BusMessageError) as caught:
+            open_message(proxy, bytes(bad))
+        self.assertEqual(caught.exception.reason, "bad-tag")
+        self.assertEqual(open_message(proxy, good), frame)
+
     def test_round_trip_both_directions(self) -> None:
         """What one side seals the other opens, in both directions, with the header as sealed."""
         forwarder, proxy = pair()
