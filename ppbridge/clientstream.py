@@ -11,7 +11,6 @@ request and writes its access-log line. The twisted.web request that feeds it is
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.logger import Logger
@@ -202,7 +201,7 @@ class ClientStream:
         timeout = self.bridge.settings.request_timeout
         # The head carries the moment this stream answers 504 (the timer armed below): a proxy
         # refuses it after that, so a head Redis held back never runs late.
-        head = replace(self.head, deadline_ms=int((self.bridge.clock.seconds() + timeout) * 1000))
+        head = self.head.with_deadline(int((self.bridge.clock.seconds() + timeout) * 1000))
         try:
             payload, rest = head.encode(body), b""
         except ValueError:  # more headers than wire.MAX_HEADERS (NULs never get past twisted.web)
