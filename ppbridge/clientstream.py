@@ -333,9 +333,15 @@ class ClientStream:
     def _finish_ok(self) -> None:
         if self.state == "done":
             return
-        self.request.unregisterProducer()
-        self.request.finish()
+        request = self.request
+        request.unregisterProducer()
+        request.finish()
         self._done(str(self._response.status if self._response else "ok"))
+        # Ended normally (rendered, finished): what still points back at this stream lets go
+        # (the request, flow control; the timer in _done), so the stream, its request and their
+        # headers are freed at once instead of waiting for the cyclic garbage collector.
+        request.stream = None
+        self._inbound = self._outbound = None
 
     # ends
 
@@ -393,7 +399,7 @@ class ClientStream:
         if self.state == "done":
             return
         self.state = "done"
-        self._timer.cancel()
+        self._timer.close()  # it forgets this stream (see _finish_ok)
         if self._outbound is not None:
             self._outbound.stop()
         self.bridge.streams.pop(self.id, None)

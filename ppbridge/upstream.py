@@ -515,8 +515,8 @@ class UpstreamCall:
             code = "-" if cause == "cancelled" else str(status_of(cause))
         elapsed = self.proxy.clock.seconds() - self.started
         self.proxy.metrics.request_done(self.proxy.settings.name, code, cause, elapsed)
-        self._headers_timer.cancel()
-        self._idle_timer.cancel()
+        self._headers_timer.close()  # they forget this call: no reference cycle through them
+        self._idle_timer.close()
         if self._outbound is not None:
             self._outbound.stop()
         self.proxy.call_done(self)

@@ -3,21 +3,25 @@ HTTP transparency and the errors ppbridge answers itself."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
 import os
 import random
 import time
+import weakref
 from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import FileBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from ppbridge.clientstream import ClientStream
 from ppbridge.negotiation import proxy_peer
 from ppbridge.sampleapp import GZIP_BODY, make_site, pattern_sha256
 from tests.support import Client, Stack, error_of, listen
@@ -48,6 +52,34 @@ class Methods(TestCase):
         response, data = yield client.fetch(b"HEAD", stack.url + "/bytes?n=1234&seed=3")
         self.assertEqual((response.code, data), (200, b""))
         self.assertEqual(response.headers.getRawHeaders(b"content-length"), [b"1234"])
+
+
+class Freeing(TestCase):
+    @defer.inlineCallbacks
+    def test_finished_streams_need_no_cyclic_collection(self):
+        """With the cyclic garbage collector off, every ClientStream of requests answered
+        normally (inline and streamed bodies) is freed once its answer is in: nothing it made
+        (its request's link, its timer, its flow control) keeps it, its request and their
+        headers in a reference cycle until the next collection."""
+        stack = yield Stack(self).start()
+        client = Client(self)
+        yield client.fetch(b"GET", stack.url + "/echo/warm")  # keys, pools and connections first
+        streams: list[weakref.ref[ClientStream]] = []
+        original = ClientStream.__init__
+
+        def recording(stream: ClientStream, *args: Any) -> None:
+            original(stream, *args)
+            streams.append(weakref.ref(stream))
+
+        self.patch(ClientStream, "__init__", recording)
+        gc.disable()
+        self.addCleanup(gc.enable)
+        for path in ("/echo/a", "/bytes?n=100", "/bytes?n=300000", "/echo/b"):
+            response, _ = yield client.fetch(b"GET", stack.url + path)
+            self.assertEqual(response.code, 200)
+        yield deferLater(reactor, 0.05, lambda: None)  # the last PUBLISH replies
+        self.assertEqual(len(streams), 4)
+        self.assertEqual([ref() for ref in streams], [None] * 4)
 
 
 class Concurrency(TestCase):
