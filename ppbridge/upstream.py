@@ -15,7 +15,8 @@ a target that would climb out of the base path (``/../``, ``%2e%2e``, ``//``) is
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, cast
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, cast
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
@@ -245,6 +246,21 @@ def classify(failure: Failure) -> RequestError:
     return UpstreamUnreachable(f"ppbridge: upstream error ({type(failure.value).__name__})")
 
 
+def _window_sender(call: UpstreamCall) -> Callable[[int], None]:
+    """``call._send_window``, called only while the call lives: the request body's Inbound
+    (which the Agent's body producer may keep) holds no reference back to its call, so a call
+    that ended is freed by reference counting, not by the cyclic collector. A call that ended
+    sends no WINDOW anyway."""
+    ref = weakref.ref(call)
+
+    def send(increment: int) -> None:
+        alive = ref()
+        if alive is not None:
+            alive._send_window(increment)
+
+    return send
+
+
 class UpstreamCall:
     """One request from a forwarder, executed against the upstream and answered in frames."""
 
@@ -257,7 +273,7 @@ class UpstreamCall:
         self.head = head
         self.seq = 0
         self.done = False
-        self.inbound = Inbound(proxy.settings.window, self._send_window)
+        self.inbound = Inbound(proxy.settings.window, _window_sender(self))
         self._request: Deferred[IResponse] | None = None
         self._transport: IPushProducer | None = None
         self._outbound: Outbound | None = None
@@ -519,6 +535,7 @@ class UpstreamCall:
         self._idle_timer.close()
         if self._outbound is not None:
             self._outbound.stop()
+            self._outbound = None  # nor through the response's flow control
         self.proxy.call_done(self)
 
 

@@ -23,6 +23,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from ppbridge.clientstream import ClientStream
 from ppbridge.negotiation import proxy_peer
+from ppbridge.upstream import UpstreamCall
 from ppbridge.sampleapp import GZIP_BODY, make_site, pattern_sha256
 from tests.support import Client, Stack, error_of, listen
 from tests.test_streaming import raw_exchange, split_response
@@ -57,29 +58,34 @@ class Methods(TestCase):
 class Freeing(TestCase):
     @defer.inlineCallbacks
     def test_finished_streams_need_no_cyclic_collection(self):
-        """With the cyclic garbage collector off, every ClientStream of requests answered
-        normally (inline and streamed bodies) is freed once its answer is in: nothing it made
-        (its request's link, its timer, its flow control) keeps it, its request and their
-        headers in a reference cycle until the next collection."""
+        """With the cyclic garbage collector off, every ClientStream and every UpstreamCall of
+        requests answered normally (inline and streamed bodies) is freed once its answer is in:
+        nothing it made (the request's link, its timers, its flow control) keeps it, its request
+        and their headers in a reference cycle until the next collection."""
         stack = yield Stack(self).start()
         client = Client(self)
         yield client.fetch(b"GET", stack.url + "/echo/warm")  # keys, pools and connections first
-        streams: list[weakref.ref[ClientStream]] = []
-        original = ClientStream.__init__
+        made: list[weakref.ref[Any]] = []
 
-        def recording(stream: ClientStream, *args: Any) -> None:
-            original(stream, *args)
-            streams.append(weakref.ref(stream))
+        def recording(cls: type) -> None:
+            original = cls.__init__
 
-        self.patch(ClientStream, "__init__", recording)
+            def init(obj: Any, *args: Any) -> None:
+                original(obj, *args)
+                made.append(weakref.ref(obj))
+
+            self.patch(cls, "__init__", init)
+
+        recording(ClientStream)
+        recording(UpstreamCall)
         gc.disable()
         self.addCleanup(gc.enable)
         for path in ("/echo/a", "/bytes?n=100", "/bytes?n=300000", "/echo/b"):
             response, _ = yield client.fetch(b"GET", stack.url + path)
             self.assertEqual(response.code, 200)
         yield deferLater(reactor, 0.05, lambda: None)  # the last PUBLISH replies
-        self.assertEqual(len(streams), 4)
-        self.assertEqual([ref() for ref in streams], [None] * 4)
+        self.assertEqual(len(made), 8)
+        self.assertEqual([ref() for ref in made], [None] * 8)
 
 
 class Concurrency(TestCase):
