@@ -1,9 +1,10 @@
 """The proxy's calls to its one upstream service (step 4, inside the private network).
 
-The HTTP client is a ``twisted.web.client.Agent`` on a persistent connection pool, called
-directly: treq's ``HTTPClient.request`` always wraps a cookie jar and gzip decoding around its
-agent (treq 26.7), and a proxy must be transparent — no Accept-Encoding added, Content-Encoding
-untouched, no cookies remembered between clients, redirects passed back and not followed.
+The HTTP client is a ``twisted.web.client.Agent`` (:class:`~ppbridge.oneorigin.OneOriginAgent`)
+on a persistent connection pool, called directly: treq's ``HTTPClient.request`` always wraps a
+cookie jar and gzip decoding around its agent (treq 26.7), and a proxy must be transparent — no
+Accept-Encoding added, Content-Encoding untouched, no cookies remembered between clients,
+redirects passed back and not followed.
 Tests drive the same code with ``treq.testing.RequestTraversalAgent``.
 
 Only the configured base URL is ever called: the request target from the forwarder is an
@@ -14,7 +15,6 @@ a target that would climb out of the base path (``/../``, ``%2e%2e``, ``//``) is
 
 from __future__ import annotations
 
-import re
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, cast
 from urllib.parse import urlsplit
@@ -28,10 +28,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.web.client import (
-    Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
-    URI,
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
@@ -55,6 +53,7 @@ from ppbridge.errors import (
 from ppbridge.httpheaders import end_to_end, upstream_request_headers
 from ppbridge.logs import CAUSES, NO_CAUSE, status_of
 from ppbridge.logsafe import Throttle, escape
+from ppbridge.oneorigin import OneOriginAgent
 from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
 from ppbridge.timers import Deadline
@@ -113,44 +112,6 @@ class _OneEndpoint:
         return self._endpoint.connect(factory).addCallback(bigger_reads)
 
 
-# A URL's path and query as urlparse splits them without a params or fragment part: printable
-# ASCII (what Agent.request accepts) without ";" or "#", not starting with "//".
-_PLAIN_PATH = re.compile(rb"/(?!/)[\x21\x22\x24-\x3a\x3c-\x7e]*")
-
-
-class _OneOriginAgent(Agent):
-    """An Agent for URLs of one origin: the path and query of a plain one (``_PLAIN_PATH``) are
-    split here into the URI and origin-form request path ``Agent.request`` would get from
-    ``URI.fromBytes`` (urlparse) and ``URI.originForm`` (urlunparse), a few microseconds per
-    request; any other URL goes through ``Agent.request`` itself. Checked against Twisted
-    26.10, whose ``Agent.request`` is ``_ensureValidURI``, ``URI.fromBytes``, ``_getEndpoint``
-    and ``_requestWithEndpoint`` (tests/test_upstream_uri.py compares the two)."""
-
-    origin: URI  # scheme, netloc, host and port of every URL this agent is given
-    prefix: bytes  # b"scheme://netloc"
-
-    def plain(self, uri: bytes) -> tuple[URI, bytes] | None:
-        """(URI, request path) for a plain URL of the origin, as Agent.request makes them; None otherwise."""
-        prefix = self.prefix
-        if not uri.startswith(prefix) or _PLAIN_PATH.fullmatch(uri, len(prefix)) is None:
-            return None
-        origin, request_path = self.origin, uri[len(prefix):]
-        path, _, query = request_path.partition(b"?")
-        if not query:
-            request_path = path  # urlunparse drops an empty query's "?"
-        return URI(origin.scheme, origin.netloc, origin.host, origin.port, path, b"", query, b""), request_path
-
-    def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
-                bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
-        split = self.plain(uri)
-        if split is None:
-            return super().request(method, uri, headers, bodyProducer)
-        parsed, request_path = split
-        key = (parsed.scheme, parsed.host, parsed.port)
-        return self._requestWithEndpoint(key, self._getEndpoint(parsed), method, parsed, headers, bodyProducer,
-                                         request_path)
-
-
 class Upstream:
     """The one base URL this proxy may call, and the agent that calls it."""
 
@@ -168,9 +129,7 @@ class Upstream:
         if agent is None:
             port = parts.port or (443 if parts.scheme == "https" else 80)
             self.endpoint = _OneEndpoint(reactor, parts.scheme, parts.hostname or "", port, connect_timeout)
-            one = _OneOriginAgent.usingEndpointFactory(reactor, self.endpoint, pool=self.pool)
-            one.origin, one.prefix = URI.fromBytes(self.origin + b"/"), self.origin
-            agent = one
+            agent = OneOriginAgent.for_origin(self.origin, reactor, self.endpoint, self.pool)
         self.agent = agent
 
     def url(self, target: bytes) -> bytes:

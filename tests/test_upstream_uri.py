@@ -1,16 +1,17 @@
-"""Tests for the proxy's Agent (ppbridge.upstream._OneOriginAgent): the URI and request path
+"""Tests for the proxy's Agent (ppbridge.oneorigin.OneOriginAgent): the URI and request path
 it builds itself for a plain URL are exactly what Twisted's ``Agent.request`` builds, and any
 other URL is left to ``Agent.request``."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 from twisted.web.client import URI, Agent
 
-from ppbridge.upstream import Upstream, _OneOriginAgent
+from ppbridge.oneorigin import OneOriginAgent
+from ppbridge.upstream import Upstream
 
 PLAIN = [b"/", b"/small.txt", b"/a/b/c", b"/a?q=1", b"/a?", b"/a?b?c", b"/?x", b"/a:b@c!$&'()*+,=~-._",
          b"/%2F%20x", b"/a/?q=%00", b"/" + b"x" * 5000]
@@ -18,7 +19,7 @@ OTHER = [b"/a;p", b"/a;p?q", b"/a#frag", b"/a?q#f", b"//evil.example/x", b"/a b"
          b"", b"x", b"?q"]
 
 
-class _Recording(_OneOriginAgent):
+class _Recording(OneOriginAgent):
     """Records what reaches ``_requestWithEndpoint`` instead of connecting."""
 
     calls: list[tuple[Any, ...]]
@@ -30,8 +31,8 @@ class _Recording(_OneOriginAgent):
 
 def _agent(base: str) -> _Recording:
     upstream = Upstream(base, MemoryReactorClock(), 5.0)
-    agent = _Recording.usingEndpointFactory(MemoryReactorClock(), upstream.endpoint, pool=upstream.pool)
-    agent.origin, agent.prefix = upstream.agent.origin, upstream.agent.prefix  # type: ignore[attr-defined,union-attr]
+    agent = _Recording.for_origin(cast(OneOriginAgent, upstream.agent).prefix, MemoryReactorClock(),
+                                  cast(Any, upstream.endpoint), upstream.pool)
     agent.calls = []
     return agent
 
@@ -50,9 +51,9 @@ class OneOriginAgentTests(TestCase):
             self.assertTrue(callable(getattr(Agent, name, None)), name)
 
     def test_upstream_uses_it(self) -> None:
-        """The proxy's Upstream calls through a _OneOriginAgent of its origin."""
+        """The proxy's Upstream calls through a OneOriginAgent of its origin."""
         agent = Upstream("http://127.0.0.1:8080/base", MemoryReactorClock(), 5.0).agent
-        self.assertIsInstance(agent, _OneOriginAgent)
+        self.assertIsInstance(agent, OneOriginAgent)
         self.assertEqual(agent.prefix, b"http://127.0.0.1:8080")  # type: ignore[attr-defined,union-attr]
 
     def test_plain_urls_as_twisted_splits_them(self) -> None:
