@@ -11,7 +11,6 @@ request and writes its access-log line. The twisted.web request that feeds it is
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.logger import Logger
@@ -202,7 +201,7 @@ class ClientStream:
         timeout = self.bridge.settings.request_timeout
         # The head carries the moment this stream answers 504 (the timer armed below): a proxy
         # refuses it after that, so a head Redis held back never runs late.
-        head = replace(self.head, deadline_ms=int((self.bridge.clock.seconds() + timeout) * 1000))
+        head = self.head.with_deadline(int((self.bridge.clock.seconds() + timeout) * 1000))
         try:
             payload, rest = head.encode(body), b""
         except ValueError:  # more headers than wire.MAX_HEADERS (NULs never get past twisted.web)
@@ -334,9 +333,15 @@ class ClientStream:
     def _finish_ok(self) -> None:
         if self.state == "done":
             return
-        self.request.unregisterProducer()
-        self.request.finish()
+        request = self.request
+        request.unregisterProducer()
+        request.finish()
         self._done(str(self._response.status if self._response else "ok"))
+        # Ended normally (rendered, finished): what still points back at this stream lets go
+        # (the request, flow control; the timer in _done), so the stream, its request and their
+        # headers are freed at once instead of waiting for the cyclic garbage collector.
+        request.stream = None
+        self._inbound = self._outbound = None
 
     # ends
 
@@ -394,7 +399,7 @@ class ClientStream:
         if self.state == "done":
             return
         self.state = "done"
-        self._timer.cancel()
+        self._timer.close()  # it forgets this stream (see _finish_ok)
         if self._outbound is not None:
             self._outbound.stop()
         self.bridge.streams.pop(self.id, None)

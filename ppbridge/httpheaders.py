@@ -24,15 +24,19 @@ HOP_BY_HOP = frozenset(
 FORWARDING = frozenset((b"x-forwarded-for", b"forwarded", b"x-forwarded-host", b"x-forwarded-proto"))
 
 
+def hop_names(headers: HeaderList) -> frozenset[bytes]:
+    """The lower-case names :func:`end_to_end` drops: hop-by-hop ones and those named in Connection."""
+    drop = HOP_BY_HOP
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == b"connection":  # the length first: this runs per header
+            drop = drop | {token.strip().lower() for token in value.split(b",")}
+    return drop
+
+
 def end_to_end(headers: HeaderList) -> HeaderList:
     """The headers without hop-by-hop ones, including those named in Connection."""
-    named = {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == b"connection"
-        for token in value.split(b",")
-    }
-    return [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP and n.lower() not in named]
+    drop = hop_names(headers)
+    return [pair for pair in headers if pair[0].lower() not in drop]
 
 
 def trusted_peer(client_ip: bytes, networks: Sequence[Network]) -> bool:
@@ -88,8 +92,11 @@ def forwarded_request_headers(headers: HeaderList, client_ip: bytes, host: bytes
     chain: list[bytes] = []
     kept: set[bytes] = set()
     host_set = False
-    for name, value in end_to_end(headers):
+    drop = hop_names(headers)
+    for name, value in headers:
         lower = name.lower()
+        if lower in drop:
+            continue
         if lower == b"host":
             if not host_set:
                 out.append((name, value if host is None else host))
@@ -112,7 +119,8 @@ def forwarded_request_headers(headers: HeaderList, client_ip: bytes, host: bytes
 
 def upstream_request_headers(headers: HeaderList, upstream_host: bytes) -> HeaderList:
     """What the proxy sends upstream: end-to-end headers with Host set to the upstream's."""
-    out = [(n, v) for n, v in end_to_end(headers) if n.lower() != b"host"]
+    drop = hop_names(headers) | {b"host"}
+    out = [pair for pair in headers if pair[0].lower() not in drop]
     out.append((b"Host", upstream_host))
     return out
 

@@ -14,9 +14,10 @@ line to standard output (``twist --log-format=json`` does the same for ``twist``
 from __future__ import annotations
 
 import sys
+from time import time
 from typing import Any
 
-from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
+from twisted.logger import ILogObserver, Logger, LogLevel, jsonFileLogObserver
 
 from ppbridge.errors import RequestError
 from ppbridge.logsafe import escape
@@ -73,6 +74,7 @@ class AccessLog:
              bytes_out: int, duration: float, proxy: str, instance: str) -> None:
         if not self.enabled:
             return
+        log = self.log
         fields = dict(
             client=client, method=escape(method, 32), path=self.path(uri), code=int(code),
             cause=escape(cause or NO_CAUSE), bytes_in=int(bytes_in), bytes_out=int(bytes_out),
@@ -80,4 +82,9 @@ class AccessLog:
         )
         # The line is formatted here, once, by str.format; the event still carries every field.
         # (Twisted's formatter, run by each text observer, walks a ten-field format in Python.)
-        self.log.info("{access_line}", access_line=FORMAT.format(**fields), **fields)
+        # The event Logger.info would build (Twisted 26.10, Logger.emit), keys in the same
+        # order, built here: emit's check of the level sorts every LogLevel on each call.
+        event: dict[str, Any] = {"access_line": FORMAT.format(**fields), **fields}
+        event.update(log_logger=log, log_level=LogLevel.info, log_namespace=log.namespace, log_source=log.source,
+                     log_format="{access_line}", log_time=time())
+        log.observer(event)

@@ -19,6 +19,10 @@ PERIOD = 60.0
 def escape(value: bytes | str, limit: int = MAX_SHOWN) -> str:
     """Printable ASCII as is; everything else (controls, DEL, non-ASCII, backslash) as a
     ``\\xNN`` escape; cut to ``limit`` characters of input with ``...`` appended."""
+    # The common case, several times per access-log line: short printable ASCII, shown as is.
+    text = value if isinstance(value, str) else value.decode("ascii") if type(value) is bytes and value.isascii() else None
+    if text is not None and len(text) <= limit and text.isascii() and text.isprintable() and "\\" not in text:
+        return text  # 0x20-0x7e only
     data = value.encode("utf-8", "backslashreplace") if isinstance(value, str) else bytes(value)
     cut = data[:limit]
     if _UNSAFE.search(cut) is None:  # the common case, once per access-log field: no per-byte loop

@@ -9,10 +9,12 @@ client left before an answer, nginx's convention; ``-``: no answer), ``cause`` t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+import math
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ppbridge import __version__
@@ -23,6 +25,79 @@ if TYPE_CHECKING:
 NO_CAUSE = "-"
 # Requests through the bridge range from a few milliseconds to streams of minutes.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+UPPER_BOUNDS = (*(float(b) for b in DURATION_BUCKETS), math.inf)  # a histogram's buckets, as prometheus_client keeps them
+
+
+class Tally:
+    """A counter or gauge counted on the hot path in a plain int: prometheus_client's ``inc``
+    checks its argument and takes a lock on every call, several times per request. What it
+    holds is added to ``cell`` (the prometheus metric or child, by its own ``inc``) whenever
+    the metric is collected, so a scrape, or anything reading the registry, sees every count."""
+
+    __slots__ = ("pending", "_cell")
+
+    def __init__(self, cell: Any) -> None:
+        self.pending = 0
+        self._cell = cell
+
+    def inc(self, amount: int = 1) -> None:
+        self.pending += amount
+
+    def dec(self, amount: int = 1) -> None:
+        self.pending -= amount
+
+    def flush(self) -> None:
+        if self.pending:
+            pending, self.pending = self.pending, 0
+            self._cell.inc(pending)
+
+
+class HistogramTally:
+    """A histogram child observed on the hot path into plain numbers, summed in the same order
+    as prometheus_client would (so the same floats), and copied into the child's values at
+    each collect. Those values are prometheus_client 0.26's private ``_sum`` and ``_buckets``
+    (one per upper bound, not cumulative; tests/test_observability.py checks them)."""
+
+    __slots__ = ("_child", "_sum", "_counts")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self._sum: float = child._sum.get()
+        self._counts: list[float] = [bucket.get() for bucket in child._buckets]
+
+    def observe(self, amount: float) -> None:
+        self._sum += amount
+        if amount <= math.inf:  # as prometheus_client: a NaN goes to no bucket
+            self._counts[bisect_left(UPPER_BOUNDS, amount)] += 1
+
+    def flush(self) -> None:
+        child = self._child
+        child._sum.set(self._sum)
+        for bucket, count in zip(child._buckets, self._counts):
+            bucket.set(count)
+
+
+class _Flushed:
+    """A prometheus metric whose counts may wait in tallies: each collect copies them in first."""
+
+    flush: Any = None  # Metrics.flush, set on the metric itself (not on its labelled children)
+
+    def collect(self) -> Iterable[Metric]:
+        if self.flush is not None:
+            self.flush()
+        return super().collect()  # type: ignore[misc,no-any-return]
+
+
+class _Counter(_Flushed, Counter):
+    pass
+
+
+class _Gauge(_Flushed, Gauge):
+    pass
+
+
+class _Histogram(_Flushed, Histogram):
+    pass
 
 
 class Metrics:
@@ -39,17 +114,17 @@ class Metrics:
         self.dropped = Counter(
             "ppbridge_bus_dropped", "Bus messages dropped (malformed, forged, replayed, not for us)", ["reason"], registry=r
         )
-        self.messages = Counter("ppbridge_bus_messages", "Session messages sealed or opened", ["direction"], registry=r)
-        self.body_bytes = Counter("ppbridge_body_bytes", "Body bytes carried", ["direction"], registry=r)
-        self.requests = Counter(
+        self.messages = _Counter("ppbridge_bus_messages", "Session messages sealed or opened", ["direction"], registry=r)
+        self.body_bytes = _Counter("ppbridge_body_bytes", "Body bytes carried", ["direction"], registry=r)
+        self.requests = _Counter(
             "ppbridge_requests", "Requests finished, by proxy, HTTP status code and ppbridge cause (- for none)",
             ["proxy", "code", "cause"], registry=r,
         )
-        self.request_duration = Histogram(
+        self.request_duration = _Histogram(
             "ppbridge_request_duration_seconds", "Time from a request's head to its end, by proxy and status code",
             ["proxy", "code"], buckets=DURATION_BUCKETS, registry=r,
         )
-        self.upstream_latency = Histogram(
+        self.upstream_latency = _Histogram(
             "ppbridge_upstream_latency_seconds", "Proxy: time from calling the upstream to its response headers",
             ["proxy"], buckets=DURATION_BUCKETS, registry=r,
         )
@@ -59,7 +134,7 @@ class Metrics:
             "ppbridge_access_refused", "Forwarder: requests a route's access policy refused, by proxy and reason "
             "(ppbridge.access)", ["proxy", "reason"], registry=r,
         )
-        self.active_streams = Gauge("ppbridge_active_streams", "Streams in flight", registry=r)
+        self._active_streams = _Gauge("ppbridge_active_streams", "Streams in flight", registry=r)
         self.upgraded_open = Gauge("ppbridge_upgraded_connections",
                                    "Forwarder: upgraded connections (WebSocket...) open, by proxy", ["proxy"], registry=r)
         self.redis_up = Gauge("ppbridge_redis_connected", "1 when the publishing and the main subscribing Redis connections are up", registry=r)
@@ -67,30 +142,55 @@ class Metrics:
             "ppbridge_redis_public_subscriber_losses",
             "Times Redis dropped the connection reading the public channels (a flood there?)", registry=r
         )
-        self.sealed = self.messages.labels("sealed")
-        self.opened = self.messages.labels("opened")
-        self.bytes_up = self.body_bytes.labels("up")  # client -> upstream
-        self.bytes_down = self.body_bytes.labels("down")
+        # Counted per message or per request: tallies, handed to prometheus_client when collected.
+        self._tallies: list[Tally | HistogramTally] = []
+        self.sealed = self._tally(self.messages.labels("sealed"))
+        self.opened = self._tally(self.messages.labels("opened"))
+        self.bytes_up = self._tally(self.body_bytes.labels("up"))  # client -> upstream
+        self.bytes_down = self._tally(self.body_bytes.labels("down"))
+        self.active_streams = self._tally(self._active_streams)
+        for metric in (self.messages, self.body_bytes, self.requests, self.request_duration, self.upstream_latency,
+                       self._active_streams):
+            metric.flush = self.flush
         self._watching: Collector | None = None
         # Each request ends here; labels() validates and looks its child up under a lock every
-        # time, so the children are kept per label set (bounded: see the module's docstring).
-        self._done: dict[tuple[str, str, str], tuple[Any, Any]] = {}
-        self._latency: dict[str, Any] = {}
+        # time, so the children's tallies are kept per label set (bounded: see the module's docstring).
+        self._done: dict[tuple[str, str, str], tuple[Tally, HistogramTally]] = {}
+        self._durations: dict[tuple[str, str], HistogramTally] = {}
+        self._latency: dict[str, HistogramTally] = {}
+
+    def _tally(self, cell: Any) -> Tally:
+        tally = Tally(cell)
+        self._tallies.append(tally)
+        return tally
+
+    def _histogram_tally(self, child: Any) -> HistogramTally:
+        tally = HistogramTally(child)
+        self._tallies.append(tally)
+        return tally
+
+    def flush(self) -> None:
+        """Hand every tally's counts to prometheus_client (done by each collect of those metrics)."""
+        for tally in self._tallies:
+            tally.flush()
 
     def request_done(self, proxy: str, code: str, cause: str, seconds: float) -> None:
         """Count a finished request and observe how long it took."""
         key = (proxy, code, cause or NO_CAUSE)
         children = self._done.get(key)
         if children is None:
-            children = self._done[key] = (self.requests.labels(*key), self.request_duration.labels(proxy, code))
+            duration = self._durations.get((proxy, code))  # one tally per child: causes share it
+            if duration is None:
+                duration = self._durations[proxy, code] = self._histogram_tally(self.request_duration.labels(proxy, code))
+            children = self._done[key] = (self._tally(self.requests.labels(*key)), duration)
         children[0].inc()
         children[1].observe(max(0.0, seconds))
 
-    def upstream_latency_of(self, proxy: str) -> Any:
-        """The upstream latency histogram of ``proxy`` (its labelled child, kept)."""
+    def upstream_latency_of(self, proxy: str) -> HistogramTally:
+        """The upstream latency histogram of ``proxy`` (its labelled child's tally, kept)."""
         child = self._latency.get(proxy)
         if child is None:
-            child = self._latency[proxy] = self.upstream_latency.labels(proxy)
+            child = self._latency[proxy] = self._histogram_tally(self.upstream_latency.labels(proxy))
         return child
 
     def watch_forwarder(self, service: ForwarderService) -> None:

@@ -8,6 +8,7 @@ raises past the bus callback.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 from twisted.internet.defer import Deferred
@@ -70,7 +71,7 @@ class SessionNode:
         """Take the bus's input: each message goes to ``dispatch`` through :meth:`receive`, a
         message too long for its channel is dropped unread, and the public subscriber's
         losses are exported."""
-        self.bus.on_message = lambda channel, data: self.receive(dispatch, channel, data)
+        self.bus.on_message = partial(self.receive, dispatch)  # no Python frame of its own per message
         self.bus.max_message = self.max_message
         self.bus.on_oversized = self.oversized
         self.metrics.public_losses.set_function(lambda: self.bus.public_losses)

@@ -171,6 +171,14 @@ class _Guarded(GuardedReader):
         self.check_reply(reply)
         super().replyReceived(reply)  # type: ignore[misc]
 
+    def tryConvertData(self, data: object) -> object:
+        """Every reply as it came: on a binary-safe connection (:func:`_binary_safe`)
+        txredisapi's conversion returns each value unchanged, after copying every list
+        recursively (four calls per pub/sub message)."""
+        if self.charset is None and not self.convertNumbers:  # type: ignore[attr-defined]
+            return data
+        return super().tryConvertData(data)  # type: ignore[misc]
+
     def _set_name(self, result: object) -> object:
         if self.connected:
             name = b"ppbridge-" + self.role
@@ -250,10 +258,15 @@ class _Subscriber(_Guarded, txredisapi.SubscriberProtocol):
         guard = self.guard
         if guard is not None:
             if guard.delivered():
-                return
+                return  # a dropped message
             payload = guard.cut_payload()
             if payload is not None and isinstance(reply, list) and reply:
                 reply[-1] = payload  # the parser read it as empty: the guard cut it out
+        if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+            # A message (SUBSCRIBE): straight to the bus, as txredisapi's replyReceived and
+            # messageReceived would pass it; no check_reply, which looks only at errors.
+            self.factory.bus.on_message(reply[1], reply[2])
+            return
         super().replyReceived(reply)
 
     @defer.inlineCallbacks

@@ -18,8 +18,14 @@ name (``/a..b``).
 
 from __future__ import annotations
 
+import re
 from urllib.parse import unquote_to_bytes
 
+# A path every check below lets through, recognised at once (most paths are like it): no "%",
+# "\\", ";", NUL or non-ASCII byte, and every segment but a single trailing empty one holds a
+# byte other than a dot or a blank. Anything else takes the full walk.
+_SEGMENT = rb"[. \t]*[^/%\\;\x00\x80-\xff. \t][^/%\\;\x00\x80-\xff]*"  # one way to match: linear
+_PLAIN = re.compile(rb"/(?:%s(?:/%s)*/?)?" % (_SEGMENT, _SEGMENT))
 MAX_DECODE_ROUNDS = 4  # a path still changing after this many percent-decodings is refused
 _DOTS = b". \t"  # a segment of only these is a dot-segment to some server (Windows trims the rest)
 _OVERLONG = ((b"\xc0\xae", b"."), (b"\xe0\x80\xae", b"."), (b"\xc0\xaf", b"/"), (b"\xe0\x80\xaf", b"/"))
@@ -45,6 +51,11 @@ def confined(target: bytes) -> bool:
     are left off a segment before these checks).
     """
     path = target.split(b"?", 1)[0]
+    return _PLAIN.fullmatch(path) is not None or _walk(path)
+
+
+def _walk(path: bytes) -> bool:
+    """The checks of :func:`confined`, one by one, on the path of a target."""
     if not path.startswith(b"/"):
         return False
     decoded = _decoded(path)

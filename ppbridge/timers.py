@@ -98,3 +98,14 @@ class Deadline:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+
+    def close(self) -> None:
+        """Cancel for good: the owner's callback is forgotten (an owner whose bound method it
+        is would otherwise be kept in a reference cycle, freed only by the cyclic collector);
+        arming it later does nothing."""
+        self.cancel()
+        self._on_expiry = _nothing
+
+
+def _nothing() -> None:
+    return None

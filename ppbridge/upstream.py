@@ -1,9 +1,10 @@
 """The proxy's calls to its one upstream service (step 4, inside the private network).
 
-The HTTP client is a ``twisted.web.client.Agent`` on a persistent connection pool, called
-directly: treq's ``HTTPClient.request`` always wraps a cookie jar and gzip decoding around its
-agent (treq 26.7), and a proxy must be transparent — no Accept-Encoding added, Content-Encoding
-untouched, no cookies remembered between clients, redirects passed back and not followed.
+The HTTP client is a ``twisted.web.client.Agent`` (:class:`~ppbridge.oneorigin.OneOriginAgent`)
+on a persistent connection pool, called directly: treq's ``HTTPClient.request`` always wraps a
+cookie jar and gzip decoding around its agent (treq 26.7), and a proxy must be transparent — no
+Accept-Encoding added, Content-Encoding untouched, no cookies remembered between clients,
+redirects passed back and not followed.
 Tests drive the same code with ``treq.testing.RequestTraversalAgent``.
 
 Only the configured base URL is ever called: the request target from the forwarder is an
@@ -14,7 +15,8 @@ a target that would climb out of the base path (``/../``, ``%2e%2e``, ``//``) is
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, cast
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
@@ -26,7 +28,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.web.client import (
-    Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     RequestTransmissionFailed,
@@ -52,6 +53,7 @@ from ppbridge.errors import (
 from ppbridge.httpheaders import end_to_end, upstream_request_headers
 from ppbridge.logs import CAUSES, NO_CAUSE, status_of
 from ppbridge.logsafe import Throttle, escape
+from ppbridge.oneorigin import OneOriginAgent
 from ppbridge.sendlimit import raise_send_limit
 from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
@@ -131,7 +133,7 @@ class Upstream:
         if agent is None:
             port = parts.port or (443 if parts.scheme == "https" else 80)
             self.endpoint = _OneEndpoint(reactor, parts.scheme, parts.hostname or "", port, connect_timeout)
-            agent = Agent.usingEndpointFactory(reactor, self.endpoint, pool=self.pool)
+            agent = OneOriginAgent.for_origin(self.origin, reactor, self.endpoint, self.pool)
         self.agent = agent
 
     def url(self, target: bytes) -> bytes:
@@ -207,6 +209,21 @@ def classify(failure: Failure) -> RequestError:
     return UpstreamUnreachable(f"ppbridge: upstream error ({type(failure.value).__name__})")
 
 
+def _window_sender(call: UpstreamCall) -> Callable[[int], None]:
+    """``call._send_window``, called only while the call lives: the request body's Inbound
+    (which the Agent's body producer may keep) holds no reference back to its call, so a call
+    that ended is freed by reference counting, not by the cyclic collector. A call that ended
+    sends no WINDOW anyway."""
+    ref = weakref.ref(call)
+
+    def send(increment: int) -> None:
+        alive = ref()
+        if alive is not None:
+            alive._send_window(increment)
+
+    return send
+
+
 class UpstreamCall:
     """One request from a forwarder, executed against the upstream and answered in frames."""
 
@@ -219,7 +236,7 @@ class UpstreamCall:
         self.head = head
         self.seq = 0
         self.done = False
-        self.inbound = Inbound(proxy.settings.window, self._send_window)
+        self.inbound = Inbound(proxy.settings.window, _window_sender(self))
         self._request: Deferred[IResponse] | None = None
         self._transport: IPushProducer | None = None
         self._outbound: Outbound | None = None
@@ -477,10 +494,11 @@ class UpstreamCall:
             code = "-" if cause == "cancelled" else str(status_of(cause))
         elapsed = self.proxy.clock.seconds() - self.started
         self.proxy.metrics.request_done(self.proxy.settings.name, code, cause, elapsed)
-        self._headers_timer.cancel()
-        self._idle_timer.cancel()
+        self._headers_timer.close()  # they forget this call: no reference cycle through them
+        self._idle_timer.close()
         if self._outbound is not None:
             self._outbound.stop()
+            self._outbound = None  # nor through the response's flow control
         self.proxy.call_done(self)
 
 

@@ -76,7 +76,9 @@ class BridgeRequest(Request):
             self._refuse(bridge, err, method, uri, length)
 
     def _open(self, bridge: ForwarderService, method: bytes, uri: bytes, length: int | None) -> ClientStream:
-        kind = UpgradeStream if wants_upgrade(self, length) else ClientStream
+        # No Upgrade header, no upgrade (wants_upgrade would list and scan every header to say so).
+        upgrade = self.requestHeaders.hasHeader(b"upgrade") and wants_upgrade(self, length)
+        kind = UpgradeStream if upgrade else ClientStream
         return kind.open(bridge, self, method, uri, length)
 
     def _refuse(self, bridge: ForwarderService, err: RequestError, method: bytes, uri: bytes, length: int | None,

@@ -18,6 +18,7 @@ import enum
 import re
 import struct
 from dataclasses import dataclass
+from itertools import chain
 from typing import TypeVar
 
 from ppbridge.errors import BusMessageError
@@ -41,6 +42,7 @@ class MsgType(enum.IntEnum):
 
 
 SESSION_TYPES = frozenset(t for t in MsgType if t < MsgType.KEY_REQUEST)
+_SESSION_TYPE = {int(t): t for t in SESSION_TYPES}  # type byte -> MsgType, without the Enum call
 
 
 class Role(enum.IntEnum):
@@ -49,6 +51,8 @@ class Role(enum.IntEnum):
     FORWARDER = 0
     PROXY = 1
 
+
+_ROLES = (Role.FORWARDER, Role.PROXY)  # sender byte -> Role, without the Enum call
 
 FLAG_END = 0x01  # last frame of this stream in this direction
 
@@ -74,6 +78,7 @@ MAX_CHANNEL = 256
 MAX_REASON = 1024
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKENS = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:\0[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")  # names joined by NUL
 NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"  # proxy names, also checked by config
 NAME_PATTERN = re.compile(NAME_RE)  # always fullmatch()
 
@@ -115,11 +120,12 @@ def unpack_header(data: bytes) -> Header:
     version, mtype, flags, sender, key_id, counter, stream_id, seq = _HEADER.unpack_from(data)
     if version != VERSION:
         raise BusMessageError("bad-version", f"version {version}")
-    if mtype not in SESSION_TYPES:
+    session_type = _SESSION_TYPE.get(mtype)
+    if session_type is None:
         raise BusMessageError("bad-type", f"type {mtype} in a session message")
     if sender not in (0, 1) or flags & ~FLAG_END:
         raise BusMessageError("malformed", "bad sender or flags")
-    return Header(version, MsgType(mtype), flags, Role(sender), key_id, counter, stream_id, seq)
+    return Header(version, session_type, flags, _ROLES[sender], key_id, counter, stream_id, seq)
 
 
 def pack_header(mtype: MsgType, flags: int, sender: Role, key_id: bytes, counter: int, stream_id: bytes, seq: int) -> bytes:
@@ -240,7 +246,7 @@ def _header_block(headers: HeaderList) -> bytes:
     """Names and values joined by NUL: one C-speed split decodes it (neither may hold a NUL)."""
     if len(headers) > MAX_HEADERS:
         raise ValueError("too many headers")
-    block = b"\0".join(part for pair in headers for part in pair)
+    block = b"\0".join(chain.from_iterable(headers))
     if block.count(b"\0") != 2 * len(headers) - 1 and headers:
         raise ValueError("NUL in a header name or value")
     return block
@@ -257,9 +263,10 @@ def _parse_header_block(block: bytes) -> HeaderList:
     names, values = parts[0::2], parts[1::2]
     if max(map(len, values)) > MAX_HEADER_VALUE:
         raise BusMessageError("malformed", "header value over its limit")
-    for name in names:
-        if len(name) > MAX_HEADER_NAME or not _TOKEN.fullmatch(name):
-            raise BusMessageError("malformed", "bad header name")
+    # Every name a token of at most MAX_HEADER_NAME bytes: one match over them all (a name holds
+    # no NUL: they were split on it), not one per name.
+    if max(map(len, names)) > MAX_HEADER_NAME or not _TOKENS.fullmatch(b"\0".join(names)):
+        raise BusMessageError("malformed", "bad header name")
     return list(zip(names, values))
 
 
@@ -297,6 +304,12 @@ class RequestHead:
     reply_channel: bytes
     content_length: int | None
     deadline_ms: int = 0
+
+    def with_deadline(self, deadline_ms: int) -> RequestHead:
+        """This head with another deadline (what ``dataclasses.replace`` gives, without its
+        walk over the fields: once per request)."""
+        return RequestHead(self.method, self.target, self.headers, self.reply_channel, self.content_length,
+                           deadline_ms)
 
     def encode(self, body: bytes = b"") -> bytes:
         block = _header_block(self.headers)

@@ -3,22 +3,27 @@ HTTP transparency and the errors ppbridge answers itself."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
 import os
 import random
 import time
+import weakref
 from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import FileBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from ppbridge.clientstream import ClientStream
 from ppbridge.negotiation import proxy_peer
+from ppbridge.upstream import UpstreamCall
 from ppbridge.sampleapp import GZIP_BODY, make_site, pattern_sha256
 from tests.support import Client, Stack, error_of, listen
 from tests.test_streaming import raw_exchange, split_response
@@ -48,6 +53,39 @@ class Methods(TestCase):
         response, data = yield client.fetch(b"HEAD", stack.url + "/bytes?n=1234&seed=3")
         self.assertEqual((response.code, data), (200, b""))
         self.assertEqual(response.headers.getRawHeaders(b"content-length"), [b"1234"])
+
+
+class Freeing(TestCase):
+    @defer.inlineCallbacks
+    def test_finished_streams_need_no_cyclic_collection(self):
+        """With the cyclic garbage collector off, every ClientStream and every UpstreamCall of
+        requests answered normally (inline and streamed bodies) is freed once its answer is in:
+        nothing it made (the request's link, its timers, its flow control) keeps it, its request
+        and their headers in a reference cycle until the next collection."""
+        stack = yield Stack(self).start()
+        client = Client(self)
+        yield client.fetch(b"GET", stack.url + "/echo/warm")  # keys, pools and connections first
+        made: list[weakref.ref[Any]] = []
+
+        def recording(cls: type) -> None:
+            original = cls.__init__
+
+            def init(obj: Any, *args: Any) -> None:
+                original(obj, *args)
+                made.append(weakref.ref(obj))
+
+            self.patch(cls, "__init__", init)
+
+        recording(ClientStream)
+        recording(UpstreamCall)
+        gc.disable()
+        self.addCleanup(gc.enable)
+        for path in ("/echo/a", "/bytes?n=100", "/bytes?n=300000", "/echo/b"):
+            response, _ = yield client.fetch(b"GET", stack.url + path)
+            self.assertEqual(response.code, 200)
+        yield deferLater(reactor, 0.05, lambda: None)  # the last PUBLISH replies
+        self.assertEqual(len(made), 8)
+        self.assertEqual([ref() for ref in made], [None] * 8)
 
 
 class Concurrency(TestCase):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
@@ -23,6 +24,7 @@ from ppbridge.bus import RedisBus
 from ppbridge.config import RedisSettings
 from ppbridge.logs import AccessLog
 from ppbridge.logsafe import BURST, PERIOD
+from ppbridge.metrics import DURATION_BUCKETS, UPPER_BOUNDS, Metrics
 from ppbridge.redis_server import free_port
 from ppbridge.sampleapp import make_site
 from ppbridge.scaffold import write_forwarder_config
@@ -287,6 +289,63 @@ class MetricsTests(TestCase):
         self.assertEqual(p[("ppbridge_upstream_latency_seconds_count", labels(proxy="alpha"))], 2.0)
         self.assertEqual(p[("ppbridge_build_info", labels(version=__version__))], 1.0)
         self.assertIn(("process_cpu_seconds_total", ()), p)
+
+
+class MetricTallyTests(TestCase):
+    """The hot metrics count in plain numbers (ppbridge.metrics.Tally, HistogramTally) and are
+    handed to prometheus_client when collected: what is exported is what prometheus_client's
+    own counters, gauges and histograms would have exported."""
+
+    def reference(self) -> tuple[Any, Any, Any, Any]:
+        """Plain prometheus_client metrics with the same names, labels and buckets."""
+        registry = CollectorRegistry()
+        return (registry, Counter("ppbridge_requests", "x", ["proxy", "code", "cause"], registry=registry),
+                Histogram("ppbridge_request_duration_seconds", "x", ["proxy", "code"], buckets=DURATION_BUCKETS,
+                          registry=registry),
+                Gauge("ppbridge_active_streams", "x", registry=registry))
+
+    def test_private_values_still_there(self) -> None:
+        """The prometheus_client internals HistogramTally writes into exist as it expects (a
+        newer prometheus_client must fail here first): one value per upper bound, our bounds."""
+        child = Metrics().request_duration.labels("alpha", "200")
+        self.assertEqual(tuple(child._upper_bounds), UPPER_BOUNDS)
+        self.assertEqual(len(child._buckets), len(UPPER_BOUNDS))
+        self.assertTrue(callable(child._sum.set) and callable(child._sum.get))
+
+    def test_same_samples_as_prometheus_client(self) -> None:
+        """Requests of mixed causes, codes and durations (negative, exact bucket bounds, beyond
+        the last, NaN) and streams opening and closing, read between and after them through the
+        registry: every sample value equals that of plain prometheus_client metrics."""
+        metrics = Metrics()
+        registry, counter, histogram, gauge = self.reference()
+        durations = [0.0, 0.005, 0.0051, 0.3, 300.0, 301.0, -2.0, 1e-9, 59.99, float("nan"), 7.0]
+        for i in range(300):
+            proxy, code, cause = ("alpha", "-")[i % 2], ("200", "502", "404")[i % 3], ("-", "upstream-timeout")[i % 5 // 4]
+            seconds = durations[i % len(durations)] * (1 if i % 4 < 2 else 1 + i / 1000)
+            metrics.request_done(proxy, code, cause, seconds)
+            counter.labels(proxy, code, cause).inc()
+            histogram.labels(proxy, code).observe(max(0.0, seconds))
+            (metrics.active_streams.inc, metrics.active_streams.dec)[i % 3 == 2]()
+            (gauge.inc, gauge.dec)[i % 3 == 2]()
+            if i % 97 == 0 or i == 299:
+                ours = {(s.name, tuple(sorted(s.labels.items()))): s.value for m in metrics.registry.collect()
+                        for s in m.samples if not s.name.endswith("_created")}
+                theirs = {(s.name, tuple(sorted(s.labels.items()))): s.value for m in registry.collect()
+                          for s in m.samples if not s.name.endswith("_created")}
+                self.assertEqual({k: v for k, v in ours.items() if k in theirs}, theirs)
+                self.assertEqual(metrics.registry.get_sample_value("ppbridge_active_streams"), gauge._value.get())
+
+    def test_counts_reach_a_direct_collect(self) -> None:
+        """Collecting one metric alone (as the admin page's request sampler does) hands the
+        waiting counts over too; so does get_sample_value."""
+        metrics = Metrics()
+        metrics.request_done("alpha", "200", "-", 0.01)
+        metrics.sealed.inc()
+        metrics.bytes_down.inc(100)
+        [family] = metrics.requests.collect()
+        self.assertEqual([s.value for s in family.samples if s.name.endswith("_total")], [1.0])
+        self.assertEqual(metrics.registry.get_sample_value("ppbridge_bus_messages_total", {"direction": "sealed"}), 1.0)
+        self.assertEqual(metrics.registry.get_sample_value("ppbridge_body_bytes_total", {"direction": "down"}), 100.0)
 
 
 class JsonLogTests(TestCase):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import struct
@@ -238,6 +239,13 @@ class RequestHeadTests(TestCase):
         decoded, body = RequestHead.decode(head.encode(b"first bytes of the body"))
         self.assertEqual(decoded, head)
         self.assertEqual(body, b"first bytes of the body")
+
+    def test_with_deadline_is_replace(self) -> None:
+        """with_deadline gives what dataclasses.replace gives: every other field kept (a field
+        added to RequestHead and not copied there fails this)."""
+        head = request_head()
+        self.assertEqual(head.with_deadline(1_234_567), dataclasses.replace(head, deadline_ms=1_234_567))
+        self.assertNotEqual(head.with_deadline(1_234_567), head)
 
     def test_round_trip_unknown_length_no_body(self) -> None:
         """An unknown content length (chunked upload) stays None; no inline body is empty bytes."""

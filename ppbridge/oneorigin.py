@@ -1,0 +1,64 @@
+"""The proxy's HTTP client for its one upstream origin: a Twisted ``Agent`` that does not
+parse again, per request, the URL whose origin it always calls.
+
+``Agent.request`` runs every URL through ``URI.fromBytes`` (urlparse) and rebuilds its request
+path with ``URI.originForm`` (urlunparse). :class:`OneOriginAgent` splits the path and query
+of a plain URL of its origin itself into exactly the same ``URI`` and request path, and hands
+them to the Agent's own ``_requestWithEndpoint``; any other URL goes through ``Agent.request``.
+
+Twisted's private names used here, checked against Twisted 26.10 (whose ``Agent.request`` is
+``_ensureValidURI``, ``URI.fromBytes``, ``_getEndpoint`` and ``_requestWithEndpoint``):
+``Agent._requestWithEndpoint`` and ``Agent._getEndpoint``. tests/test_upstream_uri.py fails if
+they go, and compares what both paths hand on, part by part.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+
+# A URL's path and query as urlparse splits them without a params or fragment part: printable
+# ASCII (what Agent.request accepts) without ";" or "#", not starting with "//".
+_PLAIN_PATH = re.compile(rb"/(?!/)[\x21\x22\x24-\x3a\x3c-\x7e]*")
+_Agent = TypeVar("_Agent", bound="OneOriginAgent")
+
+
+class OneOriginAgent(Agent):
+    """An Agent for URLs of one origin (``prefix``, parsed once as ``origin``)."""
+
+    origin: URI  # scheme, netloc, host and port of every URL this agent is given
+    prefix: bytes  # b"scheme://netloc"
+
+    @classmethod
+    def for_origin(cls: type[_Agent], origin: bytes, reactor: Any, endpoints: IAgentEndpointFactory,
+                   pool: HTTPConnectionPool) -> _Agent:
+        """The agent for ``origin`` (``b"scheme://netloc"``), connecting through ``endpoints``."""
+        agent = cls.usingEndpointFactory(reactor, endpoints, pool=pool)
+        agent.origin, agent.prefix = URI.fromBytes(origin + b"/"), origin
+        return agent
+
+    def plain(self, uri: bytes) -> tuple[URI, bytes] | None:
+        """(URI, request path) for a plain URL of the origin, as Agent.request makes them; None otherwise."""
+        prefix = self.prefix
+        if not uri.startswith(prefix) or _PLAIN_PATH.fullmatch(uri, len(prefix)) is None:
+            return None
+        origin, request_path = self.origin, uri[len(prefix):]
+        path, _, query = request_path.partition(b"?")
+        if not query:
+            request_path = path  # urlunparse drops an empty query's "?"
+        return URI(origin.scheme, origin.netloc, origin.host, origin.port, path, b"", query, b""), request_path
+
+    def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
+                bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
+        split = self.plain(uri)
+        if split is None:
+            return super().request(method, uri, headers, bodyProducer)
+        parsed, request_path = split
+        key = (parsed.scheme, parsed.host, parsed.port)
+        return self._requestWithEndpoint(key, self._getEndpoint(parsed), method, parsed, headers, bodyProducer,
+                                         request_path)
