@@ -41,7 +41,7 @@ from ppbridge.configfields import (
     split_url,
 )
 from ppbridge.redisconfig import REDIS_KEYS, RedisSettings, read_redis
-from ppbridge.wire import MAX_HEADERS, NAME_RE
+from ppbridge.wire import DEFAULT_FRAME_SIZE, MAX_HEADERS, NAME_RE
 from ppbridge.errors import ConfigError
 
 MIN_FRAME_SIZE = 65536
@@ -80,7 +80,7 @@ class ForwarderSettings:
     stream_idle_timeout: float = 300.0
     drain_timeout: float = 30.0  # on SIGTERM: seconds in-flight requests may take to finish; 0 = stop at once
     max_body_size: int = 1 << 30  # 0 = no limit
-    frame_size: int = 262144
+    frame_size: int = DEFAULT_FRAME_SIZE
     window: int = 1048576
     announce_interval: float = 15.0
     max_clock_skew: float = 300.0
@@ -136,7 +136,7 @@ class ProxySettings:
     upstream_timeout: float = 60.0
     stream_idle_timeout: float = 300.0
     drain_timeout: float = 30.0  # on SIGTERM: seconds in-flight calls may take to finish; 0 = stop at once
-    frame_size: int = 262144
+    frame_size: int = DEFAULT_FRAME_SIZE
     window: int = 1048576
     max_clock_skew: float = 300.0
     rekey: RekeySettings = field(default_factory=RekeySettings)

@@ -39,7 +39,7 @@ from zope.interface import implementer
 from ppbridge.errors import HeaderTimeout, HeaderTooLarge, RequestError, TooManyHeaders
 from ppbridge.logsafe import escape
 from ppbridge.sendlimit import SEND_LIMIT, raise_send_limit
-from ppbridge.wire import OVERHEAD
+from ppbridge.wire import FRAME_PAYLOAD
 
 MIN_TOTAL_HEAD = 16384  # twisted.web's totalHeadersSize
 LINGER = 2.0  # seconds a refused client may go on sending (dropped) before we close
@@ -113,7 +113,7 @@ CLIENT_SEND_LIMIT = SEND_LIMIT  # bytes per send() to a client (see ppbridge.sen
 # KiB): a full read is one DATA frame's payload at the default frame_size, sent as it is
 # instead of four reads joined into a frame. ``bufferSize`` is also Twisted's write-pause
 # threshold, so it is raised only for the body's time (:meth:`EdgeChannel.read_body`).
-UPLOAD_READ_SIZE = 256 * 1024 - OVERHEAD
+UPLOAD_READ_SIZE = FRAME_PAYLOAD
 
 
 class EdgeChannel(HTTPChannel):

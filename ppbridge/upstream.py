@@ -60,6 +60,7 @@ from ppbridge.targets import confined
 from ppbridge.timers import Deadline
 from ppbridge.wire import (
     FLAG_END,
+    FRAME_PAYLOAD,
     OVERHEAD,
     Header,
     MsgType,
@@ -80,7 +81,7 @@ POOL_SIZE = 64
 # A full upstream read is one DATA frame's payload at the default frame_size: the frame is the
 # read itself, neither sliced nor joined (a 256 KiB read split a frame's worth off and joined
 # the 56 bytes left with the next read: two copies of every byte downloaded).
-READ_SIZE = 256 * 1024 - OVERHEAD
+READ_SIZE = FRAME_PAYLOAD
 
 
 class _QuietFactory(_HTTP11ClientFactory):

@@ -60,6 +60,8 @@ _HEADER = struct.Struct(">BBBB8sQ16sI")
 HEADER_SIZE = _HEADER.size  # 40
 TAG_SIZE = 16
 OVERHEAD = HEADER_SIZE + TAG_SIZE
+DEFAULT_FRAME_SIZE = 262144  # [forwarder]/[proxy] frame_size when not set
+FRAME_PAYLOAD = DEFAULT_FRAME_SIZE - OVERHEAD  # body bytes in one DATA frame at that size
 ID_SIZE = 8
 STREAM_ID_SIZE = 16
 # The stream id of a proxy's CONFIRM on a forwarder's control channel saying "I am draining:
