@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ppbridge.errors import BusMessageError
-from ppbridge.freshbuf import FRESH_MIN, filled, fresh_bytearray, fresh_bytes
+from ppbridge.freshbuf import AVAILABLE, FRESH_MIN, filled, fresh_bytearray, fresh_bytes
 from ppbridge.wire import HEADER_SIZE, OVERHEAD, TAG_SIZE, Header, MsgType, Role, pack_header
 
 KEY_SIZE = 32
@@ -91,9 +91,10 @@ class Envelope:
         view = memoryview(data)
         nonce, aad = _nonce(self.peer_role, header.counter), view[:HEADER_SIZE].tobytes() + channel
         try:
-            if len(data) - OVERHEAD >= FRESH_MIN:
+            if AVAILABLE and len(data) - OVERHEAD >= FRESH_MIN:
                 plaintext = self._open_frame(nonce, view[HEADER_SIZE:], aad, len(data) - OVERHEAD)
-            else:  # a small message (or one too short to hold a tag: it fails to authenticate)
+            else:  # a small message (or one too short to hold a tag: it fails to authenticate),
+                # or no freshbuf here (its fallback would decrypt into a bytearray and copy it)
                 plaintext = self._open.decrypt(nonce, view[HEADER_SIZE:], aad)
         except InvalidTag:
             raise BusMessageError("bad-tag", "authentication failed") from None
