@@ -1,7 +1,7 @@
 """The printed report: tables with ratios to direct and to ssh -R (HTTP and WebSocket), ppbridge
-as multiples of the floors measured in the same run (the relay floor, the twisted.web floor), the
-targets, a comparison with an earlier run's JSON. Works only on the JSON-ready result dict, so ``--compare`` reads
-old files exactly as this run writes them.
+as multiples of the floors measured in the same run (the relay floor, the twisted.web floor, the
+bus floor), the targets, a comparison with an earlier run's JSON. Works only on the JSON-ready
+result dict, so ``--compare`` reads old files exactly as this run writes them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ TARGET_CONCURRENCY = "16"
 FLAT_MEMORY_MIB = 16.0
 ISSUE_SSH = {"rps": 7200.0, "p99_ms": 43.0, "us_per_req": 25.0, "mb_s": 110.0}
 LOCALTUNNEL = {"rps": 4500.0, "p99_ms": 9.0, "us_per_req": 260.0, "mb_s": 400.0}
-RELAY, TWFLOOR, SSH = "relay floor", "twisted.web floor", "ssh -R"
+RELAY, TWFLOOR, BUSFLOOR, SSH = "relay floor", "twisted.web floor", "bus floor", "ssh -R"
 FLOOR_CPU_MAX = 1.3  # issue 12: ppbridge's CPU per request at most this many times the relay floor's
 SSH_RPS_MIN = 0.5  # issue 12: ppbridge's req/s at least this share of ssh -R's (with a lower p99)
 TRANSFERS = ("download", "upload")  # the one-stream measurements, each a DownloadResult with CPU per GB
@@ -89,21 +89,24 @@ def _times(value: float | None, base: float | None) -> float | None:
 def floors_section(result: Result) -> str | None:
     """ppbridge's figures as multiples of the floors' and of ssh -R's (same run, same
     concurrency): req/s, CPU per request and what it spends above the relay floor; the
-    download's MB/s and CPU per GB."""
+    download's MB/s and CPU per GB. The bus floor's small requests get lines of their own
+    (what the shape costs with none of ppbridge's work), and a column for ppbridge's."""
     rows = _ok(result["rows"])
     pp = rows.get("ppbridge")
     if pp is None or not (RELAY in rows or TWFLOOR in rows):
         return None
-    relay, tw, ssh = rows.get(RELAY), rows.get(TWFLOOR), rows.get(SSH)
+    relay, tw, bus, ssh = rows.get(RELAY), rows.get(TWFLOOR), rows.get(BUSFLOOR), rows.get(SSH)
     out = []
-    for conc, run in pp.get("small", {}).items():
-        r, t, s = small(relay, conc), small(tw, conc), small(ssh, conc)
-        cpu, relay_cpu = run.get("row_us_per_req"), field(r, "row_us_per_req")
-        above = None if cpu is None or relay_cpu is None else cpu - relay_cpu
-        out.append([f"c{conc}", fmt(run["rps"], 0), ratio(run["rps"], field(r, "rps")),
-                    ratio(run["rps"], field(s, "rps")), ratio(run["p99_ms"], field(s, "p99_ms")), fmt(cpu, 0),
-                    ratio(cpu, relay_cpu), ratio(cpu, field(t, "row_us_per_req")),
-                    ratio(cpu, field(s, "row_us_per_req")), fmt(above, 0)])
+    for label, row in (("", pp), ("bus floor ", bus)):
+        for conc, run in (row or {}).get("small", {}).items():
+            r, t, b, s = small(relay, conc), small(tw, conc), small(bus, conc), small(ssh, conc)
+            cpu, relay_cpu = run.get("row_us_per_req"), field(r, "row_us_per_req")
+            above = None if cpu is None or relay_cpu is None else cpu - relay_cpu
+            out.append([f"{label}c{conc}", fmt(run["rps"], 0), ratio(run["rps"], field(r, "rps")),
+                        ratio(run["rps"], field(s, "rps")), ratio(run["p99_ms"], field(s, "p99_ms")), fmt(cpu, 0),
+                        ratio(cpu, relay_cpu), ratio(cpu, field(t, "row_us_per_req")),
+                        "-" if row is bus else ratio(cpu, field(b, "row_us_per_req")),
+                        ratio(cpu, field(s, "row_us_per_req")), fmt(above, 0)])
     for what in TRANSFERS:
         dl = pp.get(what)
         if not dl:
@@ -114,10 +117,10 @@ def floors_section(result: Result) -> str | None:
         relay_gb = base[RELAY].get("row_s_per_gb")
         out.append([what, f"{fmt(mb_s, 0)} MB/s", ratio(mb_s, base[RELAY].get("median_mb_s")),
                     ratio(mb_s, base[SSH].get("median_mb_s")), "-", f"{fmt(gb, 2)} s/GB", ratio(gb, relay_gb),
-                    ratio(gb, base[TWFLOOR].get("row_s_per_gb")), ratio(gb, base[SSH].get("row_s_per_gb")),
+                    ratio(gb, base[TWFLOOR].get("row_s_per_gb")), "-", ratio(gb, base[SSH].get("row_s_per_gb")),
                     "-" if gb is None or relay_gb is None else f"{gb - relay_gb:.2f} s/GB"])
     return table(["ppbridge", "req/s", "x relay floor", "x ssh -R", "p99 x ssh -R", "row CPU us/req",
-                  "x relay floor", "x twisted.web floor", "x ssh -R", "above relay floor"], out)
+                  "x relay floor", "x twisted.web floor", "x bus floor", "x ssh -R", "above relay floor"], out)
 
 
 def cpu_section(result: Result) -> str:
@@ -431,7 +434,8 @@ def rows_sections(result: Result) -> list[str]:
     floors = floors_section(result)
     if floors:
         parts += ["", ("ppbridge as multiples of the floors and of ssh -R (same run, same concurrency; row CPU:"
-                       " forwarder+proxy+Redis against the floor's one process)"), floors]
+                       " forwarder+proxy+Redis against the relay floor's one process; the bus floor's own lines:"
+                       " front+back+Redis)"), floors]
     parts += ["", (("CPU by process (CPU seconds per 1000 requests or WebSocket round trips = ms per each;"
                    " download, upload and WebSocket throughput: per GB)") if _any_ws(result) else
                   "CPU by process (CPU seconds per 1000 requests = ms per request; download and upload: per GB)"),

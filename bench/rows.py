@@ -9,6 +9,10 @@ by a context manager that yields a :class:`RowRun`.
   same files itself): the cost of one request in and out of twisted.web.
 - ``relay floor``: client -> bench/relayfloor.py (twisted.web in, the proxy's Agent and pool
   out) -> upstream: HTTP in plus HTTP out in this stack, no bus, no Redis, no crypto.
+- ``bus floor``: client -> bench/busfloor.py front -> a private redis-server -> bench/busfloor.py
+  back -> upstream: ppbridge's shape (two processes, pub/sub between them, ppbridge's Redis
+  connections) with none of ppbridge's own work (no crypto, streams, checks, logs); small
+  requests only.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ class RowRun:
     """Cumulative counters of the row (Redis commands and bytes), sampled around each run."""
     ws: bool = True
     """Whether the WebSocket measurements apply (the floors serve no ``/ws``)."""
+    transfers: bool = True
+    """Whether the big download and upload apply (the bus floor carries one message each way)."""
 
 
 @contextlib.contextmanager
@@ -107,6 +113,17 @@ def ppbridge_keys(folder: Path) -> None:
         make_keys(folder, ["forwarder", PROXY_NAME])
 
 
+def private_redis(stack: contextlib.ExitStack, folder: Path) -> tuple[RedisServer, PidSource]:
+    """A redis-server of the row's own in ``folder``, stopped with ``stack``, and its pid source."""
+    redis = RedisServer(workdir=str(folder))
+    redis.start()
+    stack.callback(redis.stop)
+    pid = redis.pid
+    if pid is None:
+        raise RuntimeError("redis-server started without a pid")
+    return redis, lambda: [pid] if redis.running else []
+
+
 @contextlib.contextmanager
 def ppbridge(upstream: Upstream, folder: Path, delay_ms: float | None = None,
              name: str = "ppbridge", profile_dir: Path | None = None) -> Iterator[RowRun]:
@@ -118,12 +135,8 @@ def ppbridge(upstream: Upstream, folder: Path, delay_ms: float | None = None,
     folder.mkdir(exist_ok=True)
     ppbridge_keys(folder)
     children: list[Child] = []
-    redis = RedisServer(workdir=str(folder))
     with contextlib.ExitStack() as stack:
-        redis.start()
-        stack.callback(redis.stop)
-        redis_pid = redis.pid
-        assert redis_pid is not None
+        redis, redis_pids = private_redis(stack, folder)
         proxy_redis = redis.url
         roles: dict[str, PidSource] = {}
         helpers = upstream.roles()
@@ -151,7 +164,7 @@ def ppbridge(upstream: Upstream, folder: Path, delay_ms: float | None = None,
             stack.callback(child.stop)
             children.append(child)
             roles[role] = child.pids
-        roles["redis-server"] = lambda: [redis_pid] if redis.running else []
+        roles["redis-server"] = redis_pids
         if delay_ms is not None:
             helpers["delayproxy"] = children[0].pids
         base = f"http://127.0.0.1:{port}"
@@ -208,6 +221,32 @@ def relay_floor(upstream: Upstream, folder: Path) -> Iterator[RowRun]:
         notes = ["bench/relayfloor.py: twisted.web in, ppbridge.upstream.Upstream's Agent and pool out, one process;"
                  " no bus, no Redis, no crypto", *reactor_of(child)]
         yield RowRun(name, base, {"relay": child.pids}, upstream.roles(), notes, ws=False)
+
+
+@contextlib.contextmanager
+def bus_floor(upstream: Upstream, folder: Path) -> Iterator[RowRun]:
+    """bench/busfloor.py: front (twisted.web, PUBLISH) and back (SUBSCRIBE, the proxy's Agent)
+    through a private redis-server, as ppbridge's row has one."""
+    folder.mkdir(exist_ok=True)
+    port = free_port()
+    name = "bus floor"
+    with contextlib.ExitStack() as stack:
+        redis, redis_pids = private_redis(stack, folder)
+        script = str(HERE / "busfloor.py")
+        back = Child("busfloor-back", [sys.executable, script, "--role", "back", "--redis", redis.url,
+                                       "--upstream", upstream.base_url], folder)
+        stack.callback(back.stop)
+        front = Child("busfloor-front", [sys.executable, script, "--role", "front", "--redis", redis.url,
+                                         "--listen", LISTEN.format(port=port)], folder)
+        stack.callback(front.stop)
+        base = f"http://127.0.0.1:{port}"
+        _wait_ready(base + SMALL_PATH, [front, back, upstream.child], f"a 200 through the {name}")
+        notes = ["bench/busfloor.py: twisted.web front and Agent back in two processes, one PUBLISH each way"
+                 " through ppbridge's RedisBus; no crypto, streams, checks or logs; small requests only",
+                 *reactor_of(front)]
+        roles: dict[str, PidSource] = {"front": front.pids, "back": back.pids, "redis-server": redis_pids}
+        yield RowRun(name, base, roles, upstream.roles(), notes, counters=lambda: redis_counters(redis),
+                     ws=False, transfers=False)
 
 
 def _ssh_tools() -> tuple[str, str, str]:

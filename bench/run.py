@@ -1,8 +1,9 @@
 """``make bench``: ppbridge against direct access and ``ssh -R``, on loopback, in one run.
 
 Starts a fast upstream (nginx, else a Twisted static server), then each row in turn (direct,
-the twisted.web floor, the relay floor, ppbridge, ssh -R), measures small-request throughput
-and latency at several concurrencies, a one-stream download and upload of a big file, WebSocket echo round
+the twisted.web floor, the relay floor, the bus floor, ppbridge, ssh -R), measures small-request
+throughput and latency at several concurrencies, a one-stream download and upload of a big file
+(not through the bus floor), WebSocket echo round
 trips and one-connection WebSocket throughput (nginx only, not the floors), the CPU time and
 peak memory of every process of the row; then the capacity of one Redis (PUBLISH throughput at
 ppbridge's message sizes, combined with the ppbridge row's Redis commands and bytes per
@@ -50,8 +51,8 @@ except ImportError as _err:  # websockets missing: the WebSocket measurements ar
     WS_IMPORT_ERROR = f"the websockets library is not importable ({_err}): pip install websockets"
 
 HERE = Path(__file__).resolve().parent
-ROW_NAMES = {"direct": "direct", "twfloor": "twisted.web floor", "relay": "relay floor", "ppbridge": "ppbridge",
-             "ssh": "ssh -R"}
+ROW_NAMES = {"direct": "direct", "twfloor": "twisted.web floor", "relay": "relay floor", "busfloor": "bus floor",
+             "ppbridge": "ppbridge", "ssh": "ssh -R"}
 DEFAULT_ROWS = ",".join(ROW_NAMES)
 WS_SMALL = 100  # bytes per WebSocket echo message
 WS_BIG_MIB = 1  # MiB per WebSocket throughput message
@@ -207,6 +208,9 @@ class Bench:
         for conc in self.args.conc:
             result["small"][str(conc)] = self.small_run(run, conc, self.args.duration)
         rss: dict[str, Any] = {"after_small": _rounded(peak_rss_mib(everything))}
+        if not run.transfers:
+            result["rss_mib"] = rss
+            return result
         result["download"] = self.download_run(run)
         rss["after_download"] = _rounded(peak_rss_mib(everything))
         if self.uploader is not None:
@@ -278,6 +282,8 @@ class Bench:
             return lambda: rows.twisted_floor(self.upstream, self.tmp / "twfloor")
         if key == "relay":
             return lambda: rows.relay_floor(self.upstream, self.tmp / "relay")
+        if key == "busfloor":
+            return lambda: rows.bus_floor(self.upstream, self.tmp / "busfloor")
         if key == "ppbridge":
             profile = self.tmp / "profiles" if self.args.profile else None
             if profile is not None:
