@@ -44,28 +44,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ppbridge.redisraw import INCOMPLETE as _INCOMPLETE
+from ppbridge.redisraw import RedisReplyError, encode_command
+
 log = Logger()
 
 CONNECT_TIMEOUT = 5  # seconds to reach the real Redis
 PASS, DROP, HOLD, DUPLICATE = "pass", "drop", "hold", "duplicate"
 _DECISIONS = (PASS, DROP, HOLD, DUPLICATE)
-_INCOMPLETE = object()  # hiredis "not enough data yet"
 _SUBSCRIBING = {b"SUBSCRIBE", b"PSUBSCRIBE"}
 
 
-class RedisReplyError(Exception):
-    """An error reply (``-ERR ...``) parsed from the real server; relayed as an error reply."""
-
-
-# --- RESP encoding ------------------------------------------------------------------------
-
-
-def encode_command(args: Sequence[bytes]) -> bytes:
-    """A command as Redis clients send it: a RESP array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        parts += (b"$%d\r\n" % len(arg), arg, b"\r\n")
-    return b"".join(parts)
+# --- RESP encoding (commands: ppbridge.redisraw.encode_command) ---------------------------
 
 
 def encode_reply(reply: object) -> bytes:

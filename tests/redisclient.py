@@ -1,6 +1,6 @@
 """A blocking, binary-safe raw Redis client for tests: commands, PUBLISH and a subscriber.
 
-Built on :class:`ppbridge.redis_server.RedisConnection` (``hiredis.Reader`` reads the
+Built on :class:`ppbridge.redisraw.RedisConnection` (``hiredis.Reader`` reads the
 replies), so the tests speak to Redis with no parser of their own. Status replies (``+OK``,
 ``+PONG``) come as str, bulk strings as bytes; a top-level error reply is raised as
 ``RedisReplyError``, one nested in an array reply is returned as an instance.
@@ -12,7 +12,8 @@ import collections
 import time
 from collections.abc import Sequence
 
-from ppbridge.redis_server import RedisConnection, RedisReplyError, RedisServer, parse_info
+from ppbridge.redis_server import RedisServer
+from ppbridge.redisraw import RedisConnection, RedisReplyError, parse_info
 
 __all__ = ["RawRedisClient", "RedisReplyError", "client_for"]
 

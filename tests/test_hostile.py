@@ -19,7 +19,8 @@ from twisted.trial.unittest import TestCase
 
 from ppbridge.bus import RedisBus
 from ppbridge.config import RedisSettings
-from tests.hostile import HostileRedis, encode_command
+from ppbridge.redisraw import encode_command
+from tests.hostile import HostileRedis
 from tests.support import start_redis
 
 CHANNEL = b"ppbridge:test:\x00\xff"

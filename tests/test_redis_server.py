@@ -18,15 +18,8 @@ import tempfile
 from twisted.trial import unittest
 
 from ppbridge import redis_server
-from ppbridge.redis_server import (
-    RedisConnection,
-    RedisNotFound,
-    RedisReplyError,
-    RedisServer,
-    find_redis_server,
-    free_port,
-    redis_server_origin,
-)
+from ppbridge.redis_server import RedisNotFound, RedisServer, find_redis_server, free_port, redis_server_origin
+from ppbridge.redisraw import RedisConnection, RedisReplyError
 from tests.redisclient import RawRedisClient, client_for
 
 _MISSING = object()

@@ -31,7 +31,8 @@ from twisted.trial.unittest import TestCase
 from ppbridge import bus as bus_module
 from ppbridge.bus import RedisBus, _PublisherFactory, _SubscriberFactory
 from ppbridge.errors import BusUnavailable
-from ppbridge.redis_server import RedisReplyError, RedisServer, find_redis_server, free_port
+from ppbridge.redis_server import RedisServer, find_redis_server, free_port
+from ppbridge.redisraw import RedisReplyError
 from ppbridge.redisconfig import RedisSettings
 from ppbridge.sentinel import QUERY_TIMEOUT, MasterEndpoint, Sentinels, parse_master_reply, parse_switch
 from tests.redisclient import RawRedisClient
