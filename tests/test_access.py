@@ -38,7 +38,7 @@ from ppbridge.config import load_forwarder_config
 from ppbridge.errors import ConfigError, Forbidden, RequestError, Unauthorized
 from ppbridge.htpasswd import RECHECK, HtpasswdError, HtpasswdFile, parse
 from ppbridge.httpheaders import believed_client
-from ppbridge.sampleapp import pattern_bytes
+from ppbridge.pattern import pattern_bytes
 from ppbridge.scaffold import write_forwarder_config
 from tests.redisclient import client_for
 from tests.support import Client, Stack, error_of, key_pair, poll, temp_folder

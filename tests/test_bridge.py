@@ -24,7 +24,8 @@ from twisted.web.server import NOT_DONE_YET, Site
 from ppbridge.clientstream import ClientStream
 from ppbridge.negotiation import proxy_peer
 from ppbridge.upstream import UpstreamCall
-from ppbridge.sampleapp import GZIP_BODY, make_site, pattern_sha256
+from ppbridge.pattern import pattern_sha256
+from ppbridge.sampleapp import GZIP_BODY, make_site
 from tests.support import Client, Stack, error_of, listen
 from tests.test_streaming import raw_exchange, split_response
 

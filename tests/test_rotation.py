@@ -24,7 +24,7 @@ from ppbridge.admin import admin_site
 from ppbridge.envelope import Envelope
 from ppbridge.errors import BusMessageError
 from ppbridge.negotiation import proxy_peer
-from ppbridge.sampleapp import pattern_sha256
+from ppbridge.pattern import pattern_sha256
 from ppbridge.wire import HEADER_SIZE, KeyGrant, KeyRequest, MsgType, Role, decode_signed, unpack_header
 from tests.support import Client, Stack, error_of, listen, poll
 from tests.test_security import drain, of_type, spy

@@ -32,14 +32,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.server import Request, Site
 
 import ppbridge.sampleapp
-from ppbridge.sampleapp import (
-    GZIP_BODY,
-    PatternProducer,
-    SampleApp,
-    make_site,
-    pattern_bytes,
-    pattern_sha256,
-)
+from ppbridge.pattern import PatternProducer, pattern_bytes, pattern_sha256
+from ppbridge.sampleapp import GZIP_BODY, SampleApp, make_site
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(ppbridge.sampleapp.__file__)))
 

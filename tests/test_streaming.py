@@ -34,7 +34,8 @@ from ppbridge.errors import BusMessageError
 from ppbridge.forwarder import ForwarderService
 from ppbridge.proxy import ProxyService
 from ppbridge.redis_server import free_port
-from ppbridge.sampleapp import SampleApp, make_site, pattern_bytes, pattern_sha256
+from ppbridge.pattern import pattern_bytes, pattern_sha256
+from ppbridge.sampleapp import SampleApp, make_site
 from ppbridge.scaffold import write_forwarder_config, write_proxy_config
 from ppbridge.webface import BridgeSite
 from ppbridge.wire import MsgType, unpack_header
