@@ -29,7 +29,6 @@ from twisted.python.failure import Failure
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
@@ -58,6 +57,7 @@ from ppbridge.sendlimit import raise_send_limit
 from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
 from ppbridge.timers import Deadline
+from ppbridge.upstreampool import UpstreamPool
 from ppbridge.wire import (
     FLAG_END,
     FRAME_PAYLOAD,
@@ -125,7 +125,7 @@ class Upstream:
         self.origin = f"{parts.scheme}://{parts.netloc}".encode("ascii")
         self.host = parts.netloc.encode("ascii")
         self.base_path = parts.path.rstrip("/").encode("ascii")
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = UpstreamPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = POOL_SIZE
         self.pool._factory = _QuietFactory  # not two log lines per upstream connection
         self.failures = Throttle()  # warn lines for failed upstream calls, per cause
