@@ -247,7 +247,7 @@ class UpstreamCall:
         self._idle_timer = Deadline(proxy.clock, self._idle)
         self._headers_timer = Deadline(proxy.clock, self._too_slow)
         self.timed_out = False
-        self._timeout_error: RequestError = UpstreamTimeout()
+        self._at_deadline = False  # the headers wait ends at the request's deadline (504 gateway-timeout)
         self.started = proxy.clock.seconds()  # for the metrics: upstream latency, request duration
 
     def start(self, body: bytes, end: bool, left: float | None = None) -> None:
@@ -281,7 +281,7 @@ class UpstreamCall:
         limit = self.proxy.settings.upstream_timeout
         if end and left is not None and left < limit:
             limit = left
-            self._timeout_error = GatewayTimeout("ppbridge: the upstream did not answer before the deadline")
+            self._at_deadline = True
         self._headers_timer.arm(limit)
         self._request = d
         d.addCallbacks(self._got_response, self._failed)
@@ -351,7 +351,7 @@ class UpstreamCall:
         self._headers_timer.cancel()
         if self.done:
             return
-        error = self._timeout_error if self.timed_out else classify(failure)
+        error = self._timeout_error() if self.timed_out else classify(failure)
         logged, unlogged = self.proxy.upstream.failures.allow(error.cause, self.proxy.clock.seconds())
         if logged:
             log.warn("upstream call failed ({cause}): {reason}", cause=error.cause,
@@ -362,6 +362,12 @@ class UpstreamCall:
                              RequestTransmissionFailed):
             log.failure("upstream request failed", failure)
         self._reset(error)
+
+    def _timeout_error(self) -> RequestError:
+        """What the client is told when the headers wait timed out (made only then)."""
+        if self._at_deadline:
+            return GatewayTimeout("ppbridge: the upstream did not answer before the deadline")
+        return UpstreamTimeout()
 
     def _bug(self, failure: Failure) -> None:
         log.failure("proxy: error answering a request", failure)
@@ -392,7 +398,7 @@ class UpstreamCall:
         if self.done:
             return
         self._transport = None
-        if not reason.check(ResponseDone, PotentialDataLoss):
+        if not isinstance(reason.value, (ResponseDone, PotentialDataLoss)):  # not Failure.check: per request
             log.warn("upstream dropped the response mid-body: {err}", err=reason.getErrorMessage())
             self.proxy.metrics.aborted.labels("upstream-dropped").inc()
             self._reset(UpstreamUnreachable("ppbridge: the upstream connection dropped mid-body"))
