@@ -56,7 +56,7 @@ from ppbridge.oneorigin import OneOriginAgent
 from ppbridge.sendlimit import raise_send_limit
 from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
-from ppbridge.timers import Deadline
+from ppbridge.timers import CallTimers
 from ppbridge.upstreampool import UpstreamPool
 from ppbridge.wire import (
     FLAG_END,
@@ -244,8 +244,7 @@ class UpstreamCall:
         self._buffer: list[bytes] | None = None
         self._response: ResponseHead | None = None
         self._responded = False  # the upstream's response is complete
-        self._idle_timer = Deadline(proxy.clock, self._idle)
-        self._headers_timer = Deadline(proxy.clock, self._too_slow)
+        self._timers = CallTimers(proxy.clock, self._idle, self._too_slow)  # idle, and the wait for the head
         self.timed_out = False
         self._at_deadline = False  # the headers wait ends at the request's deadline (504 gateway-timeout)
         self.started = proxy.clock.seconds()  # for the metrics: upstream latency, request duration
@@ -270,19 +269,18 @@ class UpstreamCall:
         if head.content_length is not None or not end or body:
             producer = StreamBody(self.inbound, head.content_length)
         self.inbound.data(body, end)
-        headers = Headers()
-        for name, value in upstream_request_headers(head.headers, self.proxy.upstream.host):
-            if name.lower() != b"content-length":  # the Agent sets it from the producer
-                headers.addRawHeader(name, value)
-        self._arm()
-        d = self.proxy.upstream.agent.request(head.method, self.proxy.upstream.url(head.target), headers, producer)
         # Not addTimeout: the Agent turns the cancellation into ResponseNeverReceived, which
         # addTimeout does not recognise; the flag says it was our timeout.
         limit = self.proxy.settings.upstream_timeout
         if end and left is not None and left < limit:
             limit = left
             self._at_deadline = True
-        self._headers_timer.arm(limit)
+        self._timers.arm_both(self.proxy.settings.stream_idle_timeout, limit)
+        headers = Headers()
+        for name, value in upstream_request_headers(head.headers, self.proxy.upstream.host):
+            if name.lower() != b"content-length":  # the Agent sets it from the producer
+                headers.addRawHeader(name, value)
+        d = self.proxy.upstream.agent.request(head.method, self.proxy.upstream.url(head.target), headers, producer)
         self._request = d
         d.addCallbacks(self._got_response, self._failed)
         d.addErrback(self._bug)
@@ -328,7 +326,7 @@ class UpstreamCall:
             self._request.cancel()
 
     def _got_response(self, response: IResponse) -> None:
-        self._headers_timer.cancel()
+        self._timers.end_wait()
         self.proxy.metrics.upstream_latency_of(self.proxy.settings.name).observe(
             max(0.0, self.proxy.clock.seconds() - self.started))
         if self.done:
@@ -348,7 +346,7 @@ class UpstreamCall:
         response.deliverBody(_BodyReceiver(self))
 
     def _failed(self, failure: Failure) -> None:
-        self._headers_timer.cancel()
+        self._timers.end_wait()
         if self.done:
             return
         error = self._timeout_error() if self.timed_out else classify(failure)
@@ -483,7 +481,7 @@ class UpstreamCall:
 
     def _arm(self) -> None:
         if not self.done:
-            self._idle_timer.arm(self.proxy.settings.stream_idle_timeout)
+            self._timers.arm_idle(self.proxy.settings.stream_idle_timeout)
 
     def _idle(self) -> None:
         self.proxy.metrics.aborted.labels("idle-timeout").inc()
@@ -501,8 +499,7 @@ class UpstreamCall:
             code = "-" if cause == "cancelled" else str(status_of(cause))
         elapsed = self.proxy.clock.seconds() - self.started
         self.proxy.metrics.request_done(self.proxy.settings.name, code, cause, elapsed)
-        self._headers_timer.close()  # they forget this call: no reference cycle through them
-        self._idle_timer.close()
+        self._timers.close()  # it forgets this call: no reference cycle through it
         if self._outbound is not None:
             self._outbound.stop()
             self._outbound = None  # nor through the response's flow control
