@@ -282,8 +282,7 @@ class UpstreamCall:
                 headers.addRawHeader(name, value)
         d = self.proxy.upstream.agent.request(head.method, self.proxy.upstream.url(head.target), headers, producer)
         self._request = d
-        d.addCallbacks(self._got_response, self._failed)
-        d.addErrback(self._bug)
+        d.addCallbacks(self._answered, self._not_answered)
 
     # from the forwarder
 
@@ -324,6 +323,19 @@ class UpstreamCall:
         self.timed_out = True
         if self._request is not None:
             self._request.cancel()
+
+    def _answered(self, response: IResponse) -> None:
+        """The response head came: answer, logging a bug of ours (one callback, not two)."""
+        try:
+            self._got_response(response)
+        except Exception:
+            self._bug(Failure())
+
+    def _not_answered(self, failure: Failure) -> None:
+        try:
+            self._failed(failure)
+        except Exception:
+            self._bug(Failure())
 
     def _got_response(self, response: IResponse) -> None:
         self._timers.end_wait()
@@ -424,13 +436,16 @@ class UpstreamCall:
         if d is None:
             self.cancel("no key for the forwarder any more")
             return
-        d.addCallbacks(self._published, lambda f: self.cancel("lost the bus"))
+        d.addCallbacks(self._published, self._lost_bus)
 
     def _published(self, receivers: int) -> None:
         if receivers == 0 and not self.done:
             # Most likely the forwarder gave up on the stream; but Redis may have lied about
             # the count, so the forwarder is told too (reaching nobody costs nothing).
             self._reset(UpstreamUnreachable("ppbridge: the proxy's answer reached no forwarder"))
+
+    def _lost_bus(self, failure: Failure) -> None:
+        self.cancel("lost the bus")
 
     def _send_head(self, body: bytes, end: bool) -> None:
         """Publish the response head, with ``body`` inside when both fit one frame; otherwise

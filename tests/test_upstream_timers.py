@@ -1,6 +1,7 @@
 """The proxy's timeouts for one upstream call, on a Clock: the wait for the upstream's
 response head (upstream_timeout, or the request's deadline when that comes first), and the
-stream's idle timeout (stream_idle_timeout), each ending the call with its own RESET."""
+stream's idle timeout (stream_idle_timeout), each ending the call with its own RESET; and a
+bug of ours while handling the answer."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from ppbridge.errors import GatewayTimeout, UpstreamTimeout, reset_code
+from ppbridge.errors import GatewayTimeout, RequestError, UpstreamTimeout, reset_code
 from ppbridge.proxy import ProxyService
 from ppbridge.wire import FLAG_END, MsgType, RequestHead, decode_reset, unpack_header
 from tests.test_negotiation import Bridge, proxy_settings
@@ -37,8 +38,8 @@ class HangingAgent:
         self.cancelled += 1
 
 
-class UpstreamCallTimeouts(TestCase):
-    """A proxy on a Clock whose upstream never answers; what the forwarder is told, and when."""
+class _ProxyOnClock(TestCase):
+    """A proxy on a Clock whose upstream answers only when a test says so; the RESETs it sends."""
 
     def start(self, **settings: Any) -> None:
         self.bridge = Bridge(self)
@@ -76,6 +77,10 @@ class UpstreamCallTimeouts(TestCase):
     def advance_to(self, seconds: float) -> None:
         """Move the clock to ``seconds`` after the head was sent."""
         self.bridge.clock.advance(self.sent_at + seconds - self.bridge.clock.seconds())
+
+
+class UpstreamCallTimeouts(_ProxyOnClock):
+    """An upstream that never answers: what the forwarder is told, and when."""
 
     def test_upstream_timeout(self) -> None:
         """upstream_timeout 5 s, deadline 30 s: nothing at 4.9 s; at 5 s one RESET
@@ -156,3 +161,17 @@ class UpstreamCallTimeouts(TestCase):
         [(when, code, message)] = self.resets
         self.assertEqual((when, code), (3.0, reset_code(UpstreamTimeout)))
         self.assertNotIn("stalled", message)
+
+
+class AnswerHandlingBug(_ProxyOnClock):
+    """An error of ours while handling the upstream's answer still ends the call properly."""
+
+    def test_bug_answering_is_reset_internal_error(self) -> None:
+        """An answer the call cannot handle (here an object without a response's attributes)
+        gets one RESET internal-error (code 5), the traceback logged, and the call over."""
+        self.start()
+        self.send_head(30.0)
+        self.agent.requests[0].callback(object())
+        self.assertEqual([(r[0], r[1]) for r in self.resets], [(0.0, reset_code(RequestError))])
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+        self.assertEqual(self.proxy.calls, {})
