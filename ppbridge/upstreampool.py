@@ -34,6 +34,11 @@ class UpstreamPool(HTTPConnectionPool):
 
     def getConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
         """As Twisted's, without a timer to cancel: a pooled connection still open, else a new one."""
+        connection = self.pooled(key, endpoint)
+        return self._newConnection(key, endpoint) if connection is None else succeed(connection)
+
+    def pooled(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Any:
+        """A pooled connection still open (wrapped to retry once as Twisted's are), or None."""
         connections = self._connections.get(key)
         while connections:
             connection = connections.pop(0)
@@ -42,8 +47,8 @@ class UpstreamPool(HTTPConnectionPool):
                 if self.retryAutomatically:
                     connection = _RetryingHTTP11ClientProtocol(
                         connection, lambda: self._newConnection(key, endpoint))
-                return succeed(connection)
-        return self._newConnection(key, endpoint)
+                return connection
+        return None
 
     def _putConnection(self, key: Hashable, connection: Any) -> None:
         """As Twisted's: a free connection back into the pool (dropping the oldest when it is
