@@ -114,9 +114,9 @@ def _nothing() -> None:
 class CallTimers:
     """An upstream call's two deadlines on one timer of the clock: the idle deadline
     (``arm_idle``, pushed back at every sign of progress) and the wait for the response head
-    (``arm_wait``, once; ``end_wait`` when it came). Whichever is due first expires, calling
-    ``on_idle`` or ``on_wait``; on a tie the idle deadline wins (as when two timers were armed
-    idle first). Two Deadlines cost a timer made and cancelled more per call.
+    (armed with it by ``arm_both``; ``end_wait`` when the head came). Whichever is due first
+    expires, calling ``on_idle`` or ``on_wait``; on a tie the idle deadline wins (as when two
+    timers were armed idle first). Two Deadlines cost a timer made and cancelled more per call.
 
     The one delayed call stands for the earlier deadline. Which one that is, is remembered,
     not found again by comparing times when it fires, so no deadline goes missing by a float
@@ -144,9 +144,10 @@ class CallTimers:
         """The idle deadline is ``seconds`` from now (armed or pushed back)."""
         now = self._clock.seconds()
         due = self._idle_due = now + seconds
-        wait_due = self._wait_due
-        if self._call is not None and self._for_wait:
-            if due <= wait_due:  # type: ignore[operator]  # the call stands for the wait: it is set
+        wait_due, call = self._wait_due, self._call
+        if call is not None and self._for_wait:
+            # The call stands for the wait, or for where the wait ended (then it only moves on)
+            if due <= (call.getTime() if wait_due is None else wait_due):
                 self._set(False, seconds)
         elif wait_due is not None and wait_due < due:
             self._set(True, wait_due - now)
@@ -159,18 +160,11 @@ class CallTimers:
         if self._call is not None and not self._for_wait:
             self._reschedule()
 
-    def arm_wait(self, seconds: float) -> None:
-        """The wait for the response head ends ``seconds`` from now."""
-        now = self._clock.seconds()
-        self._wait_due = now + seconds
-        if self._idle_due is None or self._wait_due < self._idle_due:
-            self._set(True, seconds)
-
     def end_wait(self) -> None:
-        """The response head came (or the call failed): the wait's deadline is gone."""
+        """The response head came (or the call failed): the wait's deadline is gone. A call
+        standing for it is left to fire, when it moves on to the idle deadline: most calls are
+        over before, and then no reset was needed."""
         self._wait_due = None
-        if self._call is not None and self._for_wait:
-            self._reschedule()
 
     def close(self) -> None:
         """Cancel for good, forgetting the owner's callbacks (no reference cycle through them);
@@ -207,7 +201,9 @@ class CallTimers:
 
     def _expired(self) -> None:
         self._call = None
-        if self._for_wait:
+        if self._for_wait and self._wait_due is None:
+            pass  # where the wait would have ended: on to the idle deadline
+        elif self._for_wait:
             self._wait_due = None
             self._on_wait()
         else:

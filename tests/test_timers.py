@@ -141,14 +141,35 @@ class CallTimersTests(TestCase):
         self.call.run(30)
         self.assertEqual(self.call.fired, [("idle", 10)])
 
-    def test_stop_idle_and_arm_wait(self) -> None:
-        """Idle stopped at 1 s, a wait armed at 2 s for 3 s: only the wait expires, at 5; the
-        idle deadline armed again at 6 s for 2 s expires at 8."""
+    def test_end_wait_then_shorter_idle(self) -> None:
+        """Wait 10 s ended at 1 s, idle (20 s) armed again at 2 s for 3 s: idle expires at 5,
+        before the time the wait would have ended."""
+        self.timers.arm_both(20, 10)
+        self.call.run(1)
+        self.timers.end_wait()
+        self.call.run(2)
         self.timers.arm_idle(3)
+        self.call.run(30)
+        self.assertEqual(self.call.fired, [("idle", 5)])
+
+    def test_end_wait_then_idle_pushed_back(self) -> None:
+        """Wait 10 s ended at 1 s, idle 20 s pushed back at 5 and 12 s by 20 s: idle expires at
+        32 only."""
+        self.timers.arm_both(20, 10)
+        self.call.run(1)
+        self.timers.end_wait()
+        for at in (5, 12):
+            self.call.run(at)
+            self.timers.arm_idle(20)
+        self.call.run(40)
+        self.assertEqual(self.call.fired, [("idle", 32)])
+
+    def test_stop_idle(self) -> None:
+        """Idle (3 s) stopped at 1 s, wait 5 s: only the wait expires, at 5; the idle deadline
+        armed again at 6 s for 2 s expires at 8."""
+        self.timers.arm_both(3, 5)
         self.call.run(1)
         self.timers.stop_idle()
-        self.call.run(2)
-        self.timers.arm_wait(3)
         self.call.run(6)
         self.timers.arm_idle(2)
         self.call.run(20)
@@ -160,7 +181,7 @@ class CallTimersTests(TestCase):
         self.timers.arm_both(3, 5)
         self.timers.close()
         self.timers.arm_idle(1)
-        self.timers.arm_wait(1)
+        self.timers.arm_both(1, 1)
         self.call.run(10)
         self.assertEqual((self.call.fired, self.clock.getDelayedCalls()), ([], []))
         ref = weakref.ref(self.call)
