@@ -49,7 +49,7 @@ from ppbridge.errors import (
     UpstreamUnreachable,
     reset_code,
 )
-from ppbridge.httpheaders import end_to_end, upstream_request_headers
+from ppbridge.httpheaders import end_to_end_of, upstream_request_headers
 from ppbridge.logs import CAUSES, NO_CAUSE, status_of
 from ppbridge.logsafe import Throttle, escape
 from ppbridge.oneorigin import OneOriginAgent
@@ -82,6 +82,7 @@ POOL_SIZE = 64
 # read itself, neither sliced nor joined (a 256 KiB read split a frame's worth off and joined
 # the 56 bytes left with the next read: two copies of every byte downloaded).
 READ_SIZE = FRAME_PAYLOAD
+_AGENT_SETS = frozenset((b"content-length",))  # from the body producer: not passed to the Agent
 
 
 class _QuietFactory(_HTTP11ClientFactory):
@@ -277,9 +278,9 @@ class UpstreamCall:
             self._at_deadline = True
         self._timers.arm_both(self.proxy.settings.stream_idle_timeout, limit)
         headers = Headers()
-        for name, value in upstream_request_headers(head.headers, self.proxy.upstream.host):
-            if name.lower() != b"content-length":  # the Agent sets it from the producer
-                headers.addRawHeader(name, value)
+        add = headers.addRawHeader
+        for name, value in upstream_request_headers(head.headers, self.proxy.upstream.host, _AGENT_SETS):
+            add(name, value)
         d = self.proxy.upstream.agent.request(head.method, self.proxy.upstream.url(head.target), headers, producer)
         self._request = d
         d.addCallbacks(self._answered, self._not_answered)
@@ -344,7 +345,7 @@ class UpstreamCall:
         if self.done:
             response.deliverBody(_Discard())
             return
-        headers = end_to_end([(n, v) for n, values in response.headers.getAllRawHeaders() for v in values])
+        headers = end_to_end_of(response.headers.getAllRawHeaders())
         length = None if response.length is UNKNOWN_LENGTH else response.length
         if length is not None and self.head.method != b"HEAD" and response.code not in (204, 304):
             # The Agent moves Content-Length out of response.headers into response.length
