@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from ppbridge.wire import HeaderList
 
@@ -19,6 +19,8 @@ HOP_BY_HOP = frozenset(
     )
 )
 
+
+_HOST = frozenset((b"host",))
 
 # What a client says about the hops before us: believed only from a trusted proxy.
 FORWARDING = frozenset((b"x-forwarded-for", b"forwarded", b"x-forwarded-host", b"x-forwarded-proto"))
@@ -37,6 +39,17 @@ def end_to_end(headers: HeaderList) -> HeaderList:
     """The headers without hop-by-hop ones, including those named in Connection."""
     drop = hop_names(headers)
     return [pair for pair in headers if pair[0].lower() not in drop]
+
+
+def end_to_end_of(grouped: Iterable[tuple[bytes, Sequence[bytes]]]) -> HeaderList:
+    """:func:`end_to_end` of headers grouped by name (``Headers.getAllRawHeaders()``): a name's
+    values stay together, in their order; each name is looked at once."""
+    groups = list(grouped)
+    drop = HOP_BY_HOP
+    for name, values in groups:
+        if len(name) == 10 and name.lower() == b"connection":
+            drop = drop | {token.strip().lower() for value in values for token in value.split(b",")}
+    return [(name, value) for name, values in groups if name.lower() not in drop for value in values]
 
 
 def trusted_peer(client_ip: bytes, networks: Sequence[Network]) -> bool:
@@ -117,9 +130,11 @@ def forwarded_request_headers(headers: HeaderList, client_ip: bytes, host: bytes
     return out
 
 
-def upstream_request_headers(headers: HeaderList, upstream_host: bytes) -> HeaderList:
-    """What the proxy sends upstream: end-to-end headers with Host set to the upstream's."""
-    drop = hop_names(headers) | {b"host"}
+def upstream_request_headers(headers: HeaderList, upstream_host: bytes,
+                             also_drop: frozenset[bytes] = frozenset()) -> HeaderList:
+    """What the proxy sends upstream: end-to-end headers with Host set to the upstream's
+    (and without those named in ``also_drop``, lower-case)."""
+    drop = hop_names(headers) | _HOST | also_drop
     out = [pair for pair in headers if pair[0].lower() not in drop]
     out.append((b"Host", upstream_host))
     return out

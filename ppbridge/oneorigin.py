@@ -1,15 +1,25 @@
 """The proxy's HTTP client for its one upstream origin: a Twisted ``Agent`` that does not
-parse again, per request, the URL whose origin it always calls.
+parse again, per request, the URL whose origin it always calls, and hands a request to a
+pooled connection without the Agent's Deferred chain.
 
 ``Agent.request`` runs every URL through ``URI.fromBytes`` (urlparse) and rebuilds its request
 path with ``URI.originForm`` (urlunparse). :class:`OneOriginAgent` splits the path and query
 of a plain URL of its origin itself into exactly the same ``URI`` and request path, and hands
 them to the Agent's own ``_requestWithEndpoint``; any other URL goes through ``Agent.request``.
 
+``_requestWithEndpoint`` asks the pool for a connection as a Deferred, and chains the
+connection's own Deferred for the response to it (a Deferred that waits on another, per
+request). When the pool (:class:`~ppbridge.upstreampool.UpstreamPool`) has an idle connection,
+:meth:`OneOriginAgent.request` does what ``_requestWithEndpoint`` does then — the same
+``Request``, handed to the same connection, wrapped to retry once as Twisted's pool wraps it
+— and returns the connection's Deferred itself (cancelling it is what cancelling the chained
+one did). Without a pooled connection, or without a Host header, ``_requestWithEndpoint`` runs.
+
 Twisted's private names used here, checked against Twisted 26.10 (whose ``Agent.request`` is
 ``_ensureValidURI``, ``URI.fromBytes``, ``_getEndpoint`` and ``_requestWithEndpoint``):
-``Agent._requestWithEndpoint`` and ``Agent._getEndpoint``. tests/test_upstream_uri.py fails if
-they go, and compares what both paths hand on, part by part.
+``Agent._requestWithEndpoint``, ``Agent._getEndpoint``, ``Agent._pool``, ``Request._construct``
+and ``_newclient._ensureValidMethod``. tests/test_upstream_uri.py fails if they go, and
+compares what the paths hand on, part by part.
 """
 
 from __future__ import annotations
@@ -17,10 +27,13 @@ from __future__ import annotations
 import re
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
+from twisted.web._newclient import Request, _ensureValidMethod
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+
+from ppbridge.upstreampool import UpstreamPool
 
 # A URL's path and query as urlparse splits them without a params or fragment part: printable
 # ASCII (what Agent.request accepts) without ";" or "#", not starting with "//".
@@ -60,5 +73,16 @@ class OneOriginAgent(Agent):
             return super().request(method, uri, headers, bodyProducer)
         parsed, request_path = split
         key = (parsed.scheme, parsed.host, parsed.port)
-        return self._requestWithEndpoint(key, self._getEndpoint(parsed), method, parsed, headers, bodyProducer,
-                                         request_path)
+        endpoint = self._getEndpoint(parsed)
+        pool = self._pool
+        if isinstance(pool, UpstreamPool) and headers is not None and headers.hasHeader(b"Host"):
+            method = _ensureValidMethod(method)  # raises here, as in _requestWithEndpoint
+            connection = pool.pooled(key, endpoint)
+            if connection is not None:
+                try:  # what _requestWithEndpoint's callback does; what it raises is a failed Deferred
+                    answer: Deferred[IResponse] = connection.request(Request._construct(
+                        method, request_path, headers, bodyProducer, persistent=pool.persistent, parsedURI=parsed))
+                except Exception:
+                    return fail()
+                return answer
+        return self._requestWithEndpoint(key, endpoint, method, parsed, headers, bodyProducer, request_path)

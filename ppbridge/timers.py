@@ -109,3 +109,105 @@ class Deadline:
 
 def _nothing() -> None:
     return None
+
+
+class CallTimers:
+    """An upstream call's two deadlines on one timer of the clock: the idle deadline
+    (``arm_idle``, pushed back at every sign of progress) and the wait for the response head
+    (armed with it by ``arm_both``; ``end_wait`` when the head came). Whichever is due first
+    expires, calling ``on_idle`` or ``on_wait``; on a tie the idle deadline wins (as when two
+    timers were armed idle first). Two Deadlines cost a timer made and cancelled more per call.
+
+    The one delayed call stands for the earlier deadline. Which one that is, is remembered,
+    not found again by comparing times when it fires, so no deadline goes missing by a float
+    rounding. Armed, a deadline is set ``seconds`` from now exactly as a Deadline's; one that
+    takes the timer over from the other is set by the difference of two times, which may
+    round its last bit (as pushing back a Deadline may)."""
+
+    def __init__(self, clock: IReactorTime, on_idle: Callable[[], None], on_wait: Callable[[], None]) -> None:
+        self._clock = clock
+        self._on_idle = on_idle
+        self._on_wait = on_wait
+        self._call: IDelayedCall | None = None
+        self._for_wait = False  # what _call stands for: the wait (else the idle deadline)
+        self._idle_due: float | None = None
+        self._wait_due: float | None = None
+
+    def arm_both(self, idle: float, wait: float) -> None:
+        """Both deadlines at once: idle in ``idle`` seconds, the wait's end in ``wait``."""
+        now = self._clock.seconds()
+        self._idle_due, self._wait_due = now + idle, now + wait
+        for_wait = self._wait_due < self._idle_due
+        self._set(for_wait, wait if for_wait else idle)
+
+    def arm_idle(self, seconds: float) -> None:
+        """The idle deadline is ``seconds`` from now (armed or pushed back)."""
+        now = self._clock.seconds()
+        due = self._idle_due = now + seconds
+        wait_due, call = self._wait_due, self._call
+        if call is not None and self._for_wait:
+            # The call stands for the wait, or for where the wait ended (then it only moves on)
+            if due <= (call.getTime() if wait_due is None else wait_due):
+                self._set(False, seconds)
+        elif wait_due is not None and wait_due < due:
+            self._set(True, wait_due - now)
+        else:
+            self._set(False, seconds)
+
+    def stop_idle(self) -> None:
+        """No idle deadline any more (until armed again)."""
+        self._idle_due = None
+        if self._call is not None and not self._for_wait:
+            self._reschedule()
+
+    def end_wait(self) -> None:
+        """The response head came (or the call failed): the wait's deadline is gone. A call
+        standing for it is left to fire, when it moves on to the idle deadline: most calls are
+        over before, and then no reset was needed."""
+        self._wait_due = None
+
+    def close(self) -> None:
+        """Cancel for good, forgetting the owner's callbacks (no reference cycle through them);
+        arming it later does nothing."""
+        self._on_idle = self._on_wait = _nothing
+        self._idle_due = self._wait_due = None
+        self._cancel()
+
+    def _set(self, for_wait: bool, delay: float) -> None:
+        """The delayed call fires in ``delay`` seconds, for the wait or the idle deadline."""
+        if self._on_idle is _nothing:
+            return  # closed
+        call = self._call
+        if call is not None and call.active():
+            call.reset(max(0.0, delay))
+        else:
+            self._call = self._clock.callLater(max(0.0, delay), self._expired)
+        self._for_wait = for_wait
+
+    def _reschedule(self) -> None:
+        """Point the delayed call at the earlier deadline left, or cancel it."""
+        idle, wait = self._idle_due, self._wait_due
+        if idle is None and wait is None:
+            self._cancel()
+            return
+        for_wait = idle is None or (wait is not None and wait < idle)
+        due: float = wait if for_wait else idle  # type: ignore[assignment]
+        self._set(for_wait, due - self._clock.seconds())
+
+    def _cancel(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _expired(self) -> None:
+        self._call = None
+        if self._for_wait and self._wait_due is None:
+            pass  # where the wait would have ended: on to the idle deadline
+        elif self._for_wait:
+            self._wait_due = None
+            self._on_wait()
+        else:
+            self._idle_due = None
+            self._on_idle()
+        if self._call is None:
+            self._reschedule()

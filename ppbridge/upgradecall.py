@@ -42,7 +42,10 @@ if TYPE_CHECKING:
 
 def is_upgrade(head: RequestHead) -> bool:
     """Whether the forwarder sent ``head`` as an upgrade (it keeps those headers only then)."""
-    return upgrade_token(head.headers) is not None
+    for name, _ in head.headers:  # most requests have no Upgrade header: one cheap look first
+        if len(name) == 7 and name.lower() == b"upgrade":
+            return upgrade_token(head.headers) is not None
+    return False
 
 
 class UpgradeCall(UpstreamCall):
@@ -68,8 +71,7 @@ class UpgradeCall(UpstreamCall):
             self._reset(UpstreamUnreachable("ppbridge: this proxy's upstream cannot take an upgrade"))
             return
         self.inbound.data(body, end)
-        self._arm()
-        self._headers_timer.arm(self.proxy.settings.upstream_timeout)
+        self._timers.arm_both(self.proxy.settings.stream_idle_timeout, self.proxy.settings.upstream_timeout)
         protocol = _UpgradeProtocol(self)
         d = endpoint.connect(Factory.forProtocol(lambda: protocol))
         self._request = d
@@ -109,7 +111,7 @@ class UpgradeCall(UpstreamCall):
             super()._arm()
 
     def _head_arrived(self) -> None:
-        self._headers_timer.cancel()
+        self._timers.end_wait()
         self.proxy.metrics.upstream_latency_of(self.proxy.settings.name).observe(
             max(0.0, self.proxy.clock.seconds() - self.started))
 
@@ -121,7 +123,7 @@ class UpgradeCall(UpstreamCall):
         if self.done:
             return
         self.switched = True
-        self._idle_timer.cancel()
+        self._timers.stop_idle()
         raw = list(event.headers.raw_items())
         token = upgrade_token(raw) or upgrade_token(raw + [(b"Connection", b"upgrade")]) or b""
         self._response = ResponseHead(101, clean_reason(event.reason), end_to_end(raw) + upgrade_headers(token), None)

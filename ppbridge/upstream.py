@@ -29,7 +29,6 @@ from twisted.python.failure import Failure
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
@@ -50,14 +49,15 @@ from ppbridge.errors import (
     UpstreamUnreachable,
     reset_code,
 )
-from ppbridge.httpheaders import end_to_end, upstream_request_headers
+from ppbridge.httpheaders import end_to_end_of, upstream_request_headers
 from ppbridge.logs import CAUSES, NO_CAUSE, status_of
 from ppbridge.logsafe import Throttle, escape
 from ppbridge.oneorigin import OneOriginAgent
 from ppbridge.sendlimit import raise_send_limit
 from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
-from ppbridge.timers import Deadline
+from ppbridge.timers import CallTimers
+from ppbridge.upstreampool import UpstreamPool
 from ppbridge.wire import (
     FLAG_END,
     FRAME_PAYLOAD,
@@ -82,6 +82,7 @@ POOL_SIZE = 64
 # read itself, neither sliced nor joined (a 256 KiB read split a frame's worth off and joined
 # the 56 bytes left with the next read: two copies of every byte downloaded).
 READ_SIZE = FRAME_PAYLOAD
+_AGENT_SETS = frozenset((b"content-length",))  # from the body producer: not passed to the Agent
 
 
 class _QuietFactory(_HTTP11ClientFactory):
@@ -125,7 +126,7 @@ class Upstream:
         self.origin = f"{parts.scheme}://{parts.netloc}".encode("ascii")
         self.host = parts.netloc.encode("ascii")
         self.base_path = parts.path.rstrip("/").encode("ascii")
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = UpstreamPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = POOL_SIZE
         self.pool._factory = _QuietFactory  # not two log lines per upstream connection
         self.failures = Throttle()  # warn lines for failed upstream calls, per cause
@@ -244,10 +245,9 @@ class UpstreamCall:
         self._buffer: list[bytes] | None = None
         self._response: ResponseHead | None = None
         self._responded = False  # the upstream's response is complete
-        self._idle_timer = Deadline(proxy.clock, self._idle)
-        self._headers_timer = Deadline(proxy.clock, self._too_slow)
+        self._timers = CallTimers(proxy.clock, self._idle, self._too_slow)  # idle, and the wait for the head
         self.timed_out = False
-        self._timeout_error: RequestError = UpstreamTimeout()
+        self._at_deadline = False  # the headers wait ends at the request's deadline (504 gateway-timeout)
         self.started = proxy.clock.seconds()  # for the metrics: upstream latency, request duration
 
     def start(self, body: bytes, end: bool, left: float | None = None) -> None:
@@ -270,22 +270,20 @@ class UpstreamCall:
         if head.content_length is not None or not end or body:
             producer = StreamBody(self.inbound, head.content_length)
         self.inbound.data(body, end)
-        headers = Headers()
-        for name, value in upstream_request_headers(head.headers, self.proxy.upstream.host):
-            if name.lower() != b"content-length":  # the Agent sets it from the producer
-                headers.addRawHeader(name, value)
-        self._arm()
-        d = self.proxy.upstream.agent.request(head.method, self.proxy.upstream.url(head.target), headers, producer)
         # Not addTimeout: the Agent turns the cancellation into ResponseNeverReceived, which
         # addTimeout does not recognise; the flag says it was our timeout.
         limit = self.proxy.settings.upstream_timeout
         if end and left is not None and left < limit:
             limit = left
-            self._timeout_error = GatewayTimeout("ppbridge: the upstream did not answer before the deadline")
-        self._headers_timer.arm(limit)
+            self._at_deadline = True
+        self._timers.arm_both(self.proxy.settings.stream_idle_timeout, limit)
+        headers = Headers()
+        add = headers.addRawHeader
+        for name, value in upstream_request_headers(head.headers, self.proxy.upstream.host, _AGENT_SETS):
+            add(name, value)
+        d = self.proxy.upstream.agent.request(head.method, self.proxy.upstream.url(head.target), headers, producer)
         self._request = d
-        d.addCallbacks(self._got_response, self._failed)
-        d.addErrback(self._bug)
+        d.addCallbacks(self._answered, self._not_answered)
 
     # from the forwarder
 
@@ -327,14 +325,27 @@ class UpstreamCall:
         if self._request is not None:
             self._request.cancel()
 
+    def _answered(self, response: IResponse) -> None:
+        """The response head came: answer, logging a bug of ours (one callback, not two)."""
+        try:
+            self._got_response(response)
+        except Exception:
+            self._bug(Failure())
+
+    def _not_answered(self, failure: Failure) -> None:
+        try:
+            self._failed(failure)
+        except Exception:
+            self._bug(Failure())
+
     def _got_response(self, response: IResponse) -> None:
-        self._headers_timer.cancel()
+        self._timers.end_wait()
         self.proxy.metrics.upstream_latency_of(self.proxy.settings.name).observe(
             max(0.0, self.proxy.clock.seconds() - self.started))
         if self.done:
             response.deliverBody(_Discard())
             return
-        headers = end_to_end([(n, v) for n, values in response.headers.getAllRawHeaders() for v in values])
+        headers = end_to_end_of(response.headers.getAllRawHeaders())
         length = None if response.length is UNKNOWN_LENGTH else response.length
         if length is not None and self.head.method != b"HEAD" and response.code not in (204, 304):
             # The Agent moves Content-Length out of response.headers into response.length
@@ -348,10 +359,10 @@ class UpstreamCall:
         response.deliverBody(_BodyReceiver(self))
 
     def _failed(self, failure: Failure) -> None:
-        self._headers_timer.cancel()
+        self._timers.end_wait()
         if self.done:
             return
-        error = self._timeout_error if self.timed_out else classify(failure)
+        error = self._timeout_error() if self.timed_out else classify(failure)
         logged, unlogged = self.proxy.upstream.failures.allow(error.cause, self.proxy.clock.seconds())
         if logged:
             log.warn("upstream call failed ({cause}): {reason}", cause=error.cause,
@@ -362,6 +373,12 @@ class UpstreamCall:
                              RequestTransmissionFailed):
             log.failure("upstream request failed", failure)
         self._reset(error)
+
+    def _timeout_error(self) -> RequestError:
+        """What the client is told when the headers wait timed out (made only then)."""
+        if self._at_deadline:
+            return GatewayTimeout("ppbridge: the upstream did not answer before the deadline")
+        return UpstreamTimeout()
 
     def _bug(self, failure: Failure) -> None:
         log.failure("proxy: error answering a request", failure)
@@ -392,7 +409,7 @@ class UpstreamCall:
         if self.done:
             return
         self._transport = None
-        if not reason.check(ResponseDone, PotentialDataLoss):
+        if not isinstance(reason.value, (ResponseDone, PotentialDataLoss)):  # not Failure.check: per request
             log.warn("upstream dropped the response mid-body: {err}", err=reason.getErrorMessage())
             self.proxy.metrics.aborted.labels("upstream-dropped").inc()
             self._reset(UpstreamUnreachable("ppbridge: the upstream connection dropped mid-body"))
@@ -420,13 +437,16 @@ class UpstreamCall:
         if d is None:
             self.cancel("no key for the forwarder any more")
             return
-        d.addCallbacks(self._published, lambda f: self.cancel("lost the bus"))
+        d.addCallbacks(self._published, self._lost_bus)
 
     def _published(self, receivers: int) -> None:
         if receivers == 0 and not self.done:
             # Most likely the forwarder gave up on the stream; but Redis may have lied about
             # the count, so the forwarder is told too (reaching nobody costs nothing).
             self._reset(UpstreamUnreachable("ppbridge: the proxy's answer reached no forwarder"))
+
+    def _lost_bus(self, failure: Failure) -> None:
+        self.cancel("lost the bus")
 
     def _send_head(self, body: bytes, end: bool) -> None:
         """Publish the response head, with ``body`` inside when both fit one frame; otherwise
@@ -477,7 +497,7 @@ class UpstreamCall:
 
     def _arm(self) -> None:
         if not self.done:
-            self._idle_timer.arm(self.proxy.settings.stream_idle_timeout)
+            self._timers.arm_idle(self.proxy.settings.stream_idle_timeout)
 
     def _idle(self) -> None:
         self.proxy.metrics.aborted.labels("idle-timeout").inc()
@@ -495,8 +515,7 @@ class UpstreamCall:
             code = "-" if cause == "cancelled" else str(status_of(cause))
         elapsed = self.proxy.clock.seconds() - self.started
         self.proxy.metrics.request_done(self.proxy.settings.name, code, cause, elapsed)
-        self._headers_timer.close()  # they forget this call: no reference cycle through them
-        self._idle_timer.close()
+        self._timers.close()  # it forgets this call: no reference cycle through it
         if self._outbound is not None:
             self._outbound.stop()
             self._outbound = None  # nor through the response's flow control

@@ -6,8 +6,10 @@ from twisted.trial.unittest import TestCase
 
 import ipaddress
 
-from ppbridge.httpheaders import (end_to_end, forwarded_request_headers, trusted_peer, upgrade_headers, upgrade_token,
-                                  upstream_request_headers)
+from ppbridge.httpheaders import (end_to_end, end_to_end_of, forwarded_request_headers, trusted_peer, upgrade_headers,
+                                  upgrade_token, upstream_request_headers)
+from ppbridge.upgradecall import is_upgrade
+from ppbridge.wire import RequestHead
 
 FRONT = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))  # a trusted load balancer
 
@@ -47,6 +49,17 @@ class EndToEndTests(TestCase):
         """Without Connection, ordinary headers named like Connection tokens are kept."""
         headers = [(b"Close", b"x"), (b"X-Secret-Hop", b"1")]
         self.assertEqual(end_to_end(headers), headers)
+
+    def test_grouped_as_flat(self) -> None:
+        """end_to_end_of headers grouped by name (as Twisted's Headers hold them) gives what
+        end_to_end gives the same headers flattened in that order, for each case above."""
+        for grouped in ([(b"Content-Type", [b"text/plain"]), (b"Keep-Alive", [b"timeout=5"]),
+                         (b"Set-Cookie", [b"a=1", b"b=2"]), (b"Transfer-Encoding", [b"chunked"])],
+                        [(b"Connection", [b"close, X-Secret-Hop", b" x-other ,X-Third"]), (b"X-Secret-Hop", [b"1"]),
+                         (b"X-Other", [b"2"]), (b"X-Third", [b"3"]), (b"X-Kept", [b"4", b"5"])],
+                        [(b"Close", [b"x"]), (b"X-Secret-Hop", [b"1"])], []):
+            flat = [(name, value) for name, values in grouped for value in values]
+            self.assertEqual(end_to_end_of(iter(grouped)), end_to_end(flat), grouped)
 
 
 class ForwardedTests(TestCase):
@@ -157,6 +170,13 @@ class UpstreamTests(TestCase):
                                (b"Host", b"intranet.example")])
 
 
+    def test_also_drop(self) -> None:
+        """Names in also_drop (lower-case) are left out too, whatever their case; Host is still added."""
+        headers = [(b"Content-Length", b"5"), (b"content-length", b"5"), (b"Accept", b"*/*")]
+        out = upstream_request_headers(headers, b"intranet.example", frozenset((b"content-length",)))
+        self.assertEqual(out, [(b"Accept", b"*/*"), (b"Host", b"intranet.example")])
+
+
 class UpgradeTokenTests(TestCase):
     """Which requests ppbridge carries as upgrades (``upgrade_token``)."""
 
@@ -177,6 +197,18 @@ class UpgradeTokenTests(TestCase):
                         [(b"Connection", b"Upgrade, HTTP2-Settings"), (b"Upgrade", b"h2c")],
                         [(b"Connection", b"close"), (b"Upgrade", b"websocket")]):
             self.assertIsNone(upgrade_token(headers), headers)
+
+    def test_is_upgrade_agrees(self) -> None:
+        """is_upgrade (which looks for an Upgrade header first) says yes exactly where
+        upgrade_token finds a token, for the cases above and requests without Upgrade."""
+        for headers in ([(b"Connection", b"keep-alive, Upgrade"), (b"Upgrade", b"websocket")],
+                        [(b"connection", b"upgrade"), (b"UPGRADE", b"x-raw/2")],
+                        [(b"Upgrade", b"websocket")], [(b"Connection", b"upgrade")], [],
+                        [(b"Connection", b"upgrade"), (b"Upgrade", b"websocket"), (b"Upgrade", b"x")],
+                        [(b"Connection", b"Upgrade, HTTP2-Settings"), (b"Upgrade", b"h2c")],
+                        [(b"Host", b"h"), (b"Accept", b"*/*")]):
+            head = RequestHead(b"GET", b"/", headers, b"reply", None)
+            self.assertEqual(is_upgrade(head), upgrade_token(headers) is not None, headers)
 
     def test_upgrade_headers_are_the_hop_pair(self) -> None:
         """What each hop of an upgrade carries: ``Connection: Upgrade`` and the token."""

@@ -1,14 +1,18 @@
 """Tests for the proxy's Agent (ppbridge.oneorigin.OneOriginAgent): the URI and request path
 it builds itself for a plain URL are exactly what Twisted's ``Agent.request`` builds, and any
-other URL is left to ``Agent.request``."""
+other URL is left to ``Agent.request``; a pooled connection is handed the same Request as
+Twisted's Agent hands it."""
 
 from __future__ import annotations
 
 from typing import Any, cast
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
-from twisted.web.client import URI, Agent
+from twisted.web import _newclient
+from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
 
 from ppbridge.oneorigin import OneOriginAgent
 from ppbridge.upstream import Upstream
@@ -49,6 +53,9 @@ class OneOriginAgentTests(TestCase):
         """The Agent methods the fast path calls exist (a newer Twisted must fail here first)."""
         for name in ("_requestWithEndpoint", "_getEndpoint"):
             self.assertTrue(callable(getattr(Agent, name, None)), name)
+        self.assertIsInstance(Agent(MemoryReactorClock())._pool, HTTPConnectionPool)
+        self.assertTrue(callable(_newclient.Request._construct))
+        self.assertEqual(_newclient._ensureValidMethod(b"GET"), b"GET")
 
     def test_upstream_uses_it(self) -> None:
         """The proxy's Upstream calls through a OneOriginAgent of its origin."""
@@ -88,3 +95,64 @@ class OneOriginAgentTests(TestCase):
         self.assertRaises(ValueError, agent.request, b"GET", b"http://127.0.0.1:8080/a b")
         self.assertRaises(ValueError, Agent.request, agent, b"GET", b"http://127.0.0.1:8080/a b")
         self.assertEqual(agent.calls, [])
+
+
+class _Pooled:
+    """A pooled connection as the pool sees one: QUIESCENT; it records each Request it is
+    handed and answers with a Deferred that records its cancellation."""
+
+    state = "QUIESCENT"
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+        self.cancelled = 0
+
+    def request(self, request: Any) -> Deferred[Any]:
+        self.requests.append(request)
+        return Deferred(lambda _: self._cancel())
+
+    def _cancel(self) -> None:
+        self.cancelled += 1
+
+
+def _request_parts(request: Any) -> dict[str, Any]:
+    parts = dict(vars(request))
+    parts["_parsedURI"] = vars(parts["_parsedURI"])
+    return parts
+
+
+class PooledConnectionTests(TestCase):
+    """With an idle pooled connection the Agent skips _requestWithEndpoint's Deferred chain."""
+
+    def test_same_request_as_twisted(self) -> None:
+        """For several targets and methods, the Request a pooled connection is handed (method,
+        path, headers, body producer, persistence, parsed URI) equals the one Twisted's Agent
+        hands a connection from its own pool; the Deferred returned is the connection's own,
+        and cancelling it cancels the request."""
+        reactor = MemoryReactorClock()
+        upstream = Upstream("http://127.0.0.1:8080/app", reactor, 5.0)
+        ours = cast(OneOriginAgent, upstream.agent)
+        twisted_pool = HTTPConnectionPool(reactor, persistent=True)
+        twisted_agent = Agent.usingEndpointFactory(reactor, cast(Any, upstream.endpoint), pool=twisted_pool)
+        key = (b"http", b"127.0.0.1", 8080)
+        for method, target in ((b"GET", b"/"), (b"POST", b"/a/b?q=1"), (b"DELETE", b"/a?")):
+            headers = Headers({b"Host": [b"127.0.0.1:8080"], b"X-Test": [b"1"]})
+            url = upstream.url(target)
+            mine, theirs = _Pooled(), _Pooled()
+            upstream.pool._putConnection(key, mine)
+            twisted_pool._putConnection(key, theirs)
+            answer = ours.request(method, url, headers, None)
+            twisted_agent.request(method, url, headers, None)
+            [request], [expected] = mine.requests, theirs.requests
+            self.assertEqual(_request_parts(request), _request_parts(expected), (method, target))
+            answer.cancel()
+            self.failureResultOf(answer, CancelledError)
+            self.assertEqual(mine.cancelled, 1)
+        twisted_pool.closeCachedConnections()
+
+    def test_without_pooled_connection_connects(self) -> None:
+        """With no idle connection the request goes through _requestWithEndpoint, which connects."""
+        reactor = MemoryReactorClock()
+        upstream = Upstream("http://127.0.0.1:8080", reactor, 5.0)
+        self.assertNoResult(upstream.agent.request(b"GET", upstream.url(b"/x"), Headers({b"Host": [b"h"]}), None))
+        self.assertEqual([(host, port) for host, port, *_ in reactor.tcpClients], [("127.0.0.1", 8080)])
