@@ -28,6 +28,8 @@ PATH_SHOWN = 1024  # bytes of the path (or path and query) shown before "..."
 # Fields separated by spaces: none can hold one (twisted.web splits the request line on them).
 FORMAT = ("{client} {method} {path} {code} {cause} in={bytes_in} out={bytes_out} {duration:.3f}s "
           "proxy={proxy} instance={instance}")
+# The access event's log_format: its line, built once (ppbridge.textlog writes it as is).
+ACCESS_FORMAT = "{access_line}"
 
 
 def json_logger() -> ILogObserver:
@@ -86,5 +88,5 @@ class AccessLog:
         # order, built here: emit's check of the level sorts every LogLevel on each call.
         event: dict[str, Any] = {"access_line": FORMAT.format(**fields), **fields}
         event.update(log_logger=log, log_level=LogLevel.info, log_namespace=log.namespace, log_source=log.source,
-                     log_format="{access_line}", log_time=time())
+                     log_format=ACCESS_FORMAT, log_time=time())
         log.observer(event)

@@ -27,9 +27,8 @@ from ppbridge.logsafe import BURST, PERIOD
 from ppbridge.metrics import DURATION_BUCKETS, UPPER_BOUNDS, Metrics
 from ppbridge.redis_server import free_port
 from ppbridge.sampleapp import make_site
-from ppbridge.scaffold import write_forwarder_config
-from tests.processes import OUT, TWISTD, spawn
-from tests.support import Client, Stack, error_of, key_pair, listen, poll, start_redis, temp_folder
+from tests.processes import OUT, forwarder_child
+from tests.support import Client, Stack, error_of, listen, poll
 from tests.test_streaming import raw_exchange, split_response
 
 WAIT = 10.0
@@ -360,15 +359,7 @@ class JsonLogTests(TestCase):
         the fields method GET, path "/q" (no query), code 503, cause "proxy-unavailable",
         proxy "alpha"; no line holds the Authorization value or the query, and none is
         Twisted's "Starting factory" noise."""
-        folder = temp_folder(self)
-        redis = start_redis(self)
-        key_pair(folder, "forwarder")
-        key_pair(folder, "alpha")
-        port = free_port()
-        config = write_forwarder_config(folder, redis.url, f"tcp:{port}:interface=127.0.0.1",
-                                        {"alpha": {"path_prefix": "/"}})
-        child = spawn(self, folder, [TWISTD, "--logger", "ppbridge.logs.json_logger", "-n", "--pidfile=",
-                                     "ppforwarder", "--config", str(config)])
+        child, port, _ = forwarder_child(self, "--logger", "ppbridge.logs.json_logger")
         yield child.wait_for(r"serving proxies", OUT)
         yield child.wait_for(r"Redis connected", OUT)
         response, _ = yield Client(self).fetch(b"GET", f"http://127.0.0.1:{port}/q?k=SECRET-QUERY-VALUE",
