@@ -91,6 +91,27 @@ class AccessLogUnitTests(TestCase):
         self.assertEqual(self.emit(AccessLog(include_query=True), uri)["path"], "/p?x=1&y=\\x7f")
         self.assertEqual(self.emit(AccessLog(), uri)["path"], "/p")
 
+    def test_line_and_fields_are_those_of_the_ten_field_format(self):
+        """For statuses given as int or text, causes empty or set, and durations that round
+        (negative, sub-millisecond, large), access_line is exactly what the documented
+        format "{client} {method} {path} {code} {cause} in={bytes_in} out={bytes_out}
+        {duration:.3f}s proxy={proxy} instance={instance}" gives for the event's own fields,
+        and the event's keys come in Logger.emit's order: access_line, the ten fields, the
+        log_ keys."""
+        documented = ("{client} {method} {path} {code} {cause} in={bytes_in} out={bytes_out} {duration:.3f}s "
+                      "proxy={proxy} instance={instance}")
+        for code, cause, duration in ((200, "", 0.0031), ("503", "proxy-unavailable", 0.0005), (499, "-", -1.0),
+                                      (200, "", 1234.56789), (413, "body-too-large", 0.0004999)):
+            events: list[dict[str, Any]] = []
+            AccessLog(logger=Logger(namespace="ppbridge.access", observer=events.append)).emit(
+                client="::1", method=b"POST", uri=b"/up?x", code=code, cause=cause, bytes_in=10, bytes_out=0,
+                duration=duration, proxy="alpha", instance="ab12")
+            [event] = events
+            self.assertEqual(event["access_line"], documented.format(**event))
+            self.assertEqual(list(event), ["access_line", "client", "method", "path", "code", "cause", "bytes_in",
+                                           "bytes_out", "duration", "proxy", "instance", "log_logger", "log_level",
+                                           "log_namespace", "log_source", "log_format", "log_time"])
+
     def test_disabled_access_log_writes_nothing(self):
         """AccessLog(enabled=False) emits no event."""
         events: list[dict[str, Any]] = []
