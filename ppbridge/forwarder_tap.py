@@ -36,10 +36,19 @@ def makeService(options: Any) -> IService:
     from ppbridge.bus import RedisBus
     from ppbridge.clientcert import configured_authorities, requesting_reactor
     from ppbridge.forwarder import ForwarderService
+    from ppbridge.textlog import offer
     from ppbridge.webface import BridgeSite
 
+    class TwistdForwarder(ForwarderService):
+        """The forwarder as twistd runs it: the application it joins gets ppbridge's text log
+        observer (the same lines as twistd's default, for less CPU; see ppbridge.textlog)."""
+
+        def setServiceParent(self, parent: Any) -> None:
+            super().setServiceParent(parent)
+            offer(parent, getattr(options, "parent", None))
+
     settings = options["settings"]
-    service = ForwarderService(settings, RedisBus(settings.redis, reactor), reactor)
+    service = TwistdForwarder(settings, RedisBus(settings.redis, reactor), reactor)
     site = BridgeSite(service)
     # ssl: endpoints ask for client certificates while an access table has client_ca_file
     listening = requesting_reactor(reactor, lambda: configured_authorities(service.settings))

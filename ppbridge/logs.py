@@ -26,8 +26,10 @@ NO_CAUSE = "-"
 CLIENT_CLOSED = 499  # the client left before any answer (nginx's convention)
 PATH_SHOWN = 1024  # bytes of the path (or path and query) shown before "..."
 # Fields separated by spaces: none can hold one (twisted.web splits the request line on them).
-FORMAT = ("{client} {method} {path} {code} {cause} in={bytes_in} out={bytes_out} {duration:.3f}s "
-          "proxy={proxy} instance={instance}")
+# client method path code cause in=bytes_in out=bytes_out duration(.3f)s proxy=proxy instance=instance
+LINE = "%s %s %s %d %s in=%d out=%d %.3fs proxy=%s instance=%s"
+# The access event's log_format: its line, built once (ppbridge.textlog writes it as is).
+ACCESS_FORMAT = "{access_line}"
 
 
 def json_logger() -> ILogObserver:
@@ -75,16 +77,21 @@ class AccessLog:
         if not self.enabled:
             return
         log = self.log
-        fields = dict(
-            client=client, method=escape(method, 32), path=self.path(uri), code=int(code),
-            cause=escape(cause or NO_CAUSE), bytes_in=int(bytes_in), bytes_out=int(bytes_out),
-            duration=round(max(0.0, duration), 6), proxy=escape(proxy), instance=escape(instance),
-        )
-        # The line is formatted here, once, by str.format; the event still carries every field.
-        # (Twisted's formatter, run by each text observer, walks a ten-field format in Python.)
-        # The event Logger.info would build (Twisted 26.10, Logger.emit), keys in the same
-        # order, built here: emit's check of the level sorts every LogLevel on each call.
-        event: dict[str, Any] = {"access_line": FORMAT.format(**fields), **fields}
-        event.update(log_logger=log, log_level=LogLevel.info, log_namespace=log.namespace, log_source=log.source,
-                     log_format="{access_line}", log_time=time())
+        shown_method, path, status = escape(method, 32), self.path(uri), int(code)
+        shown_cause = escape(cause or NO_CAUSE)
+        size_in, size_out, seconds = int(bytes_in), int(bytes_out), round(max(0.0, duration), 6)
+        shown_proxy, shown_instance = escape(proxy), escape(instance)
+        # The line is formatted here, once, by %-formatting (half the cost of str.format with ten
+        # keywords); the event still carries every field. (Twisted's formatter, run by each text
+        # observer, would walk a ten-field format in Python.) The event Logger.info would build
+        # (Twisted 26.10, Logger.emit), keys in the same order, built here as one literal: emit's
+        # check of the level sorts every LogLevel on each call.
+        event: dict[str, Any] = {
+            "access_line": LINE % (client, shown_method, path, status, shown_cause, size_in, size_out, seconds,
+                                   shown_proxy, shown_instance),
+            "client": client, "method": shown_method, "path": path, "code": status, "cause": shown_cause,
+            "bytes_in": size_in, "bytes_out": size_out, "duration": seconds, "proxy": shown_proxy,
+            "instance": shown_instance, "log_logger": log, "log_level": LogLevel.info, "log_namespace": log.namespace,
+            "log_source": log.source, "log_format": ACCESS_FORMAT, "log_time": time(),
+        }
         log.observer(event)

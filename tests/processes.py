@@ -194,3 +194,21 @@ def refuses_connections(port: int) -> bool:
         return True
     sock.close()
     return False
+
+
+def forwarder_child(case: TestCase, *twistd_args: str) -> tuple[Child, int, Path]:
+    """The installed ``twistd -n --pidfile= ARGS ppforwarder`` in a new folder, with a Redis and
+    keys of its own and one route, everything to proxy alpha (not started): (child, port, folder)."""
+    from ppbridge.redis_server import free_port
+    from ppbridge.scaffold import write_forwarder_config
+    from tests.support import key_pair, start_redis, temp_folder
+
+    folder = temp_folder(case)
+    redis = start_redis(case)
+    key_pair(folder, "forwarder")
+    key_pair(folder, "alpha")
+    port = free_port()
+    config = write_forwarder_config(folder, redis.url, f"tcp:{port}:interface=127.0.0.1",
+                                    {"alpha": {"path_prefix": "/"}})
+    child = spawn(case, folder, [TWISTD, "-n", "--pidfile=", *twistd_args, "ppforwarder", "--config", str(config)])
+    return child, port, folder

@@ -27,9 +27,8 @@ from ppbridge.logsafe import BURST, PERIOD
 from ppbridge.metrics import DURATION_BUCKETS, UPPER_BOUNDS, Metrics
 from ppbridge.redis_server import free_port
 from ppbridge.sampleapp import make_site
-from ppbridge.scaffold import write_forwarder_config
-from tests.processes import OUT, TWISTD, spawn
-from tests.support import Client, Stack, error_of, key_pair, listen, poll, start_redis, temp_folder
+from tests.processes import OUT, forwarder_child
+from tests.support import Client, Stack, error_of, listen, poll
 from tests.test_streaming import raw_exchange, split_response
 
 WAIT = 10.0
@@ -91,6 +90,27 @@ class AccessLogUnitTests(TestCase):
         uri = b"/p?x=1&y=\x7f"
         self.assertEqual(self.emit(AccessLog(include_query=True), uri)["path"], "/p?x=1&y=\\x7f")
         self.assertEqual(self.emit(AccessLog(), uri)["path"], "/p")
+
+    def test_line_and_fields_are_those_of_the_ten_field_format(self):
+        """For statuses given as int or text, causes empty or set, and durations that round
+        (negative, sub-millisecond, large), access_line is exactly what the documented
+        format "{client} {method} {path} {code} {cause} in={bytes_in} out={bytes_out}
+        {duration:.3f}s proxy={proxy} instance={instance}" gives for the event's own fields,
+        and the event's keys come in Logger.emit's order: access_line, the ten fields, the
+        log_ keys."""
+        documented = ("{client} {method} {path} {code} {cause} in={bytes_in} out={bytes_out} {duration:.3f}s "
+                      "proxy={proxy} instance={instance}")
+        for code, cause, duration in ((200, "", 0.0031), ("503", "proxy-unavailable", 0.0005), (499, "-", -1.0),
+                                      (200, "", 1234.56789), (413, "body-too-large", 0.0004999)):
+            events: list[dict[str, Any]] = []
+            AccessLog(logger=Logger(namespace="ppbridge.access", observer=events.append)).emit(
+                client="::1", method=b"POST", uri=b"/up?x", code=code, cause=cause, bytes_in=10, bytes_out=0,
+                duration=duration, proxy="alpha", instance="ab12")
+            [event] = events
+            self.assertEqual(event["access_line"], documented.format(**event))
+            self.assertEqual(list(event), ["access_line", "client", "method", "path", "code", "cause", "bytes_in",
+                                           "bytes_out", "duration", "proxy", "instance", "log_logger", "log_level",
+                                           "log_namespace", "log_source", "log_format", "log_time"])
 
     def test_disabled_access_log_writes_nothing(self):
         """AccessLog(enabled=False) emits no event."""
@@ -360,15 +380,7 @@ class JsonLogTests(TestCase):
         the fields method GET, path "/q" (no query), code 503, cause "proxy-unavailable",
         proxy "alpha"; no line holds the Authorization value or the query, and none is
         Twisted's "Starting factory" noise."""
-        folder = temp_folder(self)
-        redis = start_redis(self)
-        key_pair(folder, "forwarder")
-        key_pair(folder, "alpha")
-        port = free_port()
-        config = write_forwarder_config(folder, redis.url, f"tcp:{port}:interface=127.0.0.1",
-                                        {"alpha": {"path_prefix": "/"}})
-        child = spawn(self, folder, [TWISTD, "--logger", "ppbridge.logs.json_logger", "-n", "--pidfile=",
-                                     "ppforwarder", "--config", str(config)])
+        child, port, _ = forwarder_child(self, "--logger", "ppbridge.logs.json_logger")
         yield child.wait_for(r"serving proxies", OUT)
         yield child.wait_for(r"Redis connected", OUT)
         response, _ = yield Client(self).fetch(b"GET", f"http://127.0.0.1:{port}/q?k=SECRET-QUERY-VALUE",
