@@ -71,6 +71,7 @@ class ClientStream:
     """
 
     coalesce = True  # small body writes may wait up to streams.COALESCE to fill a frame
+    answers_whole = True  # a response whole in its head skips Inbound (see _answer_whole)
 
     def __init__(self, bridge: ForwarderService, request: BridgeRequest, proxy: str, head: RequestHead) -> None:
         self.bridge = bridge
@@ -312,6 +313,9 @@ class ClientStream:
         head, body = ResponseHead.decode(payload)
         self.state = "responding"
         self._response = head
+        if header.end and self.rendered and self.answers_whole and not self.request.startedWriting:
+            self._answer_whole(head, body)
+            return
         self._inbound = Inbound(self.bridge.settings.window, self._send_window)
         self._inbound.data(body, header.end)
         self.bridge.metrics.bytes_down.inc(len(body))
@@ -319,14 +323,29 @@ class ClientStream:
         if self.rendered:
             self._start_response()
 
-    def _start_response(self) -> None:
-        head, inbound, request = self._response, self._inbound, self.request
-        if head is None or inbound is None or request.startedWriting:
-            return
+    def _answer_whole(self, head: ResponseHead, body: bytes) -> None:
+        """A response whole in its head, for a request whose body is complete: answered at
+        once, without the flow control and producer a body of frames needs (nothing more may
+        come for it, and no WINDOW would be granted for it either)."""
+        self.bridge.metrics.bytes_down.inc(len(body))
+        self._apply_head(head)
+        if body:
+            self.request.write(body)
+        self._finish_ok()
+
+    def _apply_head(self, head: ResponseHead) -> None:
+        """The upstream's status and end-to-end headers, on the client's response."""
+        request = self.request
         request.setResponseCode(head.status, head.reason or None)
         request.responseHeaders = Headers()
         for name, value in end_to_end(head.headers):
             request.responseHeaders.addRawHeader(name, value)
+
+    def _start_response(self) -> None:
+        head, inbound, request = self._response, self._inbound, self.request
+        if head is None or inbound is None or request.startedWriting:
+            return
+        self._apply_head(head)
         request.registerProducer(self, True)
         inbound.attach(request.write, self._finish_ok)
 
@@ -334,7 +353,8 @@ class ClientStream:
         if self.state == "done":
             return
         request = self.request
-        request.unregisterProducer()
+        if request.producer is not None:
+            request.unregisterProducer()
         request.finish()
         self._done(str(self._response.status if self._response else "ok"))
         # Ended normally (rendered, finished): what still points back at this stream lets go

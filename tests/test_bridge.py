@@ -21,9 +21,11 @@ from twisted.web.client import FileBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from ppbridge import clientstream
 from ppbridge.clientstream import ClientStream
 from ppbridge.negotiation import proxy_peer
 from ppbridge.upstream import UpstreamCall
+from ppbridge.webface import BridgeRequest
 from ppbridge.sampleapp import GZIP_BODY, make_site, pattern_sha256
 from tests.support import Client, Stack, error_of, listen
 from tests.test_streaming import raw_exchange, split_response
@@ -86,6 +88,38 @@ class Freeing(TestCase):
         yield deferLater(reactor, 0.05, lambda: None)  # the last PUBLISH replies
         self.assertEqual(len(made), 8)
         self.assertEqual([ref() for ref in made], [None] * 8)
+
+
+class WholeAnswers(TestCase):
+    @defer.inlineCallbacks
+    def test_a_response_whole_in_its_head_skips_flow_control(self):
+        """A small response (its body inside its head, END set) reaches the client byte-exact
+        without an Inbound or a producer registered on the client's request; a response of
+        several frames still gets both."""
+        stack = yield Stack(self).start()
+        client = Client(self)
+        yield client.fetch(b"GET", stack.url + "/echo/warm")
+        inbounds: list[object] = []
+        producers: list[object] = []
+        original_inbound = clientstream.Inbound
+        original_register = BridgeRequest.registerProducer
+
+        def inbound(*args: Any) -> Any:
+            inbounds.append(args)
+            return original_inbound(*args)
+
+        def register(request: Any, producer: Any, streaming: bool) -> None:
+            producers.append(producer)
+            original_register(request, producer, streaming)
+
+        self.patch(clientstream, "Inbound", inbound)
+        self.patch(BridgeRequest, "registerProducer", register)
+        response, digest, n = yield client.digest(f"{stack.url}/bytes?n=1000&seed=5")
+        self.assertEqual((response.code, n, digest), (200, 1000, pattern_sha256(5, 1000)))
+        self.assertEqual((inbounds, producers), ([], []))
+        response, digest, n = yield client.digest(f"{stack.url}/bytes?n=300000&seed=6")
+        self.assertEqual((response.code, n, digest), (200, 300000, pattern_sha256(6, 300000)))
+        self.assertEqual((len(inbounds), len(producers)), (1, 1))
 
 
 class Concurrency(TestCase):
