@@ -98,8 +98,7 @@ class ClientStream:
         self.method, self.uri = request_line(request.channel)
         self.access: AccessLog = cast(Any, request.channel).site.access_log
         bridge.streams[self.id] = self
-        bridge.metrics.active_streams.inc()
-        request.notifyFinish().addErrback(self._client_gone)
+        bridge.metrics.active_streams.inc()  # a client that leaves: BridgeRequest.connectionLost
 
     @classmethod
     def open(cls, bridge: ForwarderService, request: BridgeRequest, method: bytes, uri: bytes,
@@ -167,7 +166,8 @@ class ClientStream:
         if self._response is not None:
             self._start_response()
 
-    def _client_gone(self, reason: Failure) -> None:
+    def client_gone(self, reason: Failure) -> None:
+        """The client's connection was lost (or it stopped reading) before the stream ended."""
         if self.state != "done":
             self.bridge.metrics.aborted.labels("client-gone").inc()
             self._cancel_upstream("client disconnected")
@@ -184,7 +184,7 @@ class ClientStream:
             self._inbound.resume()
 
     def stopProducing(self) -> None:
-        self._client_gone(Failure(ConnectionError("client stopped reading")))
+        self.client_gone(Failure(ConnectionError("client stopped reading")))
 
     # toward the proxy
 

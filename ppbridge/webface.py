@@ -170,6 +170,13 @@ class BridgeRequest(Request):
         elif self._held is not None:
             self._held.append(data)
 
+    def connectionLost(self, reason: Failure) -> None:
+        """twisted.web's, then the stream is told (what a ``notifyFinish`` errback would do,
+        without a Deferred per request)."""
+        super().connectionLost(reason)
+        if self.stream is not None:
+            self.stream.client_gone(reason)
+
     def write(self, data: bytes) -> None:
         if not self.startedWriting and getattr(self.channel, "draining", False):
             # The forwarder is draining: this is the connection's last response (EdgeChannel.drain).
