@@ -18,8 +18,10 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import FileBodyProducer
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import version as twisted_web_version
 
 from ppbridge import clientstream
 from ppbridge.clientstream import ClientStream
@@ -432,6 +434,18 @@ class Errors(TestCase):
         response, data = yield Client(self).fetch(b"GET", stack.url + "/elsewhere")
         self.assertEqual((response.code, error_of(response)), (404, b"no-route"))
         self.assertIn(b"no proxy", data)
+
+    @defer.inlineCallbacks
+    def test_an_error_answered_before_any_stream_keeps_server_and_date(self):
+        """An error answered before a stream opens (404 no-route) carries twisted.web's Server
+        header and a Date within a second of now, in HTTP's format, as twisted.web sets them."""
+        stack = yield Stack(self).start(routes={"alpha": {"path_prefix": "/a"}})
+        before = int(time.time())
+        response, _ = yield Client(self).fetch(b"GET", stack.url + "/elsewhere")
+        after = int(time.time())
+        self.assertEqual(response.headers.getRawHeaders(b"server"), [twisted_web_version])
+        self.assertIn(response.headers.getRawHeaders(b"date"), [[datetimeToString(before)], [datetimeToString(after)]])
+        self.assertEqual(error_of(response), b"no-route")
 
     @defer.inlineCallbacks
     def test_proxy_not_running_is_503_at_once(self):
