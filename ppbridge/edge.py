@@ -123,6 +123,7 @@ class EdgeChannel(HTTPChannel):
     draining = False
     tunnel: IProtocol | None = None  # who has the connection after take_over
     _read_size: int | None = None  # the transport's own bufferSize while a body reads bigger
+    _secure: bool | None = None  # isSecure(), once asked
 
     def __init__(self, edge: Edge) -> None:
         super().__init__()
@@ -154,6 +155,14 @@ class EdgeChannel(HTTPChannel):
             if self._head_timer is None:
                 self._arm_head_timer()  # the first byte of a later request's head
         return super().dataReceived(data)
+
+    def isSecure(self) -> bool:
+        """twisted.web's answer (does the transport provide ISSLTransport?), asked once per
+        connection: the transport does not change under it."""
+        secure = self._secure
+        if secure is None:
+            secure = self._secure = bool(super().isSecure())
+        return secure
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:
         """twisted.web's answer, but never kept alive while draining (``Connection: close``)."""
