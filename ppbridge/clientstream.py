@@ -33,13 +33,13 @@ from ppbridge.errors import (
     RequestError,
 )
 from ppbridge.edge import request_line
-from ppbridge.httpheaders import end_to_end, forwarded_request_headers
+from ppbridge.httpheaders import forwarded_request_headers
 from ppbridge.keyring import KeyEntry
 from ppbridge.logs import NO_CAUSE, AccessLog, client_address, status_of
 from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
 from ppbridge.timers import Deadline
-from ppbridge.webrequest import connection, refuse_early, render_error, routed
+from ppbridge.webrequest import connection, refuse_early, render_error, response_headers, routed
 from ppbridge.wire import (
     FLAG_END,
     OVERHEAD,
@@ -337,9 +337,7 @@ class ClientStream:
         """The upstream's status and end-to-end headers, on the client's response."""
         request = self.request
         request.setResponseCode(head.status, head.reason or None)
-        request.responseHeaders = Headers()
-        for name, value in end_to_end(head.headers):
-            request.responseHeaders.addRawHeader(name, value)
+        request.responseHeaders = response_headers(head.headers)
 
     def _start_response(self) -> None:
         head, inbound, request = self._response, self._inbound, self.request
