@@ -126,7 +126,7 @@ class ClientStream:
         # former is passed on as a length.
         declared = length if request.requestHeaders.hasHeader(b"content-length") else None
         headers += cls.extra_headers(request)
-        head = RequestHead(method, target, headers, bridge.channels.reply(bridge.id), declared)
+        head = RequestHead(method, target, headers, bridge.reply_channel, declared)
         stream = cls(bridge, request, route.name, head)
         if not stream.inline:
             stream._send_head(b"", end=False)
