@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IP
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from ppbridge.errors import HeaderTimeout, HeaderTooLarge, RequestError, TooManyHeaders
@@ -165,6 +166,20 @@ class EdgeChannel(HTTPChannel):
         if secure is None:
             secure = self._secure = bool(super().isSecure())
         return secure
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        """twisted.web's status line and headers, the same bytes in one write: not about four
+        pieces per header, each type-checked by the transport and joined there anyway."""
+        if not isinstance(headers, Headers):  # twisted.web only passes Headers; the rest as it does
+            super().writeHeaders(version, code, reason, headers)
+            return
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        transport: Any = self.transport
+        transport.write(b"".join(parts))
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:
         """twisted.web's answer, but never kept alive while draining (``Connection: close``)."""

@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 from twisted.web import http
+from twisted.web.http_headers import Headers
 
 from ppbridge import edge
 from ppbridge.edge import EdgeChannel, EdgeLimits, error_bytes
@@ -376,6 +377,26 @@ class EdgeChannelTests(TestCase):
         clock.advance(0.2)
         self.assertTrue(transport.disconnecting)
         self.assertEqual(refused, [])
+
+    def test_headers_written_as_twisted_web_writes_them_in_one_write(self):
+        """writeHeaders gives the transport exactly the bytes twisted.web's HTTPChannel gives
+        (status line, repeated and empty header values in order, blank line), in one write."""
+        headers = Headers()
+        for name, value in ((b"Content-Type", b"text/plain"), (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"),
+                            (b"X-Empty", b""), (b"Content-Length", b"0")):
+            headers.addRawHeader(name, value)
+        theirs, plain = StringTransport(), http.HTTPChannel()
+        plain.makeConnection(theirs)
+        plain.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+        channel, ours, _, _ = self.channel()
+        writes: list[bytes] = []
+        self.patch(ours, "write", writes.append)
+        channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+        self.assertEqual(writes, [theirs.value()])
+        self.assertTrue(theirs.value().endswith(b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nX-Empty: \r\n"
+                                                b"Content-Length: 0\r\n\r\n"))
+        plain.connectionLost(None)
+        channel.connectionLost(None)
 
     def test_line_over_limit_answers_431_once(self):
         """A line past max_header_line is refused once, even if more data follows."""
