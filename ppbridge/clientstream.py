@@ -38,7 +38,6 @@ from ppbridge.keyring import KeyEntry
 from ppbridge.logs import NO_CAUSE, AccessLog, client_address, status_of
 from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
-from ppbridge.timers import Deadline
 from ppbridge.webrequest import connection, refuse_early, render_error, response_headers, routed
 from ppbridge.wire import (
     FLAG_END,
@@ -91,7 +90,7 @@ class ClientStream:
         self._outbound: Outbound | None = None
         self._inbound: Inbound | None = None
         self._response: ResponseHead | None = None
-        self._timer = Deadline(bridge.clock, self._timed_out)
+        self._timer = bridge.timers.deadline(self._timed_out)
         # for the access log and the metrics (the request line, before twisted.web sets it)
         self.started = bridge.clock.seconds()
         self.client = client_address(request)

@@ -33,6 +33,7 @@ from ppbridge.ratelimit import NegotiationGate
 from ppbridge.reload import split_settings, warn_held
 from ppbridge.routing import Router
 from ppbridge.streams import RecentlyClosed
+from ppbridge.timerpool import TimerPool
 from ppbridge.timers import Periodic, log_failure, wait_until
 from ppbridge.wire import ID_SIZE, LEAVING, OVERHEAD, MsgType
 
@@ -86,6 +87,7 @@ class ForwarderService(MultiService):
         self.sites: list[BridgeSite] = []  # their sites (each registers itself): drained on stop, reloaded
         self.draining = False
         self.closed = RecentlyClosed()
+        self.timers = TimerPool(clock)  # the streams' timers (ppbridge.timerpool)
         self._control = self.channels.forwarder_control(self.id)
         self.reply_channel = self.channels.reply(self.id)  # every stream's answers come here
         # A proxy instance's data channel, formatted once per (name, instance), not per message.
@@ -169,6 +171,7 @@ class ForwarderService(MultiService):
             self._reannounce.cancel()
         for stream in list(self.streams.values()):
             stream.shutdown()
+        self.timers.stop()
         d = defer.maybeDeferred(super().stopService)
         d.addBoth(lambda _: self.access.stop())  # forward_auth's connection pool
         return d.addBoth(lambda _: self.bus.stop())
