@@ -57,8 +57,9 @@ class PipelinedPublish:
         return self._waiters
 
     def publish_pipelined(self, channel: bytes, message: bytes | bytearray) -> Deferred[int]:
-        """PUBLISH ``channel`` ``message`` now; fires with its receiver count, or fails with its
-        error reply, or with ``txredisapi.ConnectionError`` when the link is lost first."""
+        """PUBLISH ``channel`` ``message`` now; fires with its receiver count, or fails with
+        :meth:`publish_error` of its error reply, or of ``txredisapi.ConnectionError`` when the
+        link is lost first."""
         if not self.connected:
             return defer.fail(self.publish_error(txredisapi.ConnectionError("Not connected"), channel))
         self.transport.write(b"".join((_PUBLISH % (len(channel), channel, len(message)), message, b"\r\n")))
