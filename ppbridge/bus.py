@@ -379,7 +379,7 @@ class RedisBus(Subscriptions):
         pub = self._pub
         if pub is None or not pub.connected:
             return defer.fail(BusUnavailable())
-        return pub.publish_pipelined(channel, message).addErrback(self._command_refused, "PUBLISH", (channel,))
+        return pub.publish_pipelined(channel, message)  # failures as _command_refused says (redisconn)
 
     def numsub(self, channels: list[bytes]) -> Deferred[dict[bytes, int]]:
         """PUBSUB NUMSUB: plain subscribers per channel (pattern subscribers don't count, so a

@@ -33,13 +33,12 @@ from ppbridge.errors import (
     RequestError,
 )
 from ppbridge.edge import request_line
-from ppbridge.httpheaders import end_to_end, forwarded_request_headers
+from ppbridge.httpheaders import forwarded_request_headers
 from ppbridge.keyring import KeyEntry
 from ppbridge.logs import NO_CAUSE, AccessLog, client_address, status_of
 from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
-from ppbridge.timers import Deadline
-from ppbridge.webrequest import connection, refuse_early, render_error, routed
+from ppbridge.webrequest import connection, refuse_early, render_error, response_headers, routed
 from ppbridge.wire import (
     FLAG_END,
     OVERHEAD,
@@ -71,6 +70,7 @@ class ClientStream:
     """
 
     coalesce = True  # small body writes may wait up to streams.COALESCE to fill a frame
+    answers_whole = True  # a response whole in its head skips Inbound (see _answer_whole)
 
     def __init__(self, bridge: ForwarderService, request: BridgeRequest, proxy: str, head: RequestHead) -> None:
         self.bridge = bridge
@@ -90,15 +90,14 @@ class ClientStream:
         self._outbound: Outbound | None = None
         self._inbound: Inbound | None = None
         self._response: ResponseHead | None = None
-        self._timer = Deadline(bridge.clock, self._timed_out)
+        self._timer = bridge.timers.deadline(self._timed_out)
         # for the access log and the metrics (the request line, before twisted.web sets it)
         self.started = bridge.clock.seconds()
         self.client = client_address(request)
         self.method, self.uri = request_line(request.channel)
         self.access: AccessLog = cast(Any, request.channel).site.access_log
         bridge.streams[self.id] = self
-        bridge.metrics.active_streams.inc()
-        request.notifyFinish().addErrback(self._client_gone)
+        bridge.metrics.active_streams.inc()  # a client that leaves: BridgeRequest.connectionLost
 
     @classmethod
     def open(cls, bridge: ForwarderService, request: BridgeRequest, method: bytes, uri: bytes,
@@ -126,7 +125,7 @@ class ClientStream:
         # former is passed on as a length.
         declared = length if request.requestHeaders.hasHeader(b"content-length") else None
         headers += cls.extra_headers(request)
-        head = RequestHead(method, target, headers, bridge.channels.reply(bridge.id), declared)
+        head = RequestHead(method, target, headers, bridge.reply_channel, declared)
         stream = cls(bridge, request, route.name, head)
         if not stream.inline:
             stream._send_head(b"", end=False)
@@ -166,7 +165,8 @@ class ClientStream:
         if self._response is not None:
             self._start_response()
 
-    def _client_gone(self, reason: Failure) -> None:
+    def client_gone(self, reason: Failure) -> None:
+        """The client's connection was lost (or it stopped reading) before the stream ended."""
         if self.state != "done":
             self.bridge.metrics.aborted.labels("client-gone").inc()
             self._cancel_upstream("client disconnected")
@@ -183,7 +183,7 @@ class ClientStream:
             self._inbound.resume()
 
     def stopProducing(self) -> None:
-        self._client_gone(Failure(ConnectionError("client stopped reading")))
+        self.client_gone(Failure(ConnectionError("client stopped reading")))
 
     # toward the proxy
 
@@ -312,6 +312,9 @@ class ClientStream:
         head, body = ResponseHead.decode(payload)
         self.state = "responding"
         self._response = head
+        if header.end and self.rendered and self.answers_whole and not self.request.startedWriting:
+            self._answer_whole(head, body)
+            return
         self._inbound = Inbound(self.bridge.settings.window, self._send_window)
         self._inbound.data(body, header.end)
         self.bridge.metrics.bytes_down.inc(len(body))
@@ -319,14 +322,27 @@ class ClientStream:
         if self.rendered:
             self._start_response()
 
+    def _answer_whole(self, head: ResponseHead, body: bytes) -> None:
+        """A response whole in its head, for a request whose body is complete: answered at
+        once, without the flow control and producer a body of frames needs (nothing more may
+        come for it, and no WINDOW would be granted for it either)."""
+        self.bridge.metrics.bytes_down.inc(len(body))
+        self._apply_head(head)
+        if body:
+            self.request.write(body)
+        self._finish_ok()
+
+    def _apply_head(self, head: ResponseHead) -> None:
+        """The upstream's status and end-to-end headers, on the client's response."""
+        request = self.request
+        request.setResponseCode(head.status, head.reason or None)
+        request.responseHeaders = response_headers(head.headers)
+
     def _start_response(self) -> None:
         head, inbound, request = self._response, self._inbound, self.request
         if head is None or inbound is None or request.startedWriting:
             return
-        request.setResponseCode(head.status, head.reason or None)
-        request.responseHeaders = Headers()
-        for name, value in end_to_end(head.headers):
-            request.responseHeaders.addRawHeader(name, value)
+        self._apply_head(head)
         request.registerProducer(self, True)
         inbound.attach(request.write, self._finish_ok)
 
@@ -334,7 +350,8 @@ class ClientStream:
         if self.state == "done":
             return
         request = self.request
-        request.unregisterProducer()
+        if request.producer is not None:
+            request.unregisterProducer()
         request.finish()
         self._done(str(self._response.status if self._response else "ok"))
         # Ended normally (rendered, finished): what still points back at this stream lets go

@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IP
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from ppbridge.errors import HeaderTimeout, HeaderTooLarge, RequestError, TooManyHeaders
@@ -123,6 +124,8 @@ class EdgeChannel(HTTPChannel):
     draining = False
     tunnel: IProtocol | None = None  # who has the connection after take_over
     _read_size: int | None = None  # the transport's own bufferSize while a body reads bigger
+    _secure: bool | None = None  # isSecure(), once asked
+    _suspending = False  # in allContentReceived: twisted.web turning the idle timeout off
 
     def __init__(self, edge: Edge) -> None:
         super().__init__()
@@ -135,7 +138,8 @@ class EdgeChannel(HTTPChannel):
         self._awaiting_head = True
         self._head_bytes = False  # a byte of the next request's head has arrived
         self._head_began = 0.0
-        self._head_timer: IDelayedCall | None = None
+        self._head_timer: IDelayedCall | None = None  # kept from head to head (reset, not remade)
+        self._head_armed = False  # the head timer counts for the head being read
         self._linger: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
@@ -151,9 +155,31 @@ class EdgeChannel(HTTPChannel):
             return None  # lingering: read and drop
         if self._awaiting_head and data:
             self._head_bytes = True
-            if self._head_timer is None:
+            if not self._head_armed:
                 self._arm_head_timer()  # the first byte of a later request's head
         return super().dataReceived(data)
+
+    def isSecure(self) -> bool:
+        """twisted.web's answer (does the transport provide ISSLTransport?), asked once per
+        connection: the transport does not change under it."""
+        secure = self._secure
+        if secure is None:
+            secure = self._secure = bool(super().isSecure())
+        return secure
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        """twisted.web's status line and headers, the same bytes in one write: not about four
+        pieces per header, each type-checked by the transport and joined there anyway."""
+        if not isinstance(headers, Headers):  # twisted.web only passes Headers; the rest as it does
+            super().writeHeaders(version, code, reason, headers)
+            return
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        transport: Any = self.transport
+        transport.write(b"".join(parts))
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:
         """twisted.web's answer, but never kept alive while draining (``Connection: close``)."""
@@ -188,10 +214,32 @@ class EdgeChannel(HTTPChannel):
         return ok
 
     def allHeadersReceived(self) -> None:
-        self._awaiting_head = False
-        self._cancel(self._head_timer)
-        self._head_timer = None
+        self._awaiting_head = self._head_armed = False  # its call stays, for the next head
         super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        self._suspending = True
+        try:
+            super().allContentReceived()
+        finally:
+            self._suspending = False
+
+    def setTimeout(self, period: float | None) -> float | None:
+        """twisted.web's idle timeout (TimeoutMixin), but while a request is handled it is
+        suspended, not cancelled: its call stays scheduled and does nothing if it fires
+        (:meth:`timeoutConnection`); when the request is done twisted.web sets it again and
+        the call is pushed back instead of made anew. Every other ``setTimeout(None)``
+        (connection lost, taken over, refused) cancels it as TimeoutMixin does."""
+        if period is None and self._suspending:
+            previous, self.timeOut = self.timeOut, None
+            return previous
+        previous = super().setTimeout(period)
+        return previous
+
+    def timeoutConnection(self) -> None:
+        if self.timeOut is None:
+            return  # a call kept while the idle timeout was suspended (setTimeout)
+        super().timeoutConnection()
 
     def requestDone(self, request: Any) -> None:
         self._awaiting_head = True  # the timer starts with the next head's first byte
@@ -246,7 +294,7 @@ class EdgeChannel(HTTPChannel):
 
     def stand_down(self) -> None:
         """Another protocol (HTTP/2) took the connection over: no more head timer."""
-        self._awaiting_head = False
+        self._awaiting_head = self._head_armed = False
         self._cancel(self._head_timer)
         self._head_timer = None
 
@@ -267,11 +315,20 @@ class EdgeChannel(HTTPChannel):
         return True
 
     def _arm_head_timer(self) -> None:
+        """Start the head timer: the call kept from the last head is pushed back (no new
+        DelayedCall and no cancellation per request), or a new one made."""
         self._head_began = self.clock.seconds()
-        self._head_timer = self.clock.callLater(self.limits.header_timeout, self._head_timed_out)
+        self._head_armed = True
+        call = self._head_timer
+        if call is not None and call.active():
+            call.reset(self.limits.header_timeout)
+        else:
+            self._head_timer = self.clock.callLater(self.limits.header_timeout, self._head_timed_out)
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
+        if not self._head_armed:
+            return  # a call kept from an earlier head, while no head was being read
         self.refuse(HeaderTimeout(f"ppbridge: no complete request head within {self.limits.header_timeout:g} s"))
 
     @staticmethod

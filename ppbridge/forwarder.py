@@ -7,6 +7,7 @@ HTTP face (a twisted.web resource and its request class), :mod:`ppbridge.webface
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ from ppbridge.ratelimit import NegotiationGate
 from ppbridge.reload import split_settings, warn_held
 from ppbridge.routing import Router
 from ppbridge.streams import RecentlyClosed
+from ppbridge.timerpool import TimerPool
 from ppbridge.timers import Periodic, log_failure, wait_until
 from ppbridge.wire import ID_SIZE, LEAVING, OVERHEAD, MsgType
 
@@ -85,8 +87,11 @@ class ForwarderService(MultiService):
         self.sites: list[BridgeSite] = []  # their sites (each registers itself): drained on stop, reloaded
         self.draining = False
         self.closed = RecentlyClosed()
+        self.timers = TimerPool(clock)  # the streams' timers (ppbridge.timerpool)
         self._control = self.channels.forwarder_control(self.id)
-        self._reply = self.channels.reply(self.id)
+        self.reply_channel = self.channels.reply(self.id)  # every stream's answers come here
+        # A proxy instance's data channel, formatted once per (name, instance), not per message.
+        self._data_channel = functools.lru_cache(maxsize=1024)(self.channels.proxy_data)
         self._loops = [
             Periodic(clock, settings.announce_interval, self._announce, "announcing"),
             Periodic(clock, TIDY_INTERVAL, self._tidy, "housekeeping"),
@@ -116,7 +121,7 @@ class ForwarderService(MultiService):
         self.bus.on_public = self._announce_soon
         self.bus.on_state = self._on_state
         # Plain subscriptions only (no pattern): an ACL user limited to the namespace can make them.
-        for channel in (self.channels.negotiate, self._control, self._reply):
+        for channel in (self.channels.negotiate, self._control, self.reply_channel):
             self.bus.subscribe(channel).addErrback(log_failure("subscribing failed"))
         self.bus.start()
         for loop in self._loops:
@@ -166,6 +171,7 @@ class ForwarderService(MultiService):
             self._reannounce.cancel()
         for stream in list(self.streams.values()):
             stream.shutdown()
+        self.timers.stop()
         d = defer.maybeDeferred(super().stopService)
         d.addBoth(lambda _: self.access.stop())  # forward_auth's connection pool
         return d.addBoth(lambda _: self.bus.stop())
@@ -244,7 +250,7 @@ class ForwarderService(MultiService):
             self._on_key_request(data)
         elif channel == self._control:
             self._on_confirm(channel, data)
-        elif channel == self._reply:
+        elif channel == self.reply_channel:
             self._on_reply(channel, data)
         else:
             raise BusMessageError("unexpected-channel", "")
@@ -371,7 +377,7 @@ class ForwarderService(MultiService):
         return self.table.wait_for(name)
 
     def data_channel(self, entry: KeyEntry) -> bytes:
-        return self.channels.proxy_data(entry.session.proxy, entry.session.instance)
+        return self._data_channel(entry.session.proxy, entry.session.instance)
 
     def status(self) -> dict[str, Any]:
         """The JSON document of ``GET /status``: per proxy, its newest instance's key (by

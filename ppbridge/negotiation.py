@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Mapping
 
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -85,10 +86,11 @@ class NewSession:
     clock_ahead: float = 0.0
     announce_interval: float = 15.0  # how often the forwarder announces itself
 
-    @property
+    @cached_property
     def proxy_peer(self) -> bytes:
         """The forwarder's name for the proxy process of this key: its name *and* instance
-        (an instance id is bound to the name that negotiated it; see Keyring)."""
+        (an instance id is bound to the name that negotiated it; see Keyring). Formatted once
+        per session: the forwarder asks it about twice per request."""
         return proxy_peer(self.proxy, self.instance)
 
 

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from ppbridge.sendnow import send_now
 
@@ -38,33 +39,43 @@ of sixteen in two (bench, c16: +40 % req/s for the same CPU per request; every P
 alone cost a quarter more CPU per request for less gain)."""
 
 
+_PUBLISH = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n"  # then the message and CRLF
+
+
 class PipelinedPublish:
     """The pipelining half of a txredisapi protocol (a base class before it in the MRO)."""
 
     transport: Any
     connected: int
-    _waiters: deque[Deferred[int] | None] | None = None  # per command written: who takes its reply
+    _waiters: deque[tuple[Deferred[int], bytes] | None] | None = None  # per command written: who takes its reply
     _written = 0  # PUBLISHes written, counting to SEND_EVERY
     check_reply: Callable[[object], None]  # looks at every reply first (the publisher's -READONLY check)
 
-    def _fifo(self) -> deque[Deferred[int] | None]:
+    def _fifo(self) -> deque[tuple[Deferred[int], bytes] | None]:
         if self._waiters is None:
             self._waiters = deque()
         return self._waiters
 
     def publish_pipelined(self, channel: bytes, message: bytes | bytearray) -> Deferred[int]:
-        """PUBLISH ``channel`` ``message`` now; fires with its receiver count, or fails with its
-        error reply, or with ``txredisapi.ConnectionError`` when the link is lost first."""
+        """PUBLISH ``channel`` ``message`` now; fires with its receiver count, or fails with
+        :meth:`publish_error` of its error reply, or of ``txredisapi.ConnectionError`` when the
+        link is lost first."""
         if not self.connected:
-            return defer.fail(txredisapi.ConnectionError("Not connected"))
-        self.transport.write(self._build_command(b"PUBLISH", channel, message))  # type: ignore[attr-defined]
+            return defer.fail(self.publish_error(txredisapi.ConnectionError("Not connected"), channel))
+        self.transport.write(b"".join((_PUBLISH % (len(channel), channel, len(message)), message, b"\r\n")))
         waiter: Deferred[int] = Deferred()
-        self._fifo().append(waiter)
+        self._fifo().append((waiter, channel))
         self._written += 1
         if self._written >= SEND_EVERY:
             self._written = 0
             send_now(self.transport)
         return waiter
+
+    def publish_error(self, error: Exception, channel: bytes) -> Failure:
+        """The failure a PUBLISH on ``channel`` fails with, for its error reply or a lost
+        link: ``error`` as it is here; the bus's publisher says what it means (a refusal for
+        want of a permission, a lost link), once, without an errback of its own per PUBLISH."""
+        return Failure(error)
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
         if self.connected:  # else txredisapi raises and writes nothing
@@ -72,13 +83,14 @@ class PipelinedPublish:
         return super().execute_command(*args, **kwargs)  # type: ignore[misc, no-any-return]
 
     def replyReceived(self, reply: object) -> None:
-        waiter = self._waiters.popleft() if self._waiters else None
-        if waiter is None:  # txredisapi's own command: on to its reply queue
+        entry = self._waiters.popleft() if self._waiters else None
+        if entry is None:  # txredisapi's own command: on to its reply queue
             super().replyReceived(reply)  # type: ignore[misc]
             return
+        waiter, channel = entry
         self.check_reply(reply)
         if isinstance(reply, Exception):
-            waiter.errback(reply)
+            waiter.errback(self.publish_error(reply, channel))
         else:
             waiter.callback(reply)  # type: ignore[arg-type]
 
@@ -86,5 +98,5 @@ class PipelinedPublish:
         written = [w for w in (self._waiters or ()) if w is not None]
         self._waiters = None  # txredisapi's own waiters are failed by its connectionLost
         super().connectionLost(why)  # type: ignore[misc]
-        for waiter in written:
-            waiter.errback(txredisapi.ConnectionError("Lost connection"))
+        for waiter, channel in written:
+            waiter.errback(self.publish_error(txredisapi.ConnectionError("Lost connection"), channel))

@@ -208,6 +208,9 @@ class _Publisher(PipelinedPublish, _Guarded, txredisapi.RedisProtocol):
         raise_send_limit(self.transport, PUBLISH_SEND_LIMIT)
         return super().connectionMade()
 
+    def publish_error(self, error: Exception, channel: bytes) -> Failure:
+        return self.factory.bus._command_refused(Failure(error), "PUBLISH", (channel,))  # type: ignore[no-any-return]
+
     def _build_command(self, *args: bytes | bytearray | str | int, **kwargs: object) -> bytes:
         parts: list[bytes | bytearray] = [b"*%d\r\n" % len(args)]
         for arg in args:

@@ -58,6 +58,7 @@ class UpgradeStream(ClientStream):
     """One upgrade request: an ordinary stream until a 101, raw bytes both ways after it."""
 
     coalesce = False  # a WebSocket message must not wait for more bytes to fill a frame
+    answers_whole = False  # every response goes through _start_response (a 101 switches)
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)

@@ -12,13 +12,15 @@ names it.
 from __future__ import annotations
 
 import io
+import time
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site, version
 
 from ppbridge.access import Grant, on_decision
 from ppbridge.clientstream import ClientStream
@@ -56,6 +58,25 @@ class BridgeRequest(Request):
     _paused = False
     _began = 0.0
     _site: Any = None
+
+    def process(self) -> None:
+        """twisted.web's ``Request.process`` (checked against Twisted 26.10.0) for a site whose
+        one resource is a leaf that takes every path: the same default headers (the Date
+        formatted once a second), no path segments unquoted into ``postpath`` and no resource
+        tree walked, since none is used."""
+        site: BridgeSite = cast(Any, self.channel).site
+        self.site = site
+        self.setHeader(b"Server", version)
+        self.setHeader(b"Date", site.date())
+        self.prepath, self.postpath = [], []
+        self.sitepath: list[bytes] = []
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            self.render(site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def gotLength(self, length: int | None) -> None:
         self.content = io.BytesIO()  # never filled: the body streams to the proxy
@@ -170,6 +191,13 @@ class BridgeRequest(Request):
         elif self._held is not None:
             self._held.append(data)
 
+    def connectionLost(self, reason: Failure) -> None:
+        """twisted.web's, then the stream is told (what a ``notifyFinish`` errback would do,
+        without a Deferred per request)."""
+        super().connectionLost(reason)
+        if self.stream is not None:
+            self.stream.client_gone(reason)
+
     def write(self, data: bytes) -> None:
         if not self.startedWriting and getattr(self.channel, "draining", False):
             # The forwarder is draining: this is the connection's last response (EdgeChannel.drain).
@@ -213,6 +241,16 @@ class BridgeSite(Site):
         self.edge = Edge(EdgeLimits(), bridge.clock, self._head_refused)
         self.apply(bridge.settings)
         bridge.sites.append(self)
+
+    _date_second = -1
+    _date = b""
+
+    def date(self) -> bytes:
+        """The Date header's value for now: twisted.web's, formatted once per second."""
+        second = int(time.time())
+        if second != self._date_second:
+            self._date_second, self._date = second, datetimeToString(second)
+        return self._date
 
     def apply(self, settings: ForwarderSettings) -> None:
         """Take the access-log switches and head limits of ``settings`` (the limits apply to

@@ -13,9 +13,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.logger import Logger
+from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.server import Request
 
 from ppbridge.errors import BadRequest, RequestError
+from ppbridge.httpheaders import hop_names
 from ppbridge.routing import request_target
 from ppbridge.wire import HeaderList, is_origin_form
 
@@ -48,6 +50,28 @@ def error_response(err: RequestError) -> tuple[int, HeaderList, bytes]:
         headers.append((b"Content-Type", b"text/plain; charset=utf-8"))
     headers += [(b"Content-Length", str(len(body)).encode("ascii")), *err.headers]
     return err.status, headers, body
+
+
+def response_headers(headers: HeaderList) -> Headers:
+    """The end-to-end ``headers`` of an upstream response as twisted.web's Headers, filed as
+    ``addRawHeader`` files them: names canonicalised, values in order. ``addRawHeader`` would
+    also replace CR and LF in values, which :mod:`ppbridge.wire` refused already. Fills the
+    private ``_rawHeaders`` with the private ``_nameEncoder`` (checked against Twisted 26.10.0;
+    tests/test_httpheaders.py compares the result with addRawHeader's)."""
+    out = Headers()
+    raw = out._rawHeaders
+    canonical = _nameEncoder.encode
+    drop = hop_names(headers)
+    for name, value in headers:
+        if name.lower() in drop:
+            continue
+        key = canonical(name)
+        values = raw.get(key)
+        if values is None:
+            raw[key] = [value]
+        else:
+            values.append(value)
+    return out
 
 
 def render_error(request: Request, err: RequestError) -> None:

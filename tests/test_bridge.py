@@ -18,14 +18,18 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import FileBodyProducer
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import version as twisted_web_version
 
+from ppbridge import clientstream
 from ppbridge.clientstream import ClientStream
 from ppbridge.negotiation import proxy_peer
 from ppbridge.upstream import UpstreamCall
 from ppbridge.pattern import pattern_sha256
 from ppbridge.sampleapp import GZIP_BODY, make_site
+from ppbridge.webface import BridgeRequest
 from tests.support import Client, Stack, error_of, listen
 from tests.test_streaming import raw_exchange, split_response
 
@@ -87,6 +91,38 @@ class Freeing(TestCase):
         yield deferLater(reactor, 0.05, lambda: None)  # the last PUBLISH replies
         self.assertEqual(len(made), 8)
         self.assertEqual([ref() for ref in made], [None] * 8)
+
+
+class WholeAnswers(TestCase):
+    @defer.inlineCallbacks
+    def test_a_response_whole_in_its_head_skips_flow_control(self):
+        """A small response (its body inside its head, END set) reaches the client byte-exact
+        without an Inbound or a producer registered on the client's request; a response of
+        several frames still gets both."""
+        stack = yield Stack(self).start()
+        client = Client(self)
+        yield client.fetch(b"GET", stack.url + "/echo/warm")
+        inbounds: list[object] = []
+        producers: list[object] = []
+        original_inbound = clientstream.Inbound
+        original_register = BridgeRequest.registerProducer
+
+        def inbound(*args: Any) -> Any:
+            inbounds.append(args)
+            return original_inbound(*args)
+
+        def register(request: Any, producer: Any, streaming: bool) -> None:
+            producers.append(producer)
+            original_register(request, producer, streaming)
+
+        self.patch(clientstream, "Inbound", inbound)
+        self.patch(BridgeRequest, "registerProducer", register)
+        response, digest, n = yield client.digest(f"{stack.url}/bytes?n=1000&seed=5")
+        self.assertEqual((response.code, n, digest), (200, 1000, pattern_sha256(5, 1000)))
+        self.assertEqual((inbounds, producers), ([], []))
+        response, digest, n = yield client.digest(f"{stack.url}/bytes?n=300000&seed=6")
+        self.assertEqual((response.code, n, digest), (200, 300000, pattern_sha256(6, 300000)))
+        self.assertEqual((len(inbounds), len(producers)), (1, 1))
 
 
 class Concurrency(TestCase):
@@ -399,6 +435,18 @@ class Errors(TestCase):
         response, data = yield Client(self).fetch(b"GET", stack.url + "/elsewhere")
         self.assertEqual((response.code, error_of(response)), (404, b"no-route"))
         self.assertIn(b"no proxy", data)
+
+    @defer.inlineCallbacks
+    def test_an_error_answered_before_any_stream_keeps_server_and_date(self):
+        """An error answered before a stream opens (404 no-route) carries twisted.web's Server
+        header and a Date within a second of now, in HTTP's format, as twisted.web sets them."""
+        stack = yield Stack(self).start(routes={"alpha": {"path_prefix": "/a"}})
+        before = int(time.time())
+        response, _ = yield Client(self).fetch(b"GET", stack.url + "/elsewhere")
+        after = int(time.time())
+        self.assertEqual(response.headers.getRawHeaders(b"server"), [twisted_web_version])
+        self.assertIn(response.headers.getRawHeaders(b"date"), [[datetimeToString(before)], [datetimeToString(after)]])
+        self.assertEqual(error_of(response), b"no-route")
 
     @defer.inlineCallbacks
     def test_proxy_not_running_is_503_at_once(self):

@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 from twisted.web import http
+from twisted.web.http_headers import Headers
 
 from ppbridge import edge
 from ppbridge.edge import EdgeChannel, EdgeLimits, error_bytes
@@ -321,6 +322,81 @@ class EdgeChannelTests(TestCase):
         self.assertTrue(transport.disconnecting)
         channel.connectionLost(None)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def timed_channel(self, idle: float, **limits: Any) -> tuple[EdgeChannel, StringTransport, Clock, list[Any]]:
+        """A channel whose head timer and twisted.web idle timeout (``idle`` s) both run on a Clock."""
+        clock, refused = Clock(), []
+        channel = EdgeChannel(edge.Edge(EdgeLimits(**limits), clock, lambda ch, err, s: refused.append(err.cause)))
+        channel.callLater = clock.callLater  # type: ignore[method-assign]
+        channel.timeOut = idle  # type: ignore[assignment]
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, None)
+        return channel, transport, clock, refused
+
+    def test_timers_are_pushed_back_not_remade_per_request(self):
+        """Two requests one after the other on a kept-alive connection: the head timer and the
+        idle timeout are the same two DelayedCalls throughout (pushed back, never cancelled
+        and made anew), and neither answers or closes anything meanwhile."""
+        channel, transport, clock, refused = self.timed_channel(idle=60.0, header_timeout=3.0)
+        calls = set(clock.getDelayedCalls())
+        self.assertEqual(len(calls), 2)
+        for _ in range(2):
+            channel.dataReceived(b"GET / HTTP/1.1\r\nHost: bridge.test\r\n\r\n")
+            channel.requests[0].finish()
+            self.assertEqual(set(clock.getDelayedCalls()), calls)
+        self.assertEqual((refused, transport.disconnecting), ([], False))
+
+    def test_head_timer_counts_each_head_from_its_first_byte(self):
+        """A request handled for longer than header_timeout is not refused, nor is the
+        connection kept alive idle after it; the next head, unfinished, is answered 408
+        header_timeout after its first byte, not after the earlier head."""
+        channel, transport, clock, refused = self.timed_channel(idle=60.0, header_timeout=3.0)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: bridge.test\r\n\r\n")
+        clock.advance(5.0)
+        channel.requests[0].finish()
+        clock.advance(10.0)
+        self.assertEqual(refused, [])
+        channel.dataReceived(b"GET / HTTP/1.1\r\n")
+        clock.advance(2.9)
+        self.assertEqual(refused, [])
+        clock.advance(0.2)
+        self.assertEqual(refused, ["header-timeout"])
+
+    def test_idle_timeout_suspended_while_a_request_is_handled(self):
+        """twisted.web's idle timeout does not close a connection whose request is handled for
+        longer than it; once the answer is done it counts again, and an idle connection is
+        closed after it."""
+        channel, transport, clock, refused = self.timed_channel(idle=5.0, header_timeout=3.0)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: bridge.test\r\n\r\n")
+        clock.advance(12.0)
+        self.assertFalse(transport.disconnecting)
+        channel.requests[0].finish()
+        clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(refused, [])
+
+    def test_headers_written_as_twisted_web_writes_them_in_one_write(self):
+        """writeHeaders gives the transport exactly the bytes twisted.web's HTTPChannel gives
+        (status line, repeated and empty header values in order, blank line), in one write."""
+        headers = Headers()
+        for name, value in ((b"Content-Type", b"text/plain"), (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"),
+                            (b"X-Empty", b""), (b"Content-Length", b"0")):
+            headers.addRawHeader(name, value)
+        theirs, plain = StringTransport(), http.HTTPChannel()
+        plain.makeConnection(theirs)
+        plain.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+        channel, ours, _, _ = self.channel()
+        writes: list[bytes] = []
+        self.patch(ours, "write", writes.append)
+        channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+        self.assertEqual(writes, [theirs.value()])
+        self.assertTrue(theirs.value().endswith(b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nX-Empty: \r\n"
+                                                b"Content-Length: 0\r\n\r\n"))
+        plain.connectionLost(None)
+        channel.connectionLost(None)
 
     def test_line_over_limit_answers_431_once(self):
         """A line past max_header_line is refused once, even if more data follows."""

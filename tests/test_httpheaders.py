@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from twisted.trial.unittest import TestCase
+from twisted.web.http_headers import Headers
 
 import ipaddress
 
 from ppbridge.httpheaders import (end_to_end, end_to_end_of, forwarded_request_headers, trusted_peer, upgrade_headers,
                                   upgrade_token, upstream_request_headers)
 from ppbridge.upgradecall import is_upgrade
+from ppbridge.webrequest import response_headers
 from ppbridge.wire import RequestHead
 
 FRONT = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))  # a trusted load balancer
@@ -213,3 +215,24 @@ class UpgradeTokenTests(TestCase):
     def test_upgrade_headers_are_the_hop_pair(self) -> None:
         """What each hop of an upgrade carries: ``Connection: Upgrade`` and the token."""
         self.assertEqual(upgrade_headers(b"websocket"), [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")])
+
+
+class ResponseHeadersTests(TestCase):
+    """The forwarder's client response headers, filed without addRawHeader (ppbridge.webrequest)."""
+
+    def test_same_as_end_to_end_through_add_raw_header(self) -> None:
+        """response_headers() gives exactly the Headers that end_to_end() plus addRawHeader per
+        pair give: canonical names (lower, odd and special-cased ones), repeated names in order,
+        empty values, hop-by-hop headers and those named in Connection dropped."""
+        headers = [
+            (b"content-type", b"text/html"), (b"Set-Cookie", b"a=1"), (b"x-MiXeD-case", b"v"),
+            (b"set-cookie", b"b=2"), (b"etag", b'"x"'), (b"WWW-Authenticate", b"Basic"), (b"X-Empty", b""),
+            (b"Connection", b"close, X-Drop"), (b"x-drop", b"gone"), (b"Transfer-Encoding", b"chunked"),
+            (b"Content-MD5", b"abc"), (b"te", b"trailers"), (b"Dnt", b"1"),
+        ]
+        expected = Headers()
+        for name, value in end_to_end(headers):
+            expected.addRawHeader(name, value)
+        got = response_headers(headers)
+        self.assertEqual(list(got.getAllRawHeaders()), list(expected.getAllRawHeaders()))
+        self.assertEqual(response_headers([])._rawHeaders, {})

@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from ppbridge.bus import RedisBus, _PublisherFactory
 from ppbridge.config import RedisSettings
-from ppbridge.errors import BusUnavailable
+from ppbridge.errors import BusUnavailable, RedisPermission
 from tests.support import poll, start_redis
 
 
@@ -82,6 +82,16 @@ class PipelineTests(TestCase):
         pub.proto.dataReceived(b"-ERR something\r\n:1\r\n")
         self.failureResultOf(failed, txredisapi.ResponseError)
         self.assertEqual(ok, [1])
+
+    def test_permission_refusal_fails_as_redis_permission(self) -> None:
+        """A -NOPERM reply to a PUBLISH fails that publish with RedisPermission (the bus's
+        meaning of it), not with txredisapi's ResponseError; a bytearray message is written as
+        the same bytes as a bytes one."""
+        pub = Publisher()
+        refused = pub.bus.publish(b"ns:p:x", bytearray(b"sealed"))
+        self.assertEqual(pub.transport.value(), publish_command(b"ns:p:x", b"sealed"))
+        pub.proto.dataReceived(b"-NOPERM this user has no permissions to access the 'ns:p:x' channel\r\n")
+        self.failureResultOf(refused, RedisPermission)
 
     def test_lost_link_fails_what_is_unanswered(self) -> None:
         """When the link drops, publishes written and not answered fail as a lost link

@@ -1,0 +1,133 @@
+"""One-shot timers for many short-lived owners that reuse their reactor calls.
+
+Each of the forwarder's streams keeps a timer (504 when the proxy does not answer in time, or
+the response stalls) that is nearly always stopped long before it expires. A
+:class:`~ppbridge.timers.Deadline` makes a DelayedCall per stream and cancels it at the
+stream's end, and the reactor later sweeps the cancelled calls out of its heap. A
+:class:`PooledDeadline` hands its call back to its :class:`TimerPool` instead, still
+scheduled and now owned by no one, and the next timer armed pushes that call back
+(``DelayedCall.reset`` to a later time moves nothing in the heap) instead of making one. A
+call that comes due with no owner does nothing and is dropped from the pool.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+KEEP = 1024  # calls kept for reuse at most; beyond that they are cancelled
+
+
+def _nothing() -> None:
+    return None
+
+
+class _Call:
+    """What one reactor call runs: its current owner's expiry, if it has an owner."""
+
+    __slots__ = ("delayed", "owner")
+
+    def __init__(self) -> None:
+        self.delayed: IDelayedCall | None = None  # None once it has run
+        self.owner: Callable[[], None] | None = None
+
+    def fire(self) -> None:
+        owner, self.owner, self.delayed = self.owner, None, None
+        if owner is not None:
+            owner()
+
+
+class TimerPool:
+    """The reactor calls free for reuse, on one clock; :meth:`stop` cancels them."""
+
+    def __init__(self, clock: IReactorTime, keep: int = KEEP) -> None:
+        self.clock = clock
+        self.keep = keep
+        self._free: list[_Call] = []
+
+    def deadline(self, on_expiry: Callable[[], None]) -> PooledDeadline:
+        """A timer calling ``on_expiry`` once, when armed and not pushed back or stopped in time."""
+        return PooledDeadline(self, on_expiry)
+
+    def _take(self, seconds: float) -> _Call:
+        """A call due in ``seconds``: a free one pushed back to then (never brought forward:
+        that would search the reactor's heap), or a new one."""
+        due = self.clock.seconds() + seconds
+        free = self._free
+        while free:
+            call = free.pop()
+            delayed = call.delayed
+            if delayed is None:
+                continue  # it ran meanwhile
+            if delayed.getTime() <= due:
+                delayed.reset(seconds)
+                return call
+            call.delayed = None
+            delayed.cancel()
+        call = _Call()
+        call.delayed = self.clock.callLater(seconds, call.fire)
+        return call
+
+    def _give(self, call: _Call) -> None:
+        """Take back a pending call whose owner is done with it."""
+        call.owner = None
+        if len(self._free) < self.keep:
+            self._free.append(call)
+        elif call.delayed is not None:
+            call.delayed.cancel()
+            call.delayed = None
+
+    def stop(self) -> None:
+        """Cancel every free call (a stopping service leaves nothing scheduled)."""
+        free, self._free = self._free, []
+        for call in free:
+            if call.delayed is not None:
+                call.delayed.cancel()
+                call.delayed = None
+
+    @property
+    def free(self) -> int:
+        """Pending calls waiting for reuse."""
+        return sum(1 for call in self._free if call.delayed is not None)
+
+
+class PooledDeadline:
+    """A one-shot timer that can be pushed back, as :class:`~ppbridge.timers.Deadline`:
+    ``arm(seconds)`` (re)starts it, ``cancel()`` stops it, ``close()`` stops it for good;
+    when it expires it calls ``on_expiry`` once. Its reactor call comes from and goes back to
+    a :class:`TimerPool`."""
+
+    __slots__ = ("_pool", "_on_expiry", "_call")
+
+    def __init__(self, pool: TimerPool, on_expiry: Callable[[], None]) -> None:
+        self._pool = pool
+        self._on_expiry = on_expiry
+        self._call: _Call | None = None
+
+    def arm(self, seconds: float) -> None:
+        call = self._call
+        if call is not None and call.delayed is not None:  # ours, pending
+            call.delayed.reset(seconds)
+            return
+        call = self._call = self._pool._take(seconds)
+        call.owner = self._expired
+
+    def _expired(self) -> None:
+        self._call = None
+        self._on_expiry()
+
+    def cancel(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.delayed is not None:
+            self._pool._give(call)
+
+    def close(self) -> None:
+        """Stop for good: the owner's callback is forgotten (see Deadline.close)."""
+        self.cancel()
+        self._on_expiry = _nothing
+
+    @property
+    def armed(self) -> bool:
+        """Whether it will expire unless pushed back or stopped."""
+        return self._call is not None and self._call.delayed is not None
