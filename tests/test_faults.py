@@ -17,7 +17,7 @@ from __future__ import annotations
 import gc
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from twisted.internet import defer, reactor, task
 from twisted.logger import Logger
@@ -64,9 +64,11 @@ def elapsed_since(start: float) -> float:
 
 
 @defer.inlineCallbacks
-def first_success(client: Client, url: str, give_up: float):  # type: ignore[no-untyped-def]
+def first_success(client: Client, url: str, give_up: float,  # type: ignore[no-untyped-def]
+                  context: Callable[[], str] = lambda: ""):
     """GET ``url`` until it answers 200 (a short reactor delay between tries); the seconds that
-    took and the (status, error) of every failed try. Fails after ``give_up`` seconds."""
+    took and the (status, error) of every failed try. Fails after ``give_up`` seconds, saying
+    ``context()`` too (the child processes' last lines, where there are children)."""
     start = reactor.seconds()
     failed: list[tuple[int, bytes | None]] = []
     while True:
@@ -77,7 +79,7 @@ def first_success(client: Client, url: str, give_up: float):  # type: ignore[no-
             return elapsed_since(start), failed
         failed.append((response.code, error_of(response)))
         if elapsed_since(start) > give_up:
-            raise AssertionError(f"no 200 from {url} in {give_up} s; last answers {failed[-5:]}")
+            raise AssertionError(f"no 200 from {url} in {give_up} s; last answers {failed[-5:]}\n{context()}")
         yield task.deferLater(reactor, 0.05, lambda: None)
 
 
@@ -194,7 +196,7 @@ class RedisRestart(TestCase):
             self.assertLess(took, FAIL_FAST, f"request {i} while Redis is down took {took:.1f} s")
 
         bridge.redis.restart()
-        took, failed = yield first_success(client, bridge.url + "/echo?after", SERVED_AGAIN)
+        took, failed = yield first_success(client, bridge.url + "/echo?after", SERVED_AGAIN, bridge.describe)
         for code, cause in failed:  # the tries before Redis was fully back: still only its causes
             self.assertIn(cause, REDIS_DOWN_CAUSES.get(code, set()), f"a try meanwhile got {code} {cause!r}")
         response, _ = yield client.fetch(b"POST", bridge.url + "/echo?again", body=b"x" * 100_000)
@@ -223,7 +225,7 @@ class ForwarderRestart(TestCase):
         yield bridge.kill(bridge.forwarder)
         new = bridge.forwarder = bridge.spawn_forwarder()
         yield new.wait_for(LISTENING.format(port=bridge.port))
-        yield first_success(Client(self), bridge.url + "/echo?after", SERVED_AGAIN)
+        yield first_success(Client(self), bridge.url + "/echo?after", SERVED_AGAIN, bridge.describe)
         # Served: so these lines are printed already (the waits return what was seen).
         forwarder_id = (yield new.wait_for(FORWARDER_STARTED, timeout=1)).group(1)
         yield bridge.proxy.wait_for(rf"forwarder {forwarder_id} announced itself; negotiating", timeout=1)
