@@ -46,6 +46,10 @@ class Outbound:
     With a ``clock``, small writes are coalesced: a partial frame waits up to ``COALESCE``
     seconds for more data (a socket read gives at most 64 KiB; a frame holds 256 KiB), so a
     fast body costs a quarter of the messages, at the price of at most a millisecond.
+
+    ``on_finished()`` is called once, after the END frame went out, whatever sent it: the
+    owner's ``finish``, new credit, or the coalescing timer (which no caller of ours is on the
+    stack of, so the owner could not otherwise notice that the body is over).
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class Outbound:
         pause: Callable[[], None],
         resume: Callable[[], None],
         clock: Scheduler | None = None,
+        on_finished: Callable[[], None] | None = None,
     ) -> None:
         self.credit = credit
         self.max_chunk = max_chunk
@@ -64,6 +69,7 @@ class Outbound:
         self._pause = pause
         self._resume = resume
         self._clock = clock
+        self._on_finished = on_finished
         self._timer: Any = None
         self._queue: deque[Chunk] = deque()
         self._queued = 0
@@ -115,6 +121,7 @@ class Outbound:
         self._queued = 0
 
     def _flush(self, force: bool) -> None:
+        was_finished = self.finished
         while self._queue and self.credit > 0 and (force or self._queued >= self.max_chunk):
             chunk = self._take(min(self.credit, self.max_chunk))
             self.credit -= len(chunk)
@@ -128,6 +135,8 @@ class Outbound:
         if self.finished or not self._queue:
             self.stop()
         self._apply_backpressure()
+        if self.finished and not was_finished and self._on_finished is not None:
+            self._on_finished()  # last: the owner may end the stream (and stop this) now
 
     def _take(self, n: int) -> Chunk:
         """Up to ``n`` bytes from the front of the queue, across writes. A write of at least

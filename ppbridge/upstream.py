@@ -468,8 +468,11 @@ class UpstreamCall:
         self._send(MsgType.RESP_HEAD, 0, payload, FLAG_END if head_ends else 0)
         if not head_ends:
             credit = self.proxy.peer_window(self.forwarder)
+            # Told when its END went out: the coalescing timer may send it, after the last
+            # WINDOW (or body_end) checked whether the call is complete.
             self._outbound = Outbound(credit, frame - OVERHEAD, self._send_frame, self._pause_upstream,
-                                      self._resume_upstream, self.proxy.clock if self.coalesce else None)
+                                      self._resume_upstream, self.proxy.clock if self.coalesce else None,
+                                      self._maybe_complete)
             self._outbound.write(rest)
             if end:
                 self._outbound.finish()

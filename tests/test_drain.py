@@ -38,6 +38,7 @@ from tests.test_negotiation import CHANNELS, Bridge, forwarder_settings, proxy_s
 DRAIN = 20.0  # drain_timeout in these tests: far more than the requests in flight need
 SLOW = 3.0  # seconds the upstream takes for the request in flight
 EXIT_BOUND = DRAIN + 10.0  # a draining process is gone by then (generous: it needs SLOW)
+NOTHING_TO_DRAIN = 10.0  # a proxy with no call in flight is gone by then (drain_timeout is 30 s)
 # Rekeying while draining (unit tests): keys live 4 s and rotate every 2 s; the call takes 12 s.
 SHORT_KEYS = RekeySettings(period=2.0, max_key_age=4.0)
 LONG_CALL = 12.0
@@ -144,6 +145,30 @@ class ProxyDrain(TestCase):
         self.assertGreater(len(codes), 40)
         self.assertEqual([c for c in codes if c != 200], [], "some requests failed")
         for child in (first, second, bridge.forwarder):
+            assert_clean(self, child)
+
+    @defer.inlineCallbacks
+    def test_sigterm_after_finished_downloads_has_nothing_to_drain(self):
+        """Thirty downloads of 4 MiB + 1000 bytes (several credit windows each, ending in a
+        partial frame) through the twistd children, each read whole (200, that many bytes); then
+        SIGTERM to the proxy: it logs no "draining" line (every call ended with its response:
+        before the fix, a call whose last frame went out on the coalescing timer stayed open
+        until stream_idle_timeout) and exits as twistd does on SIGTERM within NOTHING_TO_DRAIN
+        seconds, no traceback on either side."""
+        bridge = yield ChildBridge(self).start()
+        proxy = bridge.proxy
+        client = Client(self)
+        size = 4 * 1024 * 1024 + 1000
+        for i in range(30):
+            response, _, n = yield client.digest(f"{bridge.url}/bytes?n={size}&seed={i}")
+            self.assertEqual((response.code, n), (200, size), bridge.describe())
+        signalled = reactor.seconds()
+        proxy.signal("TERM")
+        yield proxy.wait_end(NOTHING_TO_DRAIN)
+        self.assertLess(elapsed_since(signalled), NOTHING_TO_DRAIN)
+        self.assertNotIn("draining", proxy.text(), proxy.describe())
+        assert_stopped(self, proxy)
+        for child in (proxy, bridge.forwarder):
             assert_clean(self, child)
 
 
