@@ -35,7 +35,7 @@ from ppbridge.errors import (
 from ppbridge.edge import request_line
 from ppbridge.httpheaders import forwarded_request_headers
 from ppbridge.keyring import KeyEntry
-from ppbridge.logs import NO_CAUSE, AccessLog, client_address, status_of
+from ppbridge.logs import NO_CAUSE, AccessLog, client_address, instance_of, status_of
 from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
 from ppbridge.webrequest import connection, refuse_early, render_error, response_headers, routed
@@ -430,7 +430,7 @@ class ClientStream:
             code = status_of(cause)  # refuse_early writes its answer itself; or the client left (499)
         duration = self.bridge.clock.seconds() - self.started
         self.bridge.metrics.request_done(self.proxy, str(code), cause, duration)
-        instance = self.peer.rsplit(b":", 1)[-1].decode("ascii", "replace") if self.peer else "-"
+        instance = instance_of(self.peer)
         self.access.emit(client=self.client, method=self.method, uri=self.uri, code=code, cause=cause,
                          bytes_in=self.uploaded, bytes_out=request.sentLength, duration=duration,
                          proxy=self.proxy, instance=instance)

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, cast
 
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IProtocol, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IProtocol, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol
@@ -125,6 +125,7 @@ class EdgeChannel(HTTPChannel):
     tunnel: IProtocol | None = None  # who has the connection after take_over
     _read_size: int | None = None  # the transport's own bufferSize while a body reads bigger
     _secure: bool | None = None  # isSecure(), once asked
+    _host: IAddress | None = None  # getHost(), once asked
     _suspending = False  # in allContentReceived: twisted.web turning the idle timeout off
 
     def __init__(self, edge: Edge) -> None:
@@ -166,6 +167,14 @@ class EdgeChannel(HTTPChannel):
         if secure is None:
             secure = self._secure = bool(super().isSecure())
         return secure
+
+    def getHost(self) -> IAddress:
+        """The transport's local address, asked once per connection: twisted.web's Request
+        asks for it on each request (a ``getsockname`` call and an address object each time)."""
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         """twisted.web's status line and headers, the same bytes in one write: not about four

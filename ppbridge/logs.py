@@ -14,6 +14,7 @@ line to standard output (``twist --log-format=json`` does the same for ``twist``
 from __future__ import annotations
 
 import sys
+from functools import lru_cache
 from time import time
 from typing import Any
 
@@ -30,6 +31,9 @@ PATH_SHOWN = 1024  # bytes of the path (or path and query) shown before "..."
 LINE = "%s %s %s %d %s in=%d out=%d %.3fs proxy=%s instance=%s"
 # The access event's log_format: its line, built once (ppbridge.textlog writes it as is).
 ACCESS_FORMAT = "{access_line}"
+# escape() of the fields with few distinct values (method, cause, proxy, instance, client
+# address), remembered: the same few strings on every line. Bounded, as a client picks some.
+shown = lru_cache(maxsize=1024)(escape)
 
 
 def json_logger() -> ILogObserver:
@@ -57,7 +61,14 @@ def status_of(cause: str) -> int:
 
 def client_address(request: Any) -> str:
     """The client's address as the access log shows it."""
-    return escape(str(getattr(request.getClientAddress(), "host", "-")))
+    return shown(str(getattr(request.getClientAddress(), "host", "-")))
+
+
+@lru_cache(maxsize=1024)
+def instance_of(peer: bytes | None) -> str:
+    """The instance part of a proxy process's name (``name:instance``) as the access log
+    shows it; ``-`` for none (remembered: a few processes serve every request)."""
+    return peer.rsplit(b":", 1)[-1].decode("ascii", "replace") if peer else "-"
 
 
 class AccessLog:
@@ -77,10 +88,10 @@ class AccessLog:
         if not self.enabled:
             return
         log = self.log
-        shown_method, path, status = escape(method, 32), self.path(uri), int(code)
-        shown_cause = escape(cause or NO_CAUSE)
+        shown_method, path, status = shown(method, 32), self.path(uri), int(code)
+        shown_cause = shown(cause or NO_CAUSE)
         size_in, size_out, seconds = int(bytes_in), int(bytes_out), round(max(0.0, duration), 6)
-        shown_proxy, shown_instance = escape(proxy), escape(instance)
+        shown_proxy, shown_instance = shown(proxy), shown(instance)
         # The line is formatted here, once, by %-formatting (half the cost of str.format with ten
         # keywords); the event still carries every field. (Twisted's formatter, run by each text
         # observer, would walk a ten-field format in Python.) The event Logger.info would build

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site, version
 
@@ -58,16 +59,18 @@ class BridgeRequest(Request):
     _paused = False
     _began = 0.0
     _site: Any = None
+    _bare: Headers | None = None  # the response headers process() left undressed (see _dress)
+    _set_before: list[bytes] = []  # the names of those set before process() ran
 
     def process(self) -> None:
         """twisted.web's ``Request.process`` (checked against Twisted 26.10.0) for a site whose
         one resource is a leaf that takes every path: the same default headers (the Date
-        formatted once a second), no path segments unquoted into ``postpath`` and no resource
+        formatted once a second; set by the first write, see :meth:`_dress`), no path segments unquoted into ``postpath`` and no resource
         tree walked, since none is used."""
         site: BridgeSite = cast(Any, self.channel).site
         self.site = site
-        self.setHeader(b"Server", version)
-        self.setHeader(b"Date", site.date())
+        self._bare = headers = self.responseHeaders  # Server and Date go on at its first write (_dress)
+        self._set_before = [name for name, _ in headers.getAllRawHeaders()]  # Connection: close, if asked
         self.prepath, self.postpath = [], []
         self.sitepath: list[bytes] = []
         if self.path == b"*":
@@ -199,10 +202,26 @@ class BridgeRequest(Request):
             self.stream.client_gone(reason)
 
     def write(self, data: bytes) -> None:
-        if not self.startedWriting and getattr(self.channel, "draining", False):
-            # The forwarder is draining: this is the connection's last response (EdgeChannel.drain).
-            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        if not self.startedWriting:
+            if self._bare is not None and self._bare is self.responseHeaders:
+                self._dress()
+            if getattr(self.channel, "draining", False):
+                # The forwarder is draining: this is the connection's last response (EdgeChannel.drain).
+                self.responseHeaders.setRawHeaders(b"connection", [b"close"])
         super().write(data)
+
+    def _dress(self) -> None:
+        """The Server and Date headers twisted.web's ``process`` sets, where it sets them (after
+        those set before it, such as Connection), on an answer of ppbridge's own. ``process``
+        leaves them to this first write: a proxied answer replaces the response headers whole
+        (the upstream's own are passed on), so setting them at once was lost work."""
+        bare, self._bare = cast(Headers, self._bare), None
+        pairs = [(n, v) for n, values in bare.getAllRawHeaders() for v in values]
+        defaults = [(b"Server", version), (b"Date", cast(Any, self.site).date())]
+        before = [p for p in pairs if p[0] in self._set_before]
+        self.responseHeaders = dressed = Headers()
+        for name, value in before + defaults + [p for p in pairs if p[0] not in self._set_before]:
+            dressed.addRawHeader(name, value)
 
 
 class BridgeResource(Resource):

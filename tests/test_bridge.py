@@ -449,6 +449,26 @@ class Errors(TestCase):
         self.assertEqual(error_of(response), b"no-route")
 
     @defer.inlineCallbacks
+    def test_server_and_date_lead_an_error_answer_and_stay_off_a_proxied_one(self):
+        """On the wire, an error answer of ppbridge's own (404 no-route) asked with Connection:
+        close has Connection, Server, Date, X-PPBridge-Error, Content-Type, Content-Length in
+        this order, as twisted.web sets them (Connection before it processes the request); a
+        proxied answer carries the upstream's headers, not a second Server or Date of the
+        forwarder's."""
+        stack = yield Stack(self).start(routes={"alpha": {"path_prefix": "/a"}})
+        port = stack.url.rsplit(":", 1)[1]
+        names = []
+        for path in (b"/elsewhere", b"/a/echo"):
+            proto = yield raw_exchange(self, stack.url, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:%s\r\n"
+                                       b"Connection: close\r\n\r\n" % (path, port.encode()))
+            raw = yield proto.closed.addTimeout(10, reactor)
+            head = raw.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]
+            names.append([line.partition(b":")[0].lower() for line in head])
+        self.assertEqual(names[0], [b"connection", b"server", b"date", b"x-ppbridge-error", b"content-type",
+                                    b"content-length"])
+        self.assertEqual((names[1].count(b"server"), names[1].count(b"date")), (1, 1))
+
+    @defer.inlineCallbacks
     def test_proxy_not_running_is_503_at_once(self):
         """A configured proxy that never connected gets 503 proxy-unavailable without waiting
         for any timeout."""

@@ -347,6 +347,20 @@ class EdgeChannelTests(TestCase):
             self.assertEqual(set(clock.getDelayedCalls()), calls)
         self.assertEqual((refused, transport.disconnecting), ([], False))
 
+    def test_local_address_asked_of_the_transport_once_per_connection(self):
+        """Two requests on a kept-alive connection: each request's ``getHost()`` is the
+        transport's local address, and the transport was asked for it once, not per request."""
+        channel, transport, _, _ = self.timed_channel(idle=60.0, header_timeout=3.0)
+        asked: list[object] = []
+        local = transport.getHost()
+        self.patch(transport, "getHost", lambda: asked.append(local) or local)
+        hosts = []
+        for _ in range(2):
+            channel.dataReceived(b"GET / HTTP/1.1\r\nHost: bridge.test\r\n\r\n")
+            hosts.append(channel.requests[0].getHost())
+            channel.requests[0].finish()
+        self.assertEqual((hosts, asked), ([local, local], [local]))
+
     def test_head_timer_counts_each_head_from_its_first_byte(self):
         """A request handled for longer than header_timeout is not refused, nor is the
         connection kept alive idle after it; the next head, unfinished, is answered 408

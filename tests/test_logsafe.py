@@ -8,6 +8,7 @@ from twisted.internet import defer
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from ppbridge.logs import instance_of, shown
 from ppbridge.logsafe import MAX_SHOWN, escape
 from tests.redisclient import RawRedisClient
 from tests.support import Stack
@@ -64,6 +65,25 @@ class EscapeTests(TestCase):
         self.assertEqual(escape(b"\r" * 10, limit=3), "\\x0d" * 3 + "...")
         self.assertEqual(len(escape(b"\x00" * 1_000_000)), 4 * MAX_SHOWN + 3)
         self.assertEqual(escape(b""), "")
+
+
+class AccessShownTests(TestCase):
+    """The access log's remembered escapes (``ppbridge.logs.shown``, ``instance_of``)."""
+
+    def test_remembered_escape_is_escape_and_bounded(self) -> None:
+        """``shown`` answers as ``escape`` does for hostile and plain values, asked again too,
+        and keeps at most 1024 of them however many distinct values a client sends."""
+        for value, limit in ((b"GET", 32), (b"G\r\nET", 32), ("alpha", 96), ("\x1b[2J", 96), (b"x" * 40, 32)):
+            self.assertEqual((shown(value, limit), shown(value, limit)), (escape(value, limit),) * 2)
+        for n in range(3000):
+            shown(b"M%d" % n, 32)
+        self.assertEqual(shown.cache_info().maxsize, 1024)
+        self.assertLessEqual(shown.cache_info().currsize, 1024)
+
+    def test_instance_of_a_peer(self) -> None:
+        """``instance_of`` is the part of ``name:instance`` after the last colon, ``-`` for none."""
+        self.assertEqual([instance_of(b"alpha:2ae0d9ae"), instance_of(b"a:b:c"), instance_of(None)],
+                         ["2ae0d9ae", "c", "-"])
 
 
 class DropLogLineTests(TestCase):
