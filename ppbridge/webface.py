@@ -65,8 +65,8 @@ class BridgeRequest(Request):
     def process(self) -> None:
         """twisted.web's ``Request.process`` (checked against Twisted 26.10.0) for a site whose
         one resource is a leaf that takes every path: the same default headers (the Date
-        formatted once a second; set by the first write, see :meth:`_dress`), no path segments unquoted into ``postpath`` and no resource
-        tree walked, since none is used."""
+        formatted once a second; set by the first write, see :meth:`_dress`), no path segments
+        unquoted into ``postpath`` and no resource tree walked, since none is used."""
         site: BridgeSite = cast(Any, self.channel).site
         self.site = site
         self._bare = headers = self.responseHeaders  # Server and Date go on at its first write (_dress)
