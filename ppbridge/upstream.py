@@ -49,7 +49,7 @@ from ppbridge.errors import (
     UpstreamUnreachable,
     reset_code,
 )
-from ppbridge.httpheaders import end_to_end_of, upstream_request_headers
+from ppbridge.httpheaders import end_to_end_of_raw, upstream_request_headers
 from ppbridge.logs import CAUSES, NO_CAUSE, status_of
 from ppbridge.logsafe import Throttle, escape
 from ppbridge.oneorigin import OneOriginAgent
@@ -345,7 +345,7 @@ class UpstreamCall:
         if self.done:
             response.deliverBody(_Discard())
             return
-        headers = end_to_end_of(response.headers.getAllRawHeaders())
+        headers = end_to_end_of_raw(dict(response.headers.getAllRawHeaders()))
         length = None if response.length is UNKNOWN_LENGTH else response.length
         if length is not None and self.head.method != b"HEAD" and response.code not in (204, 304):
             # The Agent moves Content-Length out of response.headers into response.length
