@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
+
+from twisted.web.http_headers import Headers
 
 from ppbridge.wire import HeaderList
 
@@ -20,10 +22,33 @@ HOP_BY_HOP = frozenset(
 )
 
 
+# HOP_BY_HOP as twisted.web's Headers spells names (``Te`` -> ``TE``): what getAllRawHeaders gives.
+HOP_BY_HOP_CANONICAL = frozenset(name for name, _ in Headers({name: [b""] for name in HOP_BY_HOP}).getAllRawHeaders())
 _HOST = frozenset((b"host",))
 
 # What a client says about the hops before us: believed only from a trusted proxy.
 FORWARDING = frozenset((b"x-forwarded-for", b"forwarded", b"x-forwarded-host", b"x-forwarded-proto"))
+
+
+# Drop sets made per request from the same few inputs, remembered (bounded: see _with_connection).
+_CONNECTION_DROPS: dict[tuple[frozenset[bytes], bytes], frozenset[bytes]] = {}
+_UPSTREAM_DROPS: dict[frozenset[bytes], frozenset[bytes]] = {}
+_REMEMBER = 64  # drop sets remembered at most, each for a Connection value of at most this many bytes
+
+
+def _with_connection(drop: frozenset[bytes], values: Sequence[bytes]) -> frozenset[bytes]:
+    """``drop`` and the names a Connection header's ``values`` list (lower-case); the few
+    values upstreams send (``keep-alive``, ``close``) are answered from memory."""
+    key = (drop, values[0]) if len(values) == 1 and len(values[0]) <= _REMEMBER else None
+    known = None if key is None else _CONNECTION_DROPS.get(key)
+    if known is not None:
+        return known
+    made = drop | {token.strip().lower() for value in values for token in value.split(b",")}
+    if made == drop:
+        made = drop  # nothing new (``keep-alive``): the same set, so callers can tell by identity
+    if key is not None and len(_CONNECTION_DROPS) < _REMEMBER:
+        _CONNECTION_DROPS[key] = made
+    return made
 
 
 def hop_names(headers: HeaderList) -> frozenset[bytes]:
@@ -48,8 +73,18 @@ def end_to_end_of(grouped: Iterable[tuple[bytes, Sequence[bytes]]]) -> HeaderLis
     drop = HOP_BY_HOP
     for name, values in groups:
         if len(name) == 10 and name.lower() == b"connection":
-            drop = drop | {token.strip().lower() for value in values for token in value.split(b",")}
+            drop = _with_connection(drop, values)
     return [(name, value) for name, values in groups if name.lower() not in drop for value in values]
+
+
+def end_to_end_of_raw(raw: Mapping[bytes, Sequence[bytes]]) -> HeaderList:
+    """:func:`end_to_end_of` of a twisted.web ``Headers`` as ``dict(headers.getAllRawHeaders())``,
+    whose names are in Twisted's canonical capitalization: the hop-by-hop names are looked up as
+    Twisted spells them, no name lowered, unless a Connection header names one more."""
+    connection = raw.get(b"Connection")
+    if connection is None or _with_connection(HOP_BY_HOP, connection) is HOP_BY_HOP:
+        return [(name, value) for name, values in raw.items() if name not in HOP_BY_HOP_CANONICAL for value in values]
+    return end_to_end_of(raw.items())
 
 
 def trusted_peer(client_ip: bytes, networks: Sequence[Network]) -> bool:
@@ -134,7 +169,12 @@ def upstream_request_headers(headers: HeaderList, upstream_host: bytes,
                              also_drop: frozenset[bytes] = frozenset()) -> HeaderList:
     """What the proxy sends upstream: end-to-end headers with Host set to the upstream's
     (and without those named in ``also_drop``, lower-case)."""
-    drop = hop_names(headers) | _HOST | also_drop
+    drop = _UPSTREAM_DROPS.get(also_drop)
+    if drop is None:  # one set per also_drop (a constant of the caller's)
+        drop = _UPSTREAM_DROPS[also_drop] = HOP_BY_HOP | _HOST | also_drop
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == b"connection":
+            drop = _with_connection(drop, (value,))
     out = [pair for pair in headers if pair[0].lower() not in drop]
     out.append((b"Host", upstream_host))
     return out

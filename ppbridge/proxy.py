@@ -8,7 +8,7 @@ schedule, are its :class:`~ppbridge.keyrequests.KeyRequests`.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
@@ -30,6 +30,7 @@ from ppbridge.ratelimit import ANNOUNCE_BURST, ANNOUNCE_RATE, TokenBucket
 from ppbridge.rekey import RekeySchedule
 from ppbridge.reload import split_settings, warn_held
 from ppbridge.streams import Chunk, RecentlyClosed
+from ppbridge.timerpool import PooledClock, TimerPool
 from ppbridge.timers import Periodic, log_failure, wait_until
 from ppbridge.upgradecall import UpgradeCall, is_upgrade
 from ppbridge.upstream import Upstream, UpstreamCall
@@ -74,6 +75,9 @@ class ProxyService(MultiService):
         self.upstream = Upstream(settings.upstream, self._reactor, settings.upstream_connect_timeout, agent)
         self.data_channel = self.channels.proxy_data(settings.name, self.instance)
         self.calls: dict[tuple[bytes, bytes], UpstreamCall] = {}
+        # The calls' timers: a call's reactor call serves the next call (ppbridge.timerpool).
+        self._call_timers = TimerPool(clock)
+        self.call_clock = cast(IReactorTime, PooledClock(self._call_timers))
         self.draining = False  # stopping: forwarders told we are leaving, no heartbeats, keys only for calls
         self.closed = RecentlyClosed()
         self.heard: dict[bytes, float] = {}  # forwarder -> last valid message from it
@@ -134,6 +138,7 @@ class ProxyService(MultiService):
         self._tick.stop()
         for call in list(self.calls.values()):
             call.cancel("proxy stopping")
+        self._call_timers.stop()
         d = defer.maybeDeferred(super().stopService)
         d.addBoth(lambda _: self.upstream.close())
         return d.addBoth(lambda _: self.bus.stop())

@@ -8,6 +8,9 @@ stream's end, and the reactor later sweeps the cancelled calls out of its heap. 
 scheduled and now owned by no one, and the next timer armed pushes that call back
 (``DelayedCall.reset`` to a later time moves nothing in the heap) instead of making one. A
 call that comes due with no owner does nothing and is dropped from the pool.
+
+The proxy's upstream calls keep their timers in :class:`~ppbridge.timers.CallTimers`, given a
+:class:`PooledClock`: its ``callLater`` takes a pool's call, and cancelling gives it back.
 """
 
 from __future__ import annotations
@@ -131,3 +134,56 @@ class PooledDeadline:
     def armed(self) -> bool:
         """Whether it will expire unless pushed back or stopped."""
         return self._call is not None and self._call.delayed is not None
+
+
+class PooledClock:
+    """A clock whose ``callLater`` hands out a pool's reactor calls: for an owner that makes
+    one call per short life and cancels it at the end (:class:`~ppbridge.timers.CallTimers`
+    of each upstream call), the cancelled call goes back to the pool for the next owner.
+    Its calls give what that owner uses: ``active``, ``getTime``, ``reset``, ``cancel``."""
+
+    def __init__(self, pool: TimerPool) -> None:
+        self.pool = pool
+        self.seconds = pool.clock.seconds
+
+    def callLater(self, delay: float, f: Callable[[], None]) -> _Handle:
+        call = self.pool._take(delay)
+        handle = _Handle(self.pool, call, f)
+        call.owner = handle.fire
+        return handle
+
+
+class _Handle:
+    """One owner's use of a pooled call, until it fires or is cancelled (then it is inactive
+    for good, whoever uses the call next)."""
+
+    __slots__ = ("_pool", "_call", "_f")
+
+    def __init__(self, pool: TimerPool, call: _Call, f: Callable[[], None]) -> None:
+        self._pool = pool
+        self._call: _Call | None = call
+        self._f = f
+
+    def fire(self) -> None:
+        f, self._f, self._call = self._f, _nothing, None
+        f()
+
+    def active(self) -> bool:
+        return self._call is not None
+
+    def getTime(self) -> float:
+        if self._call is None or self._call.delayed is None:
+            raise RuntimeError("not active")
+        return self._call.delayed.getTime()
+
+    def reset(self, seconds: float) -> None:
+        if self._call is None or self._call.delayed is None:
+            raise RuntimeError("not active")
+        self._call.delayed.reset(seconds)
+
+    def cancel(self) -> None:
+        call, self._call, self._f = self._call, None, _nothing
+        if call is None:
+            raise RuntimeError("not active")
+        if call.delayed is not None:
+            self._pool._give(call)

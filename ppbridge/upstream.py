@@ -49,7 +49,7 @@ from ppbridge.errors import (
     UpstreamUnreachable,
     reset_code,
 )
-from ppbridge.httpheaders import end_to_end_of, upstream_request_headers
+from ppbridge.httpheaders import end_to_end_of_raw, upstream_request_headers
 from ppbridge.logs import CAUSES, NO_CAUSE, status_of
 from ppbridge.logsafe import Throttle, escape
 from ppbridge.oneorigin import OneOriginAgent
@@ -58,20 +58,8 @@ from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
 from ppbridge.timers import CallTimers
 from ppbridge.upstreampool import UpstreamPool
-from ppbridge.wire import (
-    FLAG_END,
-    FRAME_PAYLOAD,
-    OVERHEAD,
-    Header,
-    MsgType,
-    RequestHead,
-    ResponseHead,
-    clean_reason,
-    decode_reset,
-    decode_window,
-    encode_reset,
-    encode_window,
-)
+from ppbridge.wire import (FLAG_END, FRAME_PAYLOAD, OVERHEAD, Header, MsgType, RequestHead, ResponseHead, clean_reason,
+                           decode_reset, decode_window, encode_reset, encode_window)
 
 if TYPE_CHECKING:
     from ppbridge.proxy import ProxyService
@@ -238,17 +226,26 @@ class UpstreamCall:
         self.head = head
         self.seq = 0
         self.done = False
-        self.inbound = Inbound(proxy.settings.window, _window_sender(self))
+        self._inbound: Inbound | None = None  # made when needed: see inbound
+        self._whole = False  # the request came whole with its head (END, no body)
         self._request: Deferred[IResponse] | None = None
         self._transport: IPushProducer | None = None
         self._outbound: Outbound | None = None
         self._buffer: list[bytes] | None = None
         self._response: ResponseHead | None = None
         self._responded = False  # the upstream's response is complete
-        self._timers = CallTimers(proxy.clock, self._idle, self._too_slow)  # idle, and the wait for the head
+        self._timers = CallTimers(proxy.call_clock, self._idle, self._too_slow)  # idle, and the wait for the head
         self.timed_out = False
         self._at_deadline = False  # the headers wait ends at the request's deadline (504 gateway-timeout)
         self.started = proxy.clock.seconds()  # for the metrics: upstream latency, request duration
+
+    @property
+    def inbound(self) -> Inbound:
+        """The request body's flow control, made when needed: not for a request that came whole."""
+        if self._inbound is None:
+            self._inbound = Inbound(self.proxy.settings.window, _window_sender(self))
+            self._inbound.ended = self._whole  # the head said END: a DATA frame now breaks the rules
+        return self._inbound
 
     def start(self, body: bytes, end: bool, left: float | None = None) -> None:
         """Call the upstream; ``body``/``end`` are what came inline with the head, ``left``
@@ -269,7 +266,9 @@ class UpstreamCall:
         producer = None
         if head.content_length is not None or not end or body:
             producer = StreamBody(self.inbound, head.content_length)
-        self.inbound.data(body, end)
+            self.inbound.data(body, end)
+        else:
+            self._whole = True
         # Not addTimeout: the Agent turns the cancellation into ResponseNeverReceived, which
         # addTimeout does not recognise; the flag says it was our timeout.
         limit = self.proxy.settings.upstream_timeout
@@ -345,7 +344,7 @@ class UpstreamCall:
         if self.done:
             response.deliverBody(_Discard())
             return
-        headers = end_to_end_of(response.headers.getAllRawHeaders())
+        headers = end_to_end_of_raw(dict(response.headers.getAllRawHeaders()))
         length = None if response.length is UNKNOWN_LENGTH else response.length
         if length is not None and self.head.method != b"HEAD" and response.code not in (204, 304):
             # The Agent moves Content-Length out of response.headers into response.length
@@ -427,7 +426,7 @@ class UpstreamCall:
         upload still lets the client finish sending (the rest is dropped here, and credited),
         so the forwarder can deliver the answer."""
         sent = self._outbound is None or self._outbound.finished
-        if self._responded and sent and self.inbound.ended:
+        if self._responded and sent and (self._whole or self.inbound.ended):
             self._finish()
 
     # toward the forwarder

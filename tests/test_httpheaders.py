@@ -7,8 +7,9 @@ from twisted.web.http_headers import Headers
 
 import ipaddress
 
-from ppbridge.httpheaders import (end_to_end, end_to_end_of, forwarded_request_headers, trusted_peer, upgrade_headers,
-                                  upgrade_token, upstream_request_headers)
+from ppbridge import httpheaders
+from ppbridge.httpheaders import (end_to_end, end_to_end_of, end_to_end_of_raw, forwarded_request_headers, trusted_peer,
+                                  upgrade_headers, upgrade_token, upstream_request_headers)
 from ppbridge.upgradecall import is_upgrade
 from ppbridge.webrequest import response_headers
 from ppbridge.wire import RequestHead
@@ -62,6 +63,38 @@ class EndToEndTests(TestCase):
                         [(b"Close", [b"x"]), (b"X-Secret-Hop", [b"1"])], []):
             flat = [(name, value) for name, values in grouped for value in values]
             self.assertEqual(end_to_end_of(iter(grouped)), end_to_end(flat), grouped)
+
+    def test_raw_of_twisted_headers_as_flat(self) -> None:
+        """end_to_end_of_raw of a twisted.web Headers (names filed in any case, as an upstream
+        sends them: Twisted's spelling of hop-by-hop names is what it looks up) gives what
+        end_to_end gives the same headers flattened, twice in a row (the second time from
+        the remembered drop sets): keep-alive, Connection naming more (any case), none."""
+        for flat in ([(b"server", b"x"), (b"connection", b"keep-alive"), (b"KEEP-ALIVE", b"timeout=5"),
+                      (b"te", b"trailers"), (b"transfer-encoding", b"chunked"), (b"proxy-connection", b"close"),
+                      (b"x-a", b"1"), (b"X-A", b"2"), (b"upgrade", b"h2c"), (b"TRAILER", b"x")],
+                     [(b"Connection", b"close, X-Secret-Hop"), (b"CONNECTION", b" x-other ,X-Third"),
+                      (b"x-secret-hop", b"1"), (b"X-Other", b"2"), (b"x-third", b"3"), (b"X-Kept", b"4")],
+                     [(b"Connection", b"Keep-Alive"), (b"X-Kept", b"4")], [(b"Close", b"x"), (b"Etag", b'"e"')], []):
+            headers = Headers()
+            for name, value in flat:
+                headers.addRawHeader(name, value)
+            grouped = [(n, v) for n, vs in headers.getAllRawHeaders() for v in vs]
+            for _ in range(2):
+                self.assertEqual(end_to_end_of_raw(dict(headers.getAllRawHeaders())), end_to_end(grouped), flat)
+
+    def test_remembered_drop_sets_are_bounded(self) -> None:
+        """Distinct Connection values are remembered up to a bound only, and a long value not
+        at all; each still drops what it names."""
+        self.patch(httpheaders, "_CONNECTION_DROPS", {})
+        for i in range(3 * httpheaders._REMEMBER):
+            name = b"X-Hop-%d" % i
+            self.assertEqual(end_to_end([(b"Connection", name), (name, b"1"), (b"X-Kept", b"2")]), [(b"X-Kept", b"2")])
+            self.assertEqual(end_to_end_of([(b"Connection", [name]), (name, [b"1"]), (b"X-Kept", [b"2"])]),
+                             [(b"X-Kept", b"2")])
+        long = b"X-" + b"a" * httpheaders._REMEMBER
+        self.assertEqual(upstream_request_headers([(b"Connection", long), (long, b"1")], b"h"), [(b"Host", b"h")])
+        self.assertEqual(len(httpheaders._CONNECTION_DROPS), httpheaders._REMEMBER)
+        self.assertNotIn(long.lower(), {n for drop in httpheaders._CONNECTION_DROPS.values() for n in drop})
 
 
 class ForwardedTests(TestCase):
@@ -167,9 +200,10 @@ class UpstreamTests(TestCase):
         """Hop-by-hop headers are removed; end-to-end ones, forwarding headers included, are kept in order."""
         headers = [(b"Keep-Alive", b"5"), (b"Connection", b"X-Hop"), (b"X-Hop", b"1"),
                    (b"X-Forwarded-For", b"203.0.113.7"), (b"Authorization", b"Bearer t")]
-        out = upstream_request_headers(headers, b"intranet.example")
-        self.assertEqual(out, [(b"X-Forwarded-For", b"203.0.113.7"), (b"Authorization", b"Bearer t"),
-                               (b"Host", b"intranet.example")])
+        for _ in range(2):  # the second time from the remembered drop sets
+            out = upstream_request_headers(headers, b"intranet.example")
+            self.assertEqual(out, [(b"X-Forwarded-For", b"203.0.113.7"), (b"Authorization", b"Bearer t"),
+                                   (b"Host", b"intranet.example")])
 
 
     def test_also_drop(self) -> None:

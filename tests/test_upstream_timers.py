@@ -5,6 +5,7 @@ bug of ours while handling the answer."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -13,9 +14,10 @@ from twisted.trial.unittest import TestCase
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from ppbridge.errors import GatewayTimeout, RequestError, UpstreamTimeout, reset_code
+from ppbridge import upstream
+from ppbridge.errors import CANCEL_CODE, GatewayTimeout, ProtocolFailure, RequestError, UpstreamTimeout, reset_code
 from ppbridge.proxy import ProxyService
-from ppbridge.wire import FLAG_END, MsgType, RequestHead, decode_reset, unpack_header
+from ppbridge.wire import FLAG_END, MsgType, RequestHead, Role, decode_reset, encode_reset, unpack_header
 from tests.test_negotiation import Bridge, proxy_settings
 
 STREAM = b"\x05" * 16
@@ -58,6 +60,8 @@ class _ProxyOnClock(TestCase):
         if len(data) < 2 or data[1] != MsgType.RESET:
             return False
         header = unpack_header(data)
+        if header.sender is not Role.PROXY:
+            return False  # a RESET of the forwarder's (a test cancelling a call)
         code, message = decode_reset(self.entry.session.envelope.open(header, data, channel))
         self.resets.append((self.bridge.clock.seconds() - self.sent_at, code, message))
         return True
@@ -175,3 +179,48 @@ class AnswerHandlingBug(_ProxyOnClock):
         self.assertEqual([(r[0], r[1]) for r in self.resets], [(0.0, reset_code(RequestError))])
         self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
         self.assertEqual(self.proxy.calls, {})
+
+
+class WholeRequest(_ProxyOnClock):
+    """A request whose head came with END and no body (most GETs): no flow control is made
+    for it, and its timers' reactor call serves the next call."""
+
+    def test_no_inbound_and_data_after_it_is_refused(self) -> None:
+        """No Inbound is made for a whole GET; a REQ_DATA frame for it afterwards is dropped
+        as stream-closed (as the Inbound of an ended body would), the upstream request
+        cancelled and the forwarder sent a RESET protocol-failure."""
+        made: list[object] = []
+        original = upstream.Inbound
+        self.patch(upstream, "Inbound", lambda *args: made.append(args) or original(*args))
+        self.start()
+        self.send_head(30.0)
+        self.assertEqual((made, len(self.agent.requests)), ([], 1))
+        self.send(MsgType.REQ_DATA, b"x", FLAG_END, seq=1)
+        self.assertEqual(len(made), 1)
+        self.assertEqual(self.proxy.metrics.registry.get_sample_value(
+            "ppbridge_bus_dropped_total", {"reason": "stream-closed"}), 1.0)
+        self.assertEqual([r[1] for r in self.resets], [reset_code(ProtocolFailure)])
+        self.assertEqual((self.agent.cancelled, self.proxy.calls), (1, {}))
+
+    def test_a_cancelled_calls_reactor_call_serves_the_next_until_stop(self) -> None:
+        """A call the forwarder cancels gives its timers' reactor call back: the next call's
+        timers use that same delayed call (no new one), which expires for the new call
+        only (one RESET, at its upstream_timeout); stopping the proxy cancels the reactor
+        call of the call then in flight."""
+        self.start(upstream_timeout=5.0)
+        before = set(self.bridge.clock.getDelayedCalls())
+        self.send_head(30.0)
+        [timer] = set(self.bridge.clock.getDelayedCalls()) - before
+        self.send(MsgType.RESET, encode_reset(CANCEL_CODE))
+        self.assertEqual(self.proxy.calls, {})
+        self.patch(sys.modules[__name__], "STREAM", b"\x06" * 16)
+        self.send_head(30.0)
+        self.assertEqual(set(self.bridge.clock.getDelayedCalls()) - before, {timer})
+        self.advance_to(5.0)
+        self.assertEqual([(r[0], r[1]) for r in self.resets], [(5.0, reset_code(UpstreamTimeout))])
+        self.patch(sys.modules[__name__], "STREAM", b"\x07" * 16)
+        before = set(self.bridge.clock.getDelayedCalls())
+        self.send_head(30.0)
+        [last] = set(self.bridge.clock.getDelayedCalls()) - before
+        self.proxy.stopService()
+        self.assertFalse(last.active())
