@@ -123,8 +123,8 @@ class _Collect(Protocol):
         self.parts.append(data)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.back.bus.publish(REPLIES, b"".join(self.parts))
+        whole = reason.check(ResponseDone, PotentialDataLoss)
+        self.back.bus.publish(REPLIES, b"".join(self.parts) if whole else self.key + b"502\r\n\r\n")
 
 
 class Back:
