@@ -30,7 +30,7 @@ from ppbridge.ratelimit import ANNOUNCE_BURST, ANNOUNCE_RATE, TokenBucket
 from ppbridge.rekey import RekeySchedule
 from ppbridge.reload import split_settings, warn_held
 from ppbridge.streams import Chunk, RecentlyClosed
-from ppbridge.timerpool import PooledClock, TimerPool
+from ppbridge.timerpool import TimerPool
 from ppbridge.timers import Periodic, log_failure, wait_until
 from ppbridge.upgradecall import UpgradeCall, is_upgrade
 from ppbridge.upstream import Upstream, UpstreamCall
@@ -77,7 +77,7 @@ class ProxyService(MultiService):
         self.calls: dict[tuple[bytes, bytes], UpstreamCall] = {}
         # The calls' timers: a call's reactor call serves the next call (ppbridge.timerpool).
         self._call_timers = TimerPool(clock)
-        self.call_clock = cast(IReactorTime, PooledClock(self._call_timers))
+        self.call_clock = cast(IReactorTime, self._call_timers.pooled_clock)
         self.draining = False  # stopping: forwarders told we are leaving, no heartbeats, keys only for calls
         self.closed = RecentlyClosed()
         self.heard: dict[bytes, float] = {}  # forwarder -> last valid message from it

@@ -3,21 +3,24 @@
 Each of the forwarder's streams keeps a timer (504 when the proxy does not answer in time, or
 the response stalls) that is nearly always stopped long before it expires. A
 :class:`~ppbridge.timers.Deadline` makes a DelayedCall per stream and cancels it at the
-stream's end, and the reactor later sweeps the cancelled calls out of its heap. A
-:class:`PooledDeadline` hands its call back to its :class:`TimerPool` instead, still
-scheduled and now owned by no one, and the next timer armed pushes that call back
-(``DelayedCall.reset`` to a later time moves nothing in the heap) instead of making one. A
-call that comes due with no owner does nothing and is dropped from the pool.
+stream's end, and the reactor later sweeps the cancelled calls out of its heap. On a
+:class:`TimerPool`'s :class:`PooledClock` (``TimerPool.deadline`` makes such a Deadline), a
+cancelled call goes back to the pool instead, still scheduled and now owned by no one, and the
+next timer armed pushes that call back (``DelayedCall.reset`` to a later time moves nothing in
+the heap) instead of making one. A call that comes due with no owner does nothing and is
+dropped from the pool.
 
-The proxy's upstream calls keep their timers in :class:`~ppbridge.timers.CallTimers`, given a
-:class:`PooledClock`: its ``callLater`` takes a pool's call, and cancelling gives it back.
+The proxy's upstream calls keep their timers in :class:`~ppbridge.timers.CallTimers` on the
+same kind of clock.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from ppbridge.timers import Deadline
 
 KEEP = 1024  # calls kept for reuse at most; beyond that they are cancelled
 
@@ -48,10 +51,12 @@ class TimerPool:
         self.clock = clock
         self.keep = keep
         self._free: list[_Call] = []
+        self.pooled_clock = PooledClock(self)  # a clock for owners: its calls come from here
 
-    def deadline(self, on_expiry: Callable[[], None]) -> PooledDeadline:
-        """A timer calling ``on_expiry`` once, when armed and not pushed back or stopped in time."""
-        return PooledDeadline(self, on_expiry)
+    def deadline(self, on_expiry: Callable[[], None]) -> Deadline:
+        """A :class:`~ppbridge.timers.Deadline` calling ``on_expiry`` once, when armed and not
+        pushed back or stopped in time, on this pool's calls (:class:`PooledClock`)."""
+        return Deadline(cast(IReactorTime, self.pooled_clock), on_expiry)
 
     def _take(self, seconds: float) -> _Call:
         """A call due in ``seconds``: a free one pushed back to then (never brought forward:
@@ -93,47 +98,6 @@ class TimerPool:
     def free(self) -> int:
         """Pending calls waiting for reuse."""
         return sum(1 for call in self._free if call.delayed is not None)
-
-
-class PooledDeadline:
-    """A one-shot timer that can be pushed back, as :class:`~ppbridge.timers.Deadline`:
-    ``arm(seconds)`` (re)starts it, ``cancel()`` stops it, ``close()`` stops it for good;
-    when it expires it calls ``on_expiry`` once. Its reactor call comes from and goes back to
-    a :class:`TimerPool`."""
-
-    __slots__ = ("_pool", "_on_expiry", "_call")
-
-    def __init__(self, pool: TimerPool, on_expiry: Callable[[], None]) -> None:
-        self._pool = pool
-        self._on_expiry = on_expiry
-        self._call: _Call | None = None
-
-    def arm(self, seconds: float) -> None:
-        call = self._call
-        if call is not None and call.delayed is not None:  # ours, pending
-            call.delayed.reset(seconds)
-            return
-        call = self._call = self._pool._take(seconds)
-        call.owner = self._expired
-
-    def _expired(self) -> None:
-        self._call = None
-        self._on_expiry()
-
-    def cancel(self) -> None:
-        call, self._call = self._call, None
-        if call is not None and call.delayed is not None:
-            self._pool._give(call)
-
-    def close(self) -> None:
-        """Stop for good: the owner's callback is forgotten (see Deadline.close)."""
-        self.cancel()
-        self._on_expiry = _nothing
-
-    @property
-    def armed(self) -> bool:
-        """Whether it will expire unless pushed back or stopped."""
-        return self._call is not None and self._call.delayed is not None
 
 
 class PooledClock:

@@ -99,6 +99,11 @@ class Deadline:
             self._call.cancel()
         self._call = None
 
+    @property
+    def armed(self) -> bool:
+        """Whether it will expire unless pushed back or stopped."""
+        return self._call is not None and self._call.active()
+
     def close(self) -> None:
         """Cancel for good: the owner's callback is forgotten (an owner whose bound method it
         is would otherwise be kept in a reference cycle, freed only by the cyclic collector);
