@@ -51,12 +51,13 @@ def _with_connection(drop: frozenset[bytes], values: Sequence[bytes]) -> frozens
     return made
 
 
-def hop_names(headers: HeaderList) -> frozenset[bytes]:
-    """The lower-case names :func:`end_to_end` drops: hop-by-hop ones and those named in Connection."""
-    drop = HOP_BY_HOP
+def hop_names(headers: HeaderList, base: frozenset[bytes] = HOP_BY_HOP) -> frozenset[bytes]:
+    """The lower-case names :func:`end_to_end` drops: ``base`` (the hop-by-hop ones) and those
+    named in Connection."""
+    drop = base
     for name, value in headers:
         if len(name) == 10 and name.lower() == b"connection":  # the length first: this runs per header
-            drop = drop | {token.strip().lower() for token in value.split(b",")}
+            drop = _with_connection(drop, (value,))
     return drop
 
 
@@ -169,12 +170,10 @@ def upstream_request_headers(headers: HeaderList, upstream_host: bytes,
                              also_drop: frozenset[bytes] = frozenset()) -> HeaderList:
     """What the proxy sends upstream: end-to-end headers with Host set to the upstream's
     (and without those named in ``also_drop``, lower-case)."""
-    drop = _UPSTREAM_DROPS.get(also_drop)
-    if drop is None:  # one set per also_drop (a constant of the caller's)
-        drop = _UPSTREAM_DROPS[also_drop] = HOP_BY_HOP | _HOST | also_drop
-    for name, value in headers:
-        if len(name) == 10 and name.lower() == b"connection":
-            drop = _with_connection(drop, (value,))
+    base = _UPSTREAM_DROPS.get(also_drop)
+    if base is None:  # one set per also_drop (a constant of the caller's)
+        base = _UPSTREAM_DROPS[also_drop] = HOP_BY_HOP | _HOST | also_drop
+    drop = hop_names(headers, base)
     out = [pair for pair in headers if pair[0].lower() not in drop]
     out.append((b"Host", upstream_host))
     return out
