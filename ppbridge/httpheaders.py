@@ -183,9 +183,11 @@ def upgrade_token(headers: HeaderList) -> bytes | None:
     """The protocol a request asks to switch to (``Connection: upgrade`` plus one ``Upgrade``
     header), or None. ``h2c`` is None too: RFC 9110 §7.8 lets a server ignore an Upgrade, so
     such a request goes on as plain HTTP/1.1 (ppbridge carries HTTP/1.1 semantics)."""
+    values = [v.strip() for n, v in headers if len(n) == 7 and n.lower() == b"upgrade"]
+    if len(values) != 1 or not values[0]:  # most requests: no Upgrade header, nothing more to look at
+        return None
     connection = {t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",")}
-    values = [v.strip() for n, v in headers if n.lower() == b"upgrade"]
-    if b"upgrade" not in connection or len(values) != 1 or not values[0]:
+    if b"upgrade" not in connection:
         return None
     if values[0].lower().startswith(b"h2c"):
         return None
