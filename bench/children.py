@@ -37,6 +37,8 @@ def _die_with_parent() -> None:
 
 
 EXTRA_ENV: dict[str, str] = {}  # set by bench/ab.py: the PYTHONPATH of the build it measures
+WRAP: dict[str, list[str]] = {}
+"""A command put before a child's own, by the child's name (bench/callgrind.py: valgrind)."""
 
 
 def child_env() -> dict[str, str]:
@@ -53,7 +55,7 @@ class Child:
 
     def __init__(self, name: str, args: Sequence[str], log_dir: Path, cwd: Path | None = None) -> None:
         self.name = name
-        self.args = list(args)
+        self.args = [*WRAP.get(name, []), *args]
         self.log_path = log_dir / f"{name.replace(' ', '-')}.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
