@@ -19,7 +19,7 @@ import re
 import struct
 from dataclasses import dataclass
 from itertools import chain
-from typing import TypeVar
+from typing import NamedTuple, NoReturn, TypeVar
 
 from ppbridge.errors import BusMessageError
 
@@ -79,15 +79,24 @@ MAX_HEADER_VALUE = 65536
 MAX_CHANNEL = 256
 MAX_REASON = 1024
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_TOKENS = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:\0[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")  # names joined by NUL
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"  # RFC 9110 tchar
+_TOKEN = re.compile(_TCHAR + b"+")
+# A whole header block: name NUL value, joined by NUL; names tokens, values without CR or LF,
+# each within its limit. Unambiguous (a NUL ends every field), so matched in one linear pass.
+_PAIR = _TCHAR + b"{1,%d}\0[^\0\r\n]{0,%d}" % (MAX_HEADER_NAME, MAX_HEADER_VALUE)
+_BLOCK = re.compile(_PAIR + b"(?:\0" + _PAIR + b")*")
 NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"  # proxy names, also checked by config
 NAME_PATTERN = re.compile(NAME_RE)  # always fullmatch()
+_new = tuple.__new__  # a named tuple from a tuple of its fields, without its __new__'s Python frame
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
-    """The cleartext part of a session message, authenticated as associated data."""
+class Header(NamedTuple):
+    """The cleartext part of a session message, authenticated as associated data.
+
+    An immutable record made once per message each way: a named tuple, built from the
+    unpacked fields in one step (a frozen dataclass sets each field through
+    ``object.__setattr__``, about five times the cost).
+    """
 
     version: int
     type: MsgType
@@ -99,9 +108,7 @@ class Header:
     seq: int
 
     def pack(self) -> bytes:
-        return _HEADER.pack(
-            self.version, self.type, self.flags, self.sender, self.key_id, self.counter, self.stream_id, self.seq
-        )
+        return _HEADER.pack(*self)
 
     @property
     def end(self) -> bool:
@@ -127,7 +134,7 @@ def unpack_header(data: bytes) -> Header:
         raise BusMessageError("bad-type", f"type {mtype} in a session message")
     if sender not in (0, 1) or flags & ~FLAG_END:
         raise BusMessageError("malformed", "bad sender or flags")
-    return Header(version, session_type, flags, _ROLES[sender], key_id, counter, stream_id, seq)
+    return _new(Header, (version, session_type, flags, _ROLES[sender], key_id, counter, stream_id, seq))
 
 
 def pack_header(mtype: MsgType, flags: int, sender: Role, key_id: bytes, counter: int, stream_id: bytes, seq: int) -> bytes:
@@ -255,21 +262,28 @@ def _header_block(headers: HeaderList) -> bytes:
 
 
 def _parse_header_block(block: bytes) -> HeaderList:
+    """The (name, value) pairs of a header block; BusMessageError unless every name is a token
+    of at most MAX_HEADER_NAME bytes, every value at most MAX_HEADER_VALUE bytes without CR or
+    LF, and there are at most MAX_HEADERS of them."""
     if not block:
         return []
+    parts = block.split(b"\0")
+    # One C-speed match checks the whole block (names, values, their pairing), not a pass per rule.
+    if len(parts) > 2 * MAX_HEADERS or not _BLOCK.fullmatch(block):
+        _refuse_header_block(block, parts)
+    pairs = iter(parts)
+    return list(zip(pairs, pairs))
+
+
+def _refuse_header_block(block: bytes, parts: list[bytes]) -> NoReturn:
+    """Raise the BusMessageError saying what is wrong with a header block _BLOCK refused."""
     if b"\r" in block or b"\n" in block:
         raise BusMessageError("malformed", "CR or LF in a header")
-    parts = block.split(b"\0")
     if len(parts) % 2 or len(parts) > 2 * MAX_HEADERS:
         raise BusMessageError("malformed", "bad header block")
-    names, values = parts[0::2], parts[1::2]
-    if max(map(len, values)) > MAX_HEADER_VALUE:
+    if max(map(len, parts[1::2])) > MAX_HEADER_VALUE:
         raise BusMessageError("malformed", "header value over its limit")
-    # Every name a token of at most MAX_HEADER_NAME bytes: one match over them all (a name holds
-    # no NUL: they were split on it), not one per name.
-    if max(map(len, names)) > MAX_HEADER_NAME or not _TOKENS.fullmatch(b"\0".join(names)):
-        raise BusMessageError("malformed", "bad header name")
-    return list(zip(names, values))
+    raise BusMessageError("malformed", "bad header name")
 
 
 def _length_out(n: int | None) -> int:
@@ -309,7 +323,7 @@ class RequestHead:
 
     def with_deadline(self, deadline_ms: int) -> RequestHead:
         """This head with another deadline (what ``dataclasses.replace`` gives, without its
-        walk over the fields: once per request)."""
+        walk over the fields)."""
         return RequestHead(self.method, self.target, self.headers, self.reply_channel, self.content_length,
                            deadline_ms)
 
