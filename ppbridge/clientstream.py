@@ -10,7 +10,6 @@ request and writes its access-log line. The twisted.web request that feeds it is
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.logger import Logger
@@ -36,13 +35,13 @@ from ppbridge.edge import request_line
 from ppbridge.httpheaders import forwarded_request_headers
 from ppbridge.keyring import KeyEntry
 from ppbridge.logs import NO_CAUSE, AccessLog, client_address, instance_of, status_of
+from ppbridge.streamids import stream_ids
 from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
 from ppbridge.webrequest import connection, refuse_early, render_error, response_headers, routed
 from ppbridge.wire import (
     FLAG_END,
     OVERHEAD,
-    STREAM_ID_SIZE,
     Header,
     HeaderList,
     MsgType,
@@ -77,7 +76,7 @@ class ClientStream:
         self.request = request
         self.proxy = proxy
         self.head = head
-        self.id = os.urandom(STREAM_ID_SIZE)
+        self.id = stream_ids.take()  # unpredictable (see ppbridge.streamids)
         self.reply_channel = head.reply_channel
         chunked = request.requestHeaders.hasHeader(b"transfer-encoding")
         self.inline = not chunked and (head.content_length or 0) <= INLINE_MAX
