@@ -58,6 +58,7 @@ FLAG_END = 0x01  # last frame of this stream in this direction
 
 _HEADER = struct.Struct(">BBBB8sQ16sI")
 HEADER_SIZE = _HEADER.size  # 40
+COUNTER_BYTES = slice(12, 20)  # a packed header's counter, big-endian: the last 8 bytes of its nonce
 TAG_SIZE = 16
 OVERHEAD = HEADER_SIZE + TAG_SIZE
 DEFAULT_FRAME_SIZE = 262144  # [forwarder]/[proxy] frame_size when not set
