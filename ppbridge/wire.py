@@ -328,10 +328,13 @@ class RequestHead:
         return RequestHead(self.method, self.target, self.headers, self.reply_channel, self.content_length,
                            deadline_ms)
 
-    def encode(self, body: bytes = b"") -> bytes:
+    def encode(self, body: bytes = b"", deadline_ms: int | None = None) -> bytes:
+        """The head's bytes, then ``body``; with ``deadline_ms``, as :meth:`with_deadline` would
+        encode (without making that head: the forwarder sets the deadline as it publishes)."""
         block = _header_block(self.headers)
         fixed = _REQ_FIXED.pack(len(self.reply_channel), len(self.method), len(self.target), len(block),
-                                _length_out(self.content_length), self.deadline_ms)
+                                _length_out(self.content_length),
+                                self.deadline_ms if deadline_ms is None else deadline_ms)
         return b"".join((fixed, self.reply_channel, self.method, self.target, block, body))
 
     @classmethod
