@@ -419,18 +419,19 @@ class ClientStream:
         self._timer.close()  # it forgets this stream (see _finish_ok)
         if self._outbound is not None:
             self._outbound.stop()
-        self.bridge.streams.pop(self.id, None)
-        self.bridge.closed.add(self.id)
-        self.bridge.metrics.active_streams.dec()
+        bridge, request, metrics = self.bridge, self.request, self.bridge.metrics
+        bridge.streams.pop(self.id, None)
+        bridge.closed.add(self.id)
+        metrics.active_streams.dec()
         # ``outcome``: the upstream's status once answered, else the cause of the failure
-        request, cause = self.request, NO_CAUSE if outcome.isdigit() else outcome
-        if outcome.isdigit() or request.startedWriting:
+        answered = outcome.isdigit()
+        cause = NO_CAUSE if answered else outcome
+        if answered or request.startedWriting:
             code = request.code  # an upstream answer (perhaps cut short), or render_error's
         else:
             code = status_of(cause)  # refuse_early writes its answer itself; or the client left (499)
-        duration = self.bridge.clock.seconds() - self.started
-        self.bridge.metrics.request_done(self.proxy, str(code), cause, duration)
-        instance = instance_of(self.peer)
+        duration = bridge.clock.seconds() - self.started
+        metrics.request_done(self.proxy, str(code), cause, duration)
         self.access.emit(client=self.client, method=self.method, uri=self.uri, code=code, cause=cause,
                          bytes_in=self.uploaded, bytes_out=request.sentLength, duration=duration,
-                         proxy=self.proxy, instance=instance)
+                         proxy=self.proxy, instance=instance_of(self.peer))
