@@ -68,19 +68,21 @@ class Envelope:
         self.received = 0
 
     def seal(self, mtype: MsgType, stream_id: bytes, seq: int, channel: bytes, payload: bytes | memoryview,
-             flags: int = 0) -> bytearray:
+             flags: int = 0) -> bytes | bytearray:
         """Encrypt ``payload`` for publication on ``channel``."""
         counter = self.sent
         if counter >= MAX_COUNTER:
             raise RuntimeError("message counter exhausted; the key must be rotated")
         self.sent = counter + 1
         header = pack_header(mtype, flags, self.role, self.key_id, counter, stream_id, seq)
+        nonce, aad = self._seal_prefix + header[COUNTER_BYTES], header + channel
+        if len(payload) < FRESH_MIN:  # a small message: the header joined to the cipher's own bytes
+            return header + self._seal.encrypt(nonce, payload, aad)
         # Header and ciphertext in one buffer: a 256 KiB frame is not copied to prepend 40 bytes.
         # Not zero-filled first: the header and the cipher write every byte (ppbridge.freshbuf).
         message = fresh_bytearray(HEADER_SIZE + len(payload) + TAG_SIZE)
         message[:HEADER_SIZE] = header
-        self._seal.encrypt_into(self._seal_prefix + header[COUNTER_BYTES], payload, header + channel,
-                                memoryview(message)[HEADER_SIZE:])
+        self._seal.encrypt_into(nonce, payload, aad, memoryview(message)[HEADER_SIZE:])
         return message
 
     def open(self, header: Header, data: bytes, channel: bytes) -> bytes:
