@@ -1,9 +1,9 @@
 """Stream ids: unpredictable, cut from a block of ``os.urandom`` kept in the process.
 
-Each request the forwarder sends gets a random 16-byte stream id. Nobody else can guess one:
-a reply is matched to its stream by that id (with the channel and the proxy process it came
-from), so an id that could be predicted would help whoever reads or writes Redis aim at
-another client's stream. Drawing each id with its own ``os.urandom`` call costs a
+Each request the forwarder sends gets a random 16-byte stream id, and nobody may be able to
+name a stream before its head is published: that is part of how one client's stream is kept
+apart from another's (a reply is matched to its stream by the id, besides the channel and the
+proxy process it came from). Drawing each id with its own ``os.urandom`` call costs a
 ``getrandom`` system call per request; :class:`RandomIds` draws ``BLOCK`` bytes at once and
 hands them out 16 at a time.
 
