@@ -26,10 +26,20 @@ error: the reactor's own send meets it again and loses the connection as usual),
 ``send()``: callers write through where one write per turn is the rule (a response whole in
 one write, a request head).
 
+Where several writes of a turn should still leave in one ``send()`` (the publisher's
+PUBLISHes: a send per message cost Redis a wake-up each), :class:`HeldWrites` puts them at the
+end of the transport's own buffer without registering it for writing, and sends the lot when
+the turn ends: a call due at once on the transport's reactor, which runs before the reactor
+polls again (what Twisted's own TLS layer does with small writes, ``_AggregateSmallWrites``).
+Since the bytes are in Twisted's buffer, a later ordinary write queues behind them and a
+``loseConnection`` sends them before closing, as ever; what the socket does not take is left
+to the reactor, registered.
+
 Twisted internals read here, checked against Twisted 26.10.0 (tests/test_sendnow.py fails if
 they change): ``FileDescriptor._tempDataBuffer``, ``dataBuffer`` and ``offset`` (the buffer),
-``_writeDisconnecting`` (a half-close asked for), and ``writeSomeData``, ``SEND_LIMIT``,
-``TLS``, ``producer``, ``streamingProducer``, ``producerPaused`` of ``tcp.Server`` and
+``_writeDisconnecting`` (a half-close asked for), ``_tempDataLen`` (written with
+``_tempDataBuffer`` by :class:`HeldWrites`), and ``writeSomeData``, ``SEND_LIMIT``, ``TLS``,
+``producer``, ``streamingProducer``, ``producerPaused``, ``reactor`` of ``tcp.Server`` and
 ``tcp.Client``.
 """
 
@@ -38,6 +48,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.interfaces import IDelayedCall
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 """Twisted's TCP transports (exactly these: a subclass may send otherwise, UNIX sockets pass
@@ -56,6 +67,11 @@ def send_now(transport: Any) -> bool:
     return False
 
 
+def _holds(transport: Any) -> bool:
+    """Whether a plain TCP transport has bytes not yet sent."""
+    return bool(transport._tempDataBuffer) or len(transport.dataBuffer) != transport.offset
+
+
 def writes_through(transport: Any) -> bool:
     """Whether :func:`write_now` may send on ``transport`` at once now: a plain TCP transport
     of Twisted's, open for writing, not TLS, holding nothing, with no pull producer (which is
@@ -64,7 +80,7 @@ def writes_through(transport: Any) -> bool:
         return False
     if not transport.connected or transport.disconnecting or transport._writeDisconnecting or transport.TLS:
         return False
-    if transport._tempDataBuffer or len(transport.dataBuffer) != transport.offset:
+    if _holds(transport):
         return False
     producer = transport.producer
     return producer is None or (transport.streamingProducer and not transport.producerPaused)
@@ -81,3 +97,45 @@ def write_now(transport: Any, data: bytes) -> None:
                 return
             data = data[sent:]
     transport.write(data)
+
+
+class HeldWrites:
+    """One connection's writes of a reactor turn, held in its transport's buffer unregistered
+    and sent with one ``send()`` when the turn ends, or at :meth:`send`. Other transports (TLS,
+    another reactor's, a test's) are written to and sent (:func:`send_now`) as before."""
+
+    def __init__(self) -> None:
+        self._due: IDelayedCall | None = None  # the turn's end, once something is held
+
+    def write(self, transport: Any, data: bytes) -> None:
+        """``transport.write(data)``, held without registering the transport for writing when
+        it is a plain TCP transport of Twisted's, open for writing, without a producer."""
+        if (type(transport) not in _PLAIN_TCP or type(data) is not bytes or not transport.connected
+                or transport.disconnecting or transport._writeDisconnecting or transport.TLS
+                or transport.producer is not None):
+            transport.write(data)
+            return
+        if data:
+            transport._tempDataBuffer.append(data)
+            transport._tempDataLen += len(data)
+            if self._due is None:
+                self._due = transport.reactor.callLater(0, self._turn_ended, transport)
+
+    def _turn_ended(self, transport: Any) -> None:
+        self._due = None
+        self.send(transport)
+
+    def send(self, transport: Any) -> None:
+        """Send what ``transport`` holds now, if anything (:func:`send_now`); what its socket
+        does not take stays buffered, and the transport is registered for it."""
+        if type(transport) not in _PLAIN_TCP:
+            send_now(transport)
+            return
+        if _holds(transport) and send_now(transport) and _holds(transport) and transport.connected:
+            transport.startWriting()
+
+    def cancel(self) -> None:
+        """The connection is gone: nothing is to be sent at the turn's end."""
+        due, self._due = self._due, None
+        if due is not None and due.active():
+            due.cancel()

@@ -1,9 +1,11 @@
 """ppbridge.sendnow: which transports are sent at once and which are left to the reactor.
 
-``send_now`` is checked on stand-ins (it only calls ``doWrite``). ``write_now`` is checked on
-real TCP connections over 127.0.0.1 under the real reactor: what leaves at once, what is
-buffered (and registered for writing) as Twisted does, and that no byte is lost or reordered.
-The Twisted internals it reads are pinned by :class:`TwistedInternalsTests`.
+``send_now`` is checked on stand-ins (it only calls ``doWrite``). ``write_now`` and
+``HeldWrites`` are checked on real TCP connections over 127.0.0.1 under the real reactor: what
+leaves at once or at the turn's end without registering the transport for writing, what is
+buffered (and registered) as Twisted does, and that no byte is lost or reordered; then the
+forwarder's answers through a whole bridge. The Twisted internals the module relies on are
+pinned by :class:`TwistedInternalsTests`.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from twisted.internet import tcp as twisted_tcp
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from ppbridge.sendnow import send_now, write_now, writes_through
+from ppbridge.sendnow import HeldWrites, send_now, write_now, writes_through
 from tests.support import Stack, listen
 
 WAIT = 10.0  # seconds any awaited event may take before the test fails
@@ -141,6 +144,22 @@ def connected_pair(case: TestCase, tls: bool = False, listen_socket: Callable[[A
     return server, client
 
 
+@inlineCallbacks
+def stalled_pair(case: TestCase):  # type: ignore[no-untyped-def]
+    """(server end, the client's transport) of a connection whose server does not read yet
+    (paused) and whose socket buffers are small (4 KiB asked: the server's receive buffer,
+    inherited from the listening socket, and the client's send buffer): a large write from
+    the client is only partly taken by its socket. Resume the server to read."""
+
+    def small_receive_buffer(port: Any) -> None:
+        port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+    server, client = yield connected_pair(case, listen_socket=small_receive_buffer,
+                                          server_made=lambda proto: proto.transport.pauseProducing())
+    client.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return server, client.transport
+
+
 def buffered(transport: Any) -> int:
     """Bytes a Twisted TCP transport holds, not yet sent."""
     return len(transport.dataBuffer) - transport.offset + sum(len(part) for part in transport._tempDataBuffer)
@@ -156,7 +175,8 @@ class TwistedInternalsTests(TestCase):
         transport shows an empty ``dataBuffer``/``_tempDataBuffer`` at ``offset`` 0, no TLS, no
         half-close and 128 KiB SEND_LIMIT; an ordinary write lands in ``_tempDataBuffer`` and
         registers the transport for writing; ``writeSomeData`` sends and returns the count;
-        ``loseWriteConnection`` sets ``_writeDisconnecting``."""
+        ``loseWriteConnection`` sets ``_writeDisconnecting``; ``_tempDataLen`` counts what
+        ``_tempDataBuffer`` holds, and ``reactor`` is the reactor the transport runs on."""
         server, client = yield connected_pair(self)
         self.assertIs(type(server.transport), twisted_tcp.Server)
         self.assertIs(type(client.transport), twisted_tcp.Client)
@@ -166,10 +186,11 @@ class TwistedInternalsTests(TestCase):
             self.assertEqual((transport.TLS, transport._writeDisconnecting, transport.SEND_LIMIT),
                              (False, False, 128 * 1024))
             self.assertEqual((transport.producerPaused, transport.streamingProducer), (False, False))
+            self.assertEqual((transport._tempDataLen, transport.reactor), (0, reactor))
             self.assertTrue(writes_through(transport))
         transport = server.transport
         transport.write(b"x")
-        self.assertEqual(transport._tempDataBuffer, [b"x"])
+        self.assertEqual((transport._tempDataBuffer, transport._tempDataLen), ([b"x"], 1))
         self.assertIn(transport, reactor.getWriters())
         self.assertFalse(writes_through(transport))
         self.assertEqual(client.transport.writeSomeData(b"yz"), 2)
@@ -212,14 +233,7 @@ class WriteNowTests(TestCase):
         """The peer does not read and both socket buffers are small: of a 120,000-byte write
         the socket takes only a part, the rest is buffered and registered for writing; a
         later write goes behind it. Once the peer reads, every byte arrives, in order."""
-
-        def small_receive_buffer(port: Any) -> None:
-            port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-
-        server, client = yield connected_pair(self, listen_socket=small_receive_buffer,
-                                              server_made=lambda proto: proto.transport.pauseProducing())
-        writer = client.transport
-        writer.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        server, writer = yield stalled_pair(self)
         data = bytes(i % 251 for i in range(120_000))
         tail = b"tail" * 1000
         write_now(writer, data)
@@ -274,6 +288,97 @@ class WriteNowTests(TestCase):
         self.assertIn(tcp_transport, reactor.getWriters())
         received = yield client.wait_for(4 + len(secret))
         self.assertEqual(received, b"pong" + secret)
+
+
+def counted(transport: Any) -> tuple[list[bytes], list[bool]]:
+    """The sends (``writeSomeData``) of a transport from now on, and its ``startWriting`` calls
+    (True for one that registered it for writing), in lists kept up to date."""
+    sends: list[bytes] = []
+    registered: list[bool] = []
+    write_some, start_writing = transport.writeSomeData, transport.startWriting
+    transport.writeSomeData = lambda data: (sends.append(bytes(data)), write_some(data))[1]
+    transport.startWriting = lambda: (registered.append(transport not in reactor.getWriters()), start_writing())[1]
+    return sends, registered
+
+
+class HeldWritesTests(TestCase):
+    """HeldWrites on real loopback connections under the real reactor."""
+
+    @inlineCallbacks
+    def test_a_turns_writes_leave_in_one_send_unregistered(self):  # type: ignore[no-untyped-def]
+        """Three writes are held in the transport's buffer, nothing sent and the transport not
+        registered for writing; when the turn ends they leave in one send, in order, and the
+        transport was never registered."""
+        server, client = yield connected_pair(self)
+        sends, registered = counted(server.transport)
+        held = HeldWrites()
+        for part in (b"one ", b"two ", b"three"):
+            held.write(server.transport, part)
+        self.assertEqual(server.transport._tempDataBuffer, [b"one ", b"two ", b"three"])
+        self.assertEqual(sends, [])
+        self.assertNotIn(server.transport, reactor.getWriters())
+        received = yield client.wait_for(13)
+        self.assertEqual(received, b"one two three")
+        self.assertEqual(sends, [b"one two three"])
+        self.assertEqual(registered, [])
+
+    @inlineCallbacks
+    def test_send_before_the_turn_ends(self):  # type: ignore[no-untyped-def]
+        """``send`` sends what is held at once (one send, nothing left); a write after it is
+        held again and leaves when the turn ends."""
+        server, client = yield connected_pair(self)
+        sends, registered = counted(server.transport)
+        held = HeldWrites()
+        held.write(server.transport, b"a")
+        held.write(server.transport, b"b")
+        held.send(server.transport)
+        self.assertEqual((sends, buffered(server.transport)), ([b"ab"], 0))
+        held.write(server.transport, b"c")
+        self.assertEqual(sends, [b"ab"])
+        received = yield client.wait_for(3)
+        self.assertEqual(received, b"abc")
+        self.assertEqual((sends, registered), ([b"ab", b"c"], []))
+
+    @inlineCallbacks
+    def test_ordinary_write_and_close_keep_held_bytes(self):  # type: ignore[no-untyped-def]
+        """An ordinary write after held bytes queues behind them, and loseConnection in the
+        same turn still sends the held bytes before the connection closes: the peer reads
+        everything, in order, then the end."""
+        server, client = yield connected_pair(self)
+        held = HeldWrites()
+        held.write(server.transport, b"held ")
+        server.transport.write(b"ordinary")
+        server.transport.loseConnection()
+        received = yield client.ended.addTimeout(WAIT, reactor)
+        self.assertEqual(received, b"held ordinary")
+
+    @inlineCallbacks
+    def test_rest_left_registered_when_the_socket_takes_part(self):  # type: ignore[no-untyped-def]
+        """The peer does not read and both socket buffers are small: of 120,000 held bytes the
+        turn's send takes a part, the rest stays buffered and the transport is registered for
+        it; once the peer reads, every byte arrives, in order."""
+        server, writer = yield stalled_pair(self)
+        sends, registered = counted(writer)
+        data = bytes(i % 251 for i in range(120_000))
+        held = HeldWrites()
+        held.write(writer, data)
+        held.send(writer)
+        self.assertEqual(len(sends), 1)
+        self.assertGreater(buffered(writer), 0)
+        self.assertLess(buffered(writer), len(data))
+        self.assertEqual(registered, [True])
+        server.transport.resumeProducing()
+        received = yield server.wait_for(len(data))
+        self.assertEqual(received, data)
+
+    def test_other_transports_written_as_usual(self) -> None:
+        """A transport that is not Twisted's plain TCP (here a test's StringTransport) gets an
+        ordinary write at once, and nothing is scheduled."""
+        transport = StringTransport()
+        held = HeldWrites()
+        held.write(transport, b"now")
+        self.assertEqual(transport.value(), b"now")
+        self.assertIsNone(held._due)
 
 
 def answered(received: bytearray, count: int, head_only: bool = False) -> bool:
@@ -336,12 +441,7 @@ class ForwarderAnswerTests(TestCase):
         client.transport.write(request)
         first = yield client.wait_until(lambda received: answered(received, 1, head_only))
         (channel,) = stack.forwarder.sites[0].edge.open
-        transport = channel.transport
-        sends: list[bytes] = []
-        registered: list[bool] = []
-        write_some, start_writing = transport.writeSomeData, transport.startWriting
-        transport.writeSomeData = lambda data: (sends.append(bytes(data)), write_some(data))[1]
-        transport.startWriting = lambda: (registered.append(transport not in reactor.getWriters()), start_writing())[1]
+        sends, registered = counted(channel.transport)
         client.transport.write(request)
         both = yield client.wait_until(lambda received: answered(received, 2, head_only))
         return both[len(first):], sends, registered
