@@ -26,6 +26,9 @@ error: the reactor's own send meets it again and loses the connection as usual),
 ``send()``: callers write through where one write per turn is the rule (a response whole in
 one write, a request head).
 
+A request of Twisted's HTTP client without a body (a GET) is one ``writeSequence`` of its head
+lines; :class:`WriteNowRequest` writes it with :func:`write_now` instead, joined.
+
 Where several writes of a turn should still leave in one ``send()`` (the publisher's
 PUBLISHes: a send per message cost Redis a wake-up each), :class:`HeldWrites` puts them at the
 end of the transport's own buffer without registering it for writing, and sends the lot when
@@ -45,10 +48,12 @@ they change): ``FileDescriptor._tempDataBuffer``, ``dataBuffer`` and ``offset`` 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from twisted.internet import tcp
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
+from twisted.web._newclient import Request
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 """Twisted's TCP transports (exactly these: a subclass may send otherwise, UNIX sockets pass
@@ -65,6 +70,31 @@ def send_now(transport: Any) -> bool:
             return True
         transport = getattr(transport, "transport", None)
     return False
+
+
+class _HeadNow:
+    """What a :class:`WriteNowRequest` without a body writes its head to: the transport's
+    ``writeSequence``, joined and written at once. Anything else ``writeTo`` might ask of a
+    transport is missing here, so a Twisted that asked for more fails loudly."""
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        write_now(self.transport, b"".join(data))
+
+
+class WriteNowRequest(Request):
+    """Twisted's HTTP client request (``_newclient.Request``; build it with ``_construct`` as
+    the Agent does), whose head is written at once (:func:`write_now`) when it has no body.
+    A request with a body producer is written as Twisted writes it."""
+
+    def writeTo(self, transport: Any) -> Deferred[None]:
+        if self.bodyProducer is None:
+            return super().writeTo(_HeadNow(transport))
+        return super().writeTo(transport)
 
 
 def _holds(transport: Any) -> bool:

@@ -10,6 +10,7 @@ pinned by :class:`TwistedInternalsTests`.
 
 from __future__ import annotations
 
+import io
 import socket
 from typing import Any, Callable
 
@@ -18,13 +19,18 @@ from twisted.internet import tcp as twisted_tcp
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import StringTransport
+from twisted.internet.task import Cooperator
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
+from twisted.web._newclient import Request
+from twisted.web.client import FileBodyProducer
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from ppbridge.sendnow import HeldWrites, send_now, write_now, writes_through
+from ppbridge.sendnow import HeldWrites, WriteNowRequest, send_now, write_now, writes_through
+from ppbridge.upstream import Upstream
 from tests.support import Stack, listen
 
 WAIT = 10.0  # seconds any awaited event may take before the test fails
@@ -379,6 +385,68 @@ class HeldWritesTests(TestCase):
         held.write(transport, b"now")
         self.assertEqual(transport.value(), b"now")
         self.assertIsNone(held._due)
+
+
+def body_producer(body: bytes) -> FileBodyProducer:
+    """A producer of ``body`` that writes it as soon as it is started (no reactor turn)."""
+    return FileBodyProducer(io.BytesIO(body), cooperator=Cooperator(scheduler=lambda work: work()))
+
+
+class WriteNowRequestTests(TestCase):
+    """The proxy's requests to its upstream (Twisted's HTTP client request, WriteNowRequest)."""
+
+    @staticmethod
+    def twisted_bytes(method: bytes, body: bytes | None) -> bytes:
+        """What Twisted's own Request writes for ``method /x`` (Host h), with ``body`` if any."""
+        transport = StringTransport()
+        producer = body_producer(body) if body is not None else None
+        Request._construct(method, b"/x", Headers({b"Host": [b"h"]}), producer).writeTo(transport)
+        return transport.value()
+
+    @inlineCallbacks
+    def test_head_without_body_written_at_once(self):  # type: ignore[no-untyped-def]
+        """A GET, and a POST without a body (Content-Length: 0), are written as Twisted's own
+        Request writes them, in one send at once, without registering the transport; the
+        Deferred writeTo returns has fired."""
+        for method in (b"GET", b"POST"):
+            server, client = yield connected_pair(self)
+            sends, registered = counted(client.transport)
+            request = WriteNowRequest._construct(method, b"/x", Headers({b"Host": [b"h"]}), None)
+            done = request.writeTo(client.transport)
+            self.assertIsNone(self.successResultOf(done))
+            expected = self.twisted_bytes(method, None)
+            self.assertEqual((sends, registered), ([expected], []), method)
+            received = yield server.wait_for(len(expected))
+            self.assertEqual(received, expected, method)
+
+    @inlineCallbacks
+    def test_request_with_a_body_written_as_twisted_does(self):  # type: ignore[no-untyped-def]
+        """A request with a body producer is written the ordinary way (buffered, the transport
+        registered for writing), the same bytes as Twisted's own Request."""
+        server, client = yield connected_pair(self)
+        sends, registered = counted(client.transport)
+        request = WriteNowRequest._construct(b"POST", b"/x", Headers({b"Host": [b"h"]}), body_producer(b"body"))
+        yield request.writeTo(client.transport)
+        self.assertEqual(registered.count(True), 1)
+        expected = self.twisted_bytes(b"POST", b"body")
+        received = yield server.wait_for(len(expected))
+        self.assertEqual(received, expected)
+
+    def test_proxy_hands_its_pooled_connections_one(self) -> None:
+        """The proxy's agent hands an idle pooled connection a WriteNowRequest."""
+        upstream = Upstream("http://127.0.0.1:8080", MemoryReactorClock(), 5.0)
+        handed: list[Any] = []
+
+        class Pooled:
+            state = "QUIESCENT"
+
+            def request(self, request: Any) -> Deferred[Any]:
+                handed.append(request)
+                return Deferred()
+
+        upstream.pool._putConnection((b"http", b"127.0.0.1", 8080), Pooled())
+        upstream.agent.request(b"GET", upstream.url(b"/x"), Headers({b"Host": [b"h"]}), None)
+        self.assertEqual([type(request) for request in handed], [WriteNowRequest])
 
 
 def answered(received: bytearray, count: int, head_only: bool = False) -> bool:
