@@ -41,9 +41,8 @@ to the reactor, registered.
 Twisted internals read here, checked against Twisted 26.10.0 (tests/test_sendnow.py fails if
 they change): ``FileDescriptor._tempDataBuffer``, ``dataBuffer`` and ``offset`` (the buffer),
 ``_writeDisconnecting`` (a half-close asked for), ``_tempDataLen`` (written with
-``_tempDataBuffer`` by :class:`HeldWrites`), and ``writeSomeData``, ``SEND_LIMIT``, ``TLS``,
-``producer``, ``streamingProducer``, ``producerPaused``, ``reactor`` of ``tcp.Server`` and
-``tcp.Client``.
+``_tempDataBuffer`` by :class:`HeldWrites`), and ``writeSomeData``, ``TLS``, ``producer``,
+``streamingProducer``, ``producerPaused``, ``reactor`` of ``tcp.Server`` and ``tcp.Client``.
 """
 
 from __future__ import annotations
@@ -54,6 +53,11 @@ from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.web._newclient import Request
+
+WRITE_NOW_MAX = 64 * 1024
+"""The largest write :func:`write_now` sends at once. A larger one (a download's frames) takes
+the ordinary path: the ``epoll_ctl`` pair is little beside it, and Twisted sends a buffer's
+rest without copying it, where the rest of a partial send here is a copy."""
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 """Twisted's TCP transports (exactly these: a subclass may send otherwise, UNIX sockets pass
@@ -118,9 +122,9 @@ def writes_through(transport: Any) -> bool:
 
 def write_now(transport: Any, data: bytes) -> None:
     """``transport.write(data)``, but sent on the socket at once when :func:`writes_through`
-    (and ``data`` is bytes, at most one ``send()`` of the transport's): what the socket did not
-    take, or all of it when the send failed, is left to ``transport.write``."""
-    if type(data) is bytes and 0 < len(data) and writes_through(transport) and len(data) <= transport.SEND_LIMIT:
+    (and ``data`` is bytes of at most ``WRITE_NOW_MAX``): what the socket did not take, or all
+    of it when the send failed, is left to ``transport.write``."""
+    if type(data) is bytes and 0 < len(data) <= WRITE_NOW_MAX and writes_through(transport):
         sent = transport.writeSomeData(data)  # an int, or an exception for a lost connection
         if type(sent) is int and sent > 0:
             if sent == len(data):

@@ -29,7 +29,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from ppbridge.sendnow import HeldWrites, WriteNowRequest, send_now, write_now, writes_through
+from ppbridge.sendnow import WRITE_NOW_MAX, HeldWrites, WriteNowRequest, send_now, write_now, writes_through
 from ppbridge.upstream import Upstream
 from tests.support import Stack, listen
 
@@ -178,8 +178,8 @@ class TwistedInternalsTests(TestCase):
     @inlineCallbacks
     def test_buffer_and_state_attributes(self):  # type: ignore[no-untyped-def]
         """Both ends are tcp.Server/tcp.Client, whose send is Connection.writeSomeData; an idle
-        transport shows an empty ``dataBuffer``/``_tempDataBuffer`` at ``offset`` 0, no TLS, no
-        half-close and 128 KiB SEND_LIMIT; an ordinary write lands in ``_tempDataBuffer`` and
+        transport shows an empty ``dataBuffer``/``_tempDataBuffer`` at ``offset`` 0, no TLS and no
+        half-close; an ordinary write lands in ``_tempDataBuffer`` and
         registers the transport for writing; ``writeSomeData`` sends and returns the count;
         ``loseWriteConnection`` sets ``_writeDisconnecting``; ``_tempDataLen`` counts what
         ``_tempDataBuffer`` holds, and ``reactor`` is the reactor the transport runs on."""
@@ -189,8 +189,7 @@ class TwistedInternalsTests(TestCase):
         for transport in (server.transport, client.transport):
             self.assertIs(type(transport).writeSomeData, twisted_tcp.Connection.writeSomeData)
             self.assertEqual((transport.dataBuffer, transport.offset, transport._tempDataBuffer), (b"", 0, []))
-            self.assertEqual((transport.TLS, transport._writeDisconnecting, transport.SEND_LIMIT),
-                             (False, False, 128 * 1024))
+            self.assertEqual((transport.TLS, transport._writeDisconnecting), (False, False))
             self.assertEqual((transport.producerPaused, transport.streamingProducer), (False, False))
             self.assertEqual((transport._tempDataLen, transport.reactor), (0, reactor))
             self.assertTrue(writes_through(transport))
@@ -236,11 +235,11 @@ class WriteNowTests(TestCase):
 
     @inlineCallbacks
     def test_partial_send_leaves_the_rest_buffered(self):  # type: ignore[no-untyped-def]
-        """The peer does not read and both socket buffers are small: of a 120,000-byte write
+        """The peer does not read and both socket buffers are small: of a 60,000-byte write
         the socket takes only a part, the rest is buffered and registered for writing; a
         later write goes behind it. Once the peer reads, every byte arrives, in order."""
         server, writer = yield stalled_pair(self)
-        data = bytes(i % 251 for i in range(120_000))
+        data = bytes(i % 251 for i in range(60_000))
         tail = b"tail" * 1000
         write_now(writer, data)
         left = buffered(writer)
@@ -252,6 +251,19 @@ class WriteNowTests(TestCase):
         server.transport.resumeProducing()
         received = yield server.wait_for(len(data) + len(tail))
         self.assertEqual(received, data + tail)
+
+    @inlineCallbacks
+    def test_large_write_takes_the_ordinary_path(self):  # type: ignore[no-untyped-def]
+        """A write over WRITE_NOW_MAX (64 KiB) is buffered and registered as usual, nothing
+        sent at once; the peer reads it all."""
+        self.assertEqual(WRITE_NOW_MAX, 64 * 1024)
+        server, client = yield connected_pair(self)
+        data = bytes(i % 251 for i in range(WRITE_NOW_MAX + 1))
+        write_now(server.transport, data)
+        self.assertEqual(server.transport._tempDataBuffer, [data])
+        self.assertIn(server.transport, reactor.getWriters())
+        received = yield client.wait_for(len(data))
+        self.assertEqual(received, data)
 
     @inlineCallbacks
     def test_closing_transports_take_the_ordinary_path(self):  # type: ignore[no-untyped-def]
