@@ -66,14 +66,14 @@ class PipelinedPublish:
             return defer.fail(self.publish_error(txredisapi.ConnectionError("Not connected"), channel))
         held = self._held
         if held is None:
-            held = self._held = HeldWrites()
-        held.write(self.transport, b"".join((_PUBLISH % (len(channel), channel, len(message)), message, b"\r\n")))
+            held = self._held = HeldWrites(self.transport)
+        held.write(b"".join((_PUBLISH % (len(channel), channel, len(message)), message, b"\r\n")))
         waiter: Deferred[int] = Deferred()
         self._fifo().append((waiter, channel))
         self._written += 1
         if self._written >= SEND_EVERY:
             self._written = 0
-            held.send(self.transport)
+            held.send()
         return waiter
 
     def publish_error(self, error: Exception, channel: bytes) -> Failure:

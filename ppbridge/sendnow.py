@@ -36,7 +36,8 @@ the turn ends: a call due at once on the transport's reactor, which runs before 
 polls again (what Twisted's own TLS layer does with small writes, ``_AggregateSmallWrites``).
 Since the bytes are in Twisted's buffer, a later ordinary write queues behind them and a
 ``loseConnection`` sends them before closing, as ever; what the socket does not take is left
-to the reactor, registered.
+to the reactor, registered. A :func:`write_now` sends the held bytes of every connection
+first: bytes are not sent before others written earlier in the process.
 
 Twisted internals read here, checked against Twisted 26.10.0 (tests/test_sendnow.py fails if
 they change): ``FileDescriptor._tempDataBuffer``, ``dataBuffer`` and ``offset`` (the buffer),
@@ -124,6 +125,8 @@ def write_now(transport: Any, data: bytes) -> None:
     """``transport.write(data)``, but sent on the socket at once when :func:`writes_through`
     (and ``data`` is bytes of at most ``WRITE_NOW_MAX``): what the socket did not take, or all
     of it when the send failed, is left to ``transport.write``."""
+    if _HOLDING:
+        _send_earlier()
     if type(data) is bytes and 0 < len(data) <= WRITE_NOW_MAX and writes_through(transport):
         sent = transport.writeSomeData(data)  # an int, or an exception for a lost connection
         if type(sent) is int and sent > 0:
@@ -133,17 +136,33 @@ def write_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
+_HOLDING: list[HeldWrites] = []
+"""The HeldWrites of this process holding bytes now, first held first: :func:`write_now` sends
+them before its own bytes, so a write never overtakes one made before it on another
+connection (the forwarder's RESET to the proxy, then its 504 to the client, leave in that
+order, as when both waited for the reactor)."""
+
+
+def _send_earlier() -> None:
+    for held in list(_HOLDING):
+        held.send()
+
+
 class HeldWrites:
     """One connection's writes of a reactor turn, held in its transport's buffer unregistered
-    and sent with one ``send()`` when the turn ends, or at :meth:`send`. Other transports (TLS,
-    another reactor's, a test's) are written to and sent (:func:`send_now`) as before."""
+    and sent with one ``send()`` when the turn ends, before any :func:`write_now` of the
+    process, or at :meth:`send`. Other transports (TLS, another reactor's, a test's) are
+    written to and sent (:func:`send_now`) as before."""
 
-    def __init__(self) -> None:
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
         self._due: IDelayedCall | None = None  # the turn's end, once something is held
+        self._holding = False  # in _HOLDING
 
-    def write(self, transport: Any, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
         """``transport.write(data)``, held without registering the transport for writing when
         it is a plain TCP transport of Twisted's, open for writing, without a producer."""
+        transport = self.transport
         if (type(transport) not in _PLAIN_TCP or type(data) is not bytes or not transport.connected
                 or transport.disconnecting or transport._writeDisconnecting or transport.TLS
                 or transport.producer is not None):
@@ -152,16 +171,21 @@ class HeldWrites:
         if data:
             transport._tempDataBuffer.append(data)
             transport._tempDataLen += len(data)
+            if not self._holding:
+                self._holding = True
+                _HOLDING.append(self)
             if self._due is None:
-                self._due = transport.reactor.callLater(0, self._turn_ended, transport)
+                self._due = transport.reactor.callLater(0, self._turn_ended)
 
-    def _turn_ended(self, transport: Any) -> None:
+    def _turn_ended(self) -> None:
         self._due = None
-        self.send(transport)
+        self.send()
 
-    def send(self, transport: Any) -> None:
-        """Send what ``transport`` holds now, if anything (:func:`send_now`); what its socket
+    def send(self) -> None:
+        """Send what the transport holds now, if anything (:func:`send_now`); what its socket
         does not take stays buffered, and the transport is registered for it."""
+        self._let_go()
+        transport = self.transport
         if type(transport) not in _PLAIN_TCP:
             send_now(transport)
             return
@@ -170,6 +194,12 @@ class HeldWrites:
 
     def cancel(self) -> None:
         """The connection is gone: nothing is to be sent at the turn's end."""
+        self._let_go()
         due, self._due = self._due, None
         if due is not None and due.active():
             due.cancel()
+
+    def _let_go(self) -> None:
+        if self._holding:
+            self._holding = False
+            _HOLDING.remove(self)

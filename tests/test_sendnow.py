@@ -329,9 +329,9 @@ class HeldWritesTests(TestCase):
         transport was never registered."""
         server, client = yield connected_pair(self)
         sends, registered = counted(server.transport)
-        held = HeldWrites()
+        held = HeldWrites(server.transport)
         for part in (b"one ", b"two ", b"three"):
-            held.write(server.transport, part)
+            held.write(part)
         self.assertEqual(server.transport._tempDataBuffer, [b"one ", b"two ", b"three"])
         self.assertEqual(sends, [])
         self.assertNotIn(server.transport, reactor.getWriters())
@@ -346,12 +346,12 @@ class HeldWritesTests(TestCase):
         held again and leaves when the turn ends."""
         server, client = yield connected_pair(self)
         sends, registered = counted(server.transport)
-        held = HeldWrites()
-        held.write(server.transport, b"a")
-        held.write(server.transport, b"b")
-        held.send(server.transport)
+        held = HeldWrites(server.transport)
+        held.write(b"a")
+        held.write(b"b")
+        held.send()
         self.assertEqual((sends, buffered(server.transport)), ([b"ab"], 0))
-        held.write(server.transport, b"c")
+        held.write(b"c")
         self.assertEqual(sends, [b"ab"])
         received = yield client.wait_for(3)
         self.assertEqual(received, b"abc")
@@ -363,8 +363,8 @@ class HeldWritesTests(TestCase):
         same turn still sends the held bytes before the connection closes: the peer reads
         everything, in order, then the end."""
         server, client = yield connected_pair(self)
-        held = HeldWrites()
-        held.write(server.transport, b"held ")
+        held = HeldWrites(server.transport)
+        held.write(b"held ")
         server.transport.write(b"ordinary")
         server.transport.loseConnection()
         received = yield client.ended.addTimeout(WAIT, reactor)
@@ -378,9 +378,9 @@ class HeldWritesTests(TestCase):
         server, writer = yield stalled_pair(self)
         sends, registered = counted(writer)
         data = bytes(i % 251 for i in range(120_000))
-        held = HeldWrites()
-        held.write(writer, data)
-        held.send(writer)
+        held = HeldWrites(writer)
+        held.write(data)
+        held.send()
         self.assertEqual(len(sends), 1)
         self.assertGreater(buffered(writer), 0)
         self.assertLess(buffered(writer), len(data))
@@ -389,12 +389,30 @@ class HeldWritesTests(TestCase):
         received = yield server.wait_for(len(data))
         self.assertEqual(received, data)
 
+    @inlineCallbacks
+    def test_write_now_sends_bytes_held_before_it_first(self):  # type: ignore[no-untyped-def]
+        """Bytes held on one connection, then a write_now on another: the held bytes are sent
+        first (the two sends in that order, both before the turn ends), so no write overtakes
+        one made before it; both peers read theirs."""
+        first_server, first_client = yield connected_pair(self)
+        second_server, second_client = yield connected_pair(self)
+        order: list[bytes] = []
+        for transport in (first_server.transport, second_server.transport):
+            write_some = transport.writeSomeData
+            transport.writeSomeData = lambda data, write_some=write_some: (order.append(bytes(data)),
+                                                                          write_some(data))[1]
+        HeldWrites(first_server.transport).write(b"reset")
+        write_now(second_server.transport, b"504")
+        self.assertEqual(order, [b"reset", b"504"])
+        self.assertEqual((yield first_client.wait_for(5)), b"reset")
+        self.assertEqual((yield second_client.wait_for(3)), b"504")
+
     def test_other_transports_written_as_usual(self) -> None:
         """A transport that is not Twisted's plain TCP (here a test's StringTransport) gets an
         ordinary write at once, and nothing is scheduled."""
         transport = StringTransport()
-        held = HeldWrites()
-        held.write(transport, b"now")
+        held = HeldWrites(transport)
+        held.write(b"now")
         self.assertEqual(transport.value(), b"now")
         self.assertIsNone(held._due)
 
