@@ -37,13 +37,17 @@ polls again (what Twisted's own TLS layer does with small writes, ``_AggregateSm
 Since the bytes are in Twisted's buffer, a later ordinary write queues behind them and a
 ``loseConnection`` sends them before closing, as ever; what the socket does not take is left
 to the reactor, registered. A :func:`write_now` sends the held bytes of every connection
-first: bytes are not sent before others written earlier in the process.
+first: bytes are not sent before others written earlier in the process. (An ordinary
+``transport.write`` does not: made in a timed call, it leaves when the reactor polls next,
+before bytes held in the same call, which go when the next turn begins.)
 
 Twisted internals read here, checked against Twisted 26.10.0 (tests/test_sendnow.py fails if
 they change): ``FileDescriptor._tempDataBuffer``, ``dataBuffer`` and ``offset`` (the buffer),
 ``_writeDisconnecting`` (a half-close asked for), ``_tempDataLen`` (written with
 ``_tempDataBuffer`` by :class:`HeldWrites`), and ``writeSomeData``, ``TLS``, ``producer``,
-``streamingProducer``, ``producerPaused``, ``reactor`` of ``tcp.Server`` and ``tcp.Client``.
+``streamingProducer``, ``producerPaused``, ``reactor`` of ``tcp.Server`` and ``tcp.Client``;
+and that ``_newclient.Request.writeTo`` writes a request without a body with one
+``writeSequence`` and nothing else.
 """
 
 from __future__ import annotations
