@@ -11,7 +11,8 @@ them to the Agent's own ``_requestWithEndpoint``; any other URL goes through ``A
 connection's own Deferred for the response to it (a Deferred that waits on another, per
 request). When the pool (:class:`~ppbridge.upstreampool.UpstreamPool`) has an idle connection,
 :meth:`OneOriginAgent.request` does what ``_requestWithEndpoint`` does then — the same
-``Request``, handed to the same connection, wrapped to retry once as Twisted's pool wraps it
+``Request`` (a :class:`~ppbridge.sendnow.WriteNowRequest`: a head without a body is written
+at once), handed to the same connection, wrapped to retry once as Twisted's pool wraps it
 — and returns the connection's Deferred itself (cancelling it is what cancelling the chained
 one did). Without a pooled connection, or without a Host header, ``_requestWithEndpoint`` runs.
 
@@ -28,11 +29,12 @@ import re
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail
-from twisted.web._newclient import Request, _ensureValidMethod
+from twisted.web._newclient import _ensureValidMethod
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 
+from ppbridge.sendnow import WriteNowRequest
 from ppbridge.upstreampool import UpstreamPool
 
 # A URL's path and query as urlparse splits them without a params or fragment part: printable
@@ -80,7 +82,7 @@ class OneOriginAgent(Agent):
             connection = pool.pooled(key, endpoint)
             if connection is not None:
                 try:  # what _requestWithEndpoint's callback does; what it raises is a failed Deferred
-                    answer: Deferred[IResponse] = connection.request(Request._construct(
+                    answer: Deferred[IResponse] = connection.request(WriteNowRequest._construct(
                         method, request_path, headers, bodyProducer, persistent=pool.persistent, parsedURI=parsed))
                 except Exception:
                     return fail()
