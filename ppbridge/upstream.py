@@ -35,7 +35,6 @@ from twisted.web.client import (
     _HTTP11ClientFactory,
 )
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
@@ -49,7 +48,7 @@ from ppbridge.errors import (
     UpstreamUnreachable,
     reset_code,
 )
-from ppbridge.httpheaders import end_to_end_of_raw, upstream_request_headers
+from ppbridge.httpheaders import end_to_end_of_raw, twisted_headers, upstream_request_headers
 from ppbridge.logs import CAUSES, NO_CAUSE, status_of
 from ppbridge.logsafe import Throttle, escape
 from ppbridge.oneorigin import OneOriginAgent
@@ -276,10 +275,7 @@ class UpstreamCall:
             limit = left
             self._at_deadline = True
         self._timers.arm_both(self.proxy.settings.stream_idle_timeout, limit)
-        headers = Headers()
-        add = headers.addRawHeader
-        for name, value in upstream_request_headers(head.headers, self.proxy.upstream.host, _AGENT_SETS):
-            add(name, value)
+        headers = twisted_headers(upstream_request_headers(head.headers, self.proxy.upstream.host, _AGENT_SETS))
         d = self.proxy.upstream.agent.request(head.method, self.proxy.upstream.url(head.target), headers, producer)
         self._request = d
         d.addCallbacks(self._answered, self._not_answered)
