@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError, TimeoutError
-from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.interfaces import IConsumer, IProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -169,20 +169,6 @@ class StreamBody:
         # dropping) frames so the forwarder can finish and read the answer.
         self.stopped = True
         self._inbound.resume()
-
-
-class _BodyReceiver(Protocol):
-    def __init__(self, call: UpstreamCall) -> None:
-        self.call = call
-
-    def connectionMade(self) -> None:
-        self.call.body_started(cast(IPushProducer, self.transport))
-
-    def dataReceived(self, data: bytes) -> None:
-        self.call.body_data(data)
-
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
-        self.call.body_end(reason)
 
 
 def classify(failure: Failure) -> RequestError:
@@ -351,7 +337,7 @@ class UpstreamCall:
             self._buffer = []
         else:
             self._send_head(b"", end=False)
-        response.deliverBody(_BodyReceiver(self))
+        response.deliverBody(cast(IProtocol, self))  # the call is the body's protocol: see makeConnection
 
     def _failed(self, failure: Failure) -> None:
         self._timers.end_wait()
@@ -479,6 +465,12 @@ class UpstreamCall:
     def _send_window(self, increment: int) -> None:
         if not self.done:
             self._send(MsgType.WINDOW, 0, encode_window(increment))
+
+    # The response body's protocol (IProtocol's three calls, as Response.deliverBody makes
+    # them) is the call itself: not an object more per request handing each call on.
+    makeConnection = body_started
+    dataReceived = body_data
+    connectionLost = body_end
 
     def refuse(self, error: RequestError) -> None:
         """End the call with ``error``: the forwarder gets a RESET naming it, the upstream
