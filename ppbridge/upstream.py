@@ -32,7 +32,6 @@ from twisted.web.client import (
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
-    _HTTP11ClientFactory,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
@@ -52,6 +51,7 @@ from ppbridge.httpheaders import end_to_end_of_raw, twisted_headers, upstream_re
 from ppbridge.logs import CAUSES, NO_CAUSE, status_of
 from ppbridge.logsafe import Throttle, escape
 from ppbridge.oneorigin import OneOriginAgent
+from ppbridge.readpause import UpstreamConnectionFactory
 from ppbridge.sendlimit import raise_send_limit
 from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
@@ -70,10 +70,6 @@ POOL_SIZE = 64
 # the 56 bytes left with the next read: two copies of every byte downloaded).
 READ_SIZE = FRAME_PAYLOAD
 _AGENT_SETS = frozenset((b"content-length",))  # from the body producer: not passed to the Agent
-
-
-class _QuietFactory(_HTTP11ClientFactory):
-    noisy = False
 
 
 @implementer(IAgentEndpointFactory)
@@ -115,7 +111,7 @@ class Upstream:
         self.base_path = parts.path.rstrip("/").encode("ascii")
         self.pool = UpstreamPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = POOL_SIZE
-        self.pool._factory = _QuietFactory  # not two log lines per upstream connection
+        self.pool._factory = UpstreamConnectionFactory  # quiet, and no pause and resume per response
         self.failures = Throttle()  # warn lines for failed upstream calls, per cause
         # Upgrade calls connect here themselves (None with an injected agent: tests of the calls)
         self.endpoint: _OneEndpoint | None = None
