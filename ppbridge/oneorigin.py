@@ -46,6 +46,8 @@ class OneOriginAgent(Agent):
 
     origin: URI  # scheme, netloc, host and port of every URL this agent is given
     prefix: bytes  # b"scheme://netloc"
+    key: tuple[bytes, bytes, int]  # the pool's key for the origin's connections
+    endpoint: Any  # the endpoint the factory gives for the origin
 
     @classmethod
     def for_origin(cls: type[_Agent], origin: bytes, reactor: Any, endpoints: IAgentEndpointFactory,
@@ -53,6 +55,9 @@ class OneOriginAgent(Agent):
         """The agent for ``origin`` (``b"scheme://netloc"``), connecting through ``endpoints``."""
         agent = cls.usingEndpointFactory(reactor, endpoints, pool=pool)
         agent.origin, agent.prefix = URI.fromBytes(origin + b"/"), origin
+        # The pool key and endpoint of every plain URL (the origin's): worked out once.
+        agent.key = (agent.origin.scheme, agent.origin.host, agent.origin.port)
+        agent.endpoint = agent._getEndpoint(agent.origin)
         return agent
 
     def plain(self, uri: bytes) -> tuple[URI, bytes] | None:
@@ -72,9 +77,7 @@ class OneOriginAgent(Agent):
         if split is None:
             return super().request(method, uri, headers, bodyProducer)
         parsed, request_path = split
-        key = (parsed.scheme, parsed.host, parsed.port)
-        endpoint = self._getEndpoint(parsed)
-        pool = self._pool
+        key, endpoint, pool = self.key, self.endpoint, self._pool
         if isinstance(pool, UpstreamPool) and headers is not None and headers.hasHeader(b"Host"):
             method = _ensureValidMethod(method)  # raises here, as in _requestWithEndpoint
             connection = pool.pooled(key, endpoint)

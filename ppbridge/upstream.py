@@ -315,10 +315,13 @@ class UpstreamCall:
         except Exception:
             self._bug(Failure())
 
-    def _got_response(self, response: IResponse) -> None:
+    def _head_arrived(self) -> None:
+        """The upstream's response head came: the wait for it ends, its latency is observed."""
         self._timers.end_wait()
-        self.proxy.metrics.upstream_latency_of(self.proxy.settings.name).observe(
-            max(0.0, self.proxy.clock.seconds() - self.started))
+        self.proxy.upstream_latency.observe(max(0.0, self.proxy.clock.seconds() - self.started))
+
+    def _got_response(self, response: IResponse) -> None:
+        self._head_arrived()
         if self.done:
             response.deliverBody(_Discard())
             return
