@@ -17,9 +17,9 @@ one did). Without a pooled connection, or without a Host header, ``_requestWithE
 
 Twisted's private names used here, checked against Twisted 26.10 (whose ``Agent.request`` is
 ``_ensureValidURI``, ``URI.fromBytes``, ``_getEndpoint`` and ``_requestWithEndpoint``):
-``Agent._requestWithEndpoint``, ``Agent._getEndpoint``, ``Agent._pool``, ``Request._construct``
-and ``_newclient._ensureValidMethod``. tests/test_upstream_uri.py fails if they go, and
-compares what the paths hand on, part by part.
+``Agent._requestWithEndpoint``, ``Agent._getEndpoint``, ``Agent._pool`` and ``Request._construct``
+(whose check of the method is ``_newclient._ensureValidMethod``, as _requestWithEndpoint's).
+tests/test_upstream_uri.py fails if they go, and compares what the paths hand on, part by part.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import re
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail
-from twisted.web._newclient import Request, _ensureValidMethod
+from twisted.web._newclient import Request
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
@@ -79,12 +79,14 @@ class OneOriginAgent(Agent):
         parsed, request_path = split
         key, endpoint, pool = self.key, self.endpoint, self._pool
         if isinstance(pool, UpstreamPool) and headers is not None and headers.hasHeader(b"Host"):
-            method = _ensureValidMethod(method)  # raises here, as in _requestWithEndpoint
+            # Made before a connection is taken: a bad method raises here (Request checks it, as
+            # _requestWithEndpoint does first), and a plain URL's path always passes.
+            request = Request._construct(method, request_path, headers, bodyProducer, persistent=pool.persistent,
+                                         parsedURI=parsed)
             connection = pool.pooled(key, endpoint)
             if connection is not None:
                 try:  # what _requestWithEndpoint's callback does; what it raises is a failed Deferred
-                    answer: Deferred[IResponse] = connection.request(Request._construct(
-                        method, request_path, headers, bodyProducer, persistent=pool.persistent, parsedURI=parsed))
+                    answer: Deferred[IResponse] = connection.request(request)
                 except Exception:
                     return fail()
                 return answer

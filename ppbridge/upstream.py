@@ -303,9 +303,24 @@ class UpstreamCall:
             self._request.cancel()
 
     def _answered(self, response: IResponse) -> None:
-        """The response head came: answer, logging a bug of ours (one callback, not two)."""
+        """The response head came: answer (a bug of ours is logged: one callback, not two)."""
         try:
-            self._got_response(response)
+            self._head_arrived()
+            if self.done:
+                response.deliverBody(_Discard())
+                return
+            headers = end_to_end_of_raw(dict(response.headers.getAllRawHeaders()))
+            length = None if response.length is UNKNOWN_LENGTH else response.length
+            if length is not None and self.head.method != b"HEAD" and response.code not in (204, 304):
+                # The Agent moves Content-Length out of response.headers into response.length
+                # (except for HEAD, where it describes the entity); put it back.
+                headers.append((b"Content-Length", b"%d" % length))
+            self._response = ResponseHead(response.code, clean_reason(response.phrase), headers, length)
+            if length is not None and length <= INLINE_MAX:
+                self._buffer = []
+            else:
+                self._send_head(b"", end=False)
+            response.deliverBody(cast(IProtocol, self))  # the call is the body's protocol: see makeConnection
         except Exception:
             self._bug(Failure())
 
@@ -319,24 +334,6 @@ class UpstreamCall:
         """The upstream's response head came: the wait for it ends, its latency is observed."""
         self._timers.end_wait()
         self.proxy.upstream_latency.observe(max(0.0, self.proxy.clock.seconds() - self.started))
-
-    def _got_response(self, response: IResponse) -> None:
-        self._head_arrived()
-        if self.done:
-            response.deliverBody(_Discard())
-            return
-        headers = end_to_end_of_raw(dict(response.headers.getAllRawHeaders()))
-        length = None if response.length is UNKNOWN_LENGTH else response.length
-        if length is not None and self.head.method != b"HEAD" and response.code not in (204, 304):
-            # The Agent moves Content-Length out of response.headers into response.length
-            # (except for HEAD, where it describes the entity); put it back.
-            headers.append((b"Content-Length", b"%d" % length))
-        self._response = ResponseHead(response.code, clean_reason(response.phrase), headers, length)
-        if length is not None and length <= INLINE_MAX:
-            self._buffer = []
-        else:
-            self._send_head(b"", end=False)
-        response.deliverBody(cast(IProtocol, self))  # the call is the body's protocol: see makeConnection
 
     def _failed(self, failure: Failure) -> None:
         self._timers.end_wait()
