@@ -73,10 +73,10 @@ class UpstreamConnection(HTTP11ClientProtocol):
             parser.transport = cast(ITransport, producer)  # its Response is given this one too
         return answer
 
-    def dataReceived(self, bytes: bytes) -> None:
+    def dataReceived(self, data: bytes) -> None:
         self.reading = True
         try:
-            super().dataReceived(bytes)
+            super().dataReceived(data)
         finally:
             self.reading = False
             owed = self.owed

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import TestCase
 from twisted.web._newclient import HTTP11ClientProtocol, Request, TransportProxyProducer
 from twisted.web.client import Response, _HTTP11ClientFactory
@@ -14,8 +14,6 @@ from twisted.web.http_headers import Headers
 
 from ppbridge.readpause import ReadTurnProducer, UpstreamConnection, UpstreamConnectionFactory
 from ppbridge.upstream import Upstream
-
-from twisted.internet.testing import MemoryReactorClock
 
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello"
 
