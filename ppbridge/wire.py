@@ -257,7 +257,7 @@ def _header_block(headers: HeaderList) -> bytes:
 def _parse_header_block(block: bytes) -> HeaderList:
     if not block:
         return []
-    if b"\r" in block or b"\n" in block:
+    if block.find(b"\r") != -1 or block.find(b"\n") != -1:  # not `in`: CPython 3.11 tries an int first, and raises
         raise BusMessageError("malformed", "CR or LF in a header")
     parts = block.split(b"\0")
     if len(parts) % 2 or len(parts) > 2 * MAX_HEADERS:
