@@ -40,6 +40,7 @@ from zope.interface import implementer
 from ppbridge.errors import HeaderTimeout, HeaderTooLarge, RequestError, TooManyHeaders
 from ppbridge.logsafe import escape
 from ppbridge.sendlimit import SEND_LIMIT, raise_send_limit
+from ppbridge.sendnow import write_now
 from ppbridge.wire import FRAME_PAYLOAD
 
 MIN_TOTAL_HEAD = 16384  # twisted.web's totalHeadersSize
@@ -127,6 +128,8 @@ class EdgeChannel(HTTPChannel):
     _secure: bool | None = None  # isSecure(), once asked
     _host: IAddress | None = None  # getHost(), once asked
     _suspending = False  # in allContentReceived: twisted.web turning the idle timeout off
+    _holding = False  # the response head waits for the body's first write (hold_head)
+    _held_head: bytes | None = None
 
     def __init__(self, edge: Edge) -> None:
         super().__init__()
@@ -178,7 +181,8 @@ class EdgeChannel(HTTPChannel):
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         """twisted.web's status line and headers, the same bytes in one write: not about four
-        pieces per header, each type-checked by the transport and joined there anyway."""
+        pieces per header, each type-checked by the transport and joined there anyway. Held
+        for the body's first bytes while :meth:`hold_head` says so."""
         if not isinstance(headers, Headers):  # twisted.web only passes Headers; the rest as it does
             super().writeHeaders(version, code, reason, headers)
             return
@@ -187,8 +191,48 @@ class EdgeChannel(HTTPChannel):
             for value in values:
                 parts += (name, b": ", value, b"\r\n")
         parts.append(b"\r\n")
+        if self._holding:
+            self._held_head = b"".join(parts)
+            return
         transport: Any = self.transport
         transport.write(b"".join(parts))
+
+    def hold_head(self) -> None:
+        """Keep the response head twisted.web writes next for the body's first write
+        (:meth:`write`, :meth:`writeSequence`), until :meth:`release_head`: both leave in one
+        write, so writing at once (:func:`~ppbridge.sendnow.write_now`) does not split them."""
+        self._holding = True
+
+    def release_head(self, chunked: bool) -> None:
+        """Stop holding; a head still held (no body followed: HEAD, 204, 304, an empty body) is
+        written now: at once, or the ordinary way for a ``chunked`` response (twisted.web's
+        ``finish`` writes the last chunk next, which then leaves with it)."""
+        self._holding = False
+        head, self._held_head = self._held_head, None
+        if head is not None:
+            if chunked:
+                cast(Any, self.transport).write(head)
+            else:
+                write_now(self.transport, head)
+
+    def write(self, data: bytes) -> None:
+        """A response's bytes (twisted.web's ``Request`` writes here, a chunked body's
+        terminator too), after the head held for them: sent at once when the connection holds
+        nothing (:func:`~ppbridge.sendnow.write_now`), else buffered as usual."""
+        head = self._held_head
+        if head is not None:
+            self._held_head = None
+            data = head + data
+        write_now(self.transport, data)
+
+    def writeSequence(self, iovec: list[bytes]) -> None:
+        """A chunked body's pieces (with the head held for them): the ordinary way, since
+        twisted.web may write the terminator next, in the same turn."""
+        head = self._held_head
+        if head is not None:
+            self._held_head = None
+            iovec = [head, *iovec]
+        cast(Any, self.transport).writeSequence(iovec)
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:
         """twisted.web's answer, but never kept alive while draining (``Connection: close``)."""

@@ -59,6 +59,8 @@ class ProxyService(MultiService):
         self.instance = instance or os.urandom(ID_SIZE)
         self.channels = Channels(settings.redis.namespace)
         self.metrics = Metrics()
+        # Observed per call: the tally of this proxy's name (restart-only) looked up once.
+        self.upstream_latency = self.metrics.upstream_latency_of(settings.name)
         self.keyring = Keyring(settings.rekey.grace, clock.seconds)
         self.node = SessionNode(self.keyring, bus, clock, self.metrics, settings.frame_size + OVERHEAD, "proxy")
         self.negotiator = ProxyNegotiator(

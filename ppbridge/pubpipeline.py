@@ -5,13 +5,14 @@ txredisapi 1.6.0 pays, per command, a reply-queue Deferred, a result Deferred an
 callbacks between them; the services publish about one message per request each way.
 :class:`PipelinedPublish` (a base of the bus's publisher protocol,
 :class:`ppbridge.redisconn._Publisher`) writes each PUBLISH to the transport as it is made and
-gives its caller one Deferred, fired from its own reply. The transport buffers what is written
-in one reactor turn and sends it with one ``send`` when the reactor next polls, so several
-publishes of a turn leave in one write, in order, and no later than before (a publish is never
-held back behind anything else the process writes in that turn). Every ``SEND_EVERY``-th PUBLISH
-sends what the transport holds at once (:func:`ppbridge.sendnow.send_now`): under load, Redis
-and the peer start on the first messages of a turn while this process goes on with the rest,
-instead of waiting for the whole turn. Redis answers commands in the
+gives its caller one Deferred, fired from its own reply. What is written in one reactor turn
+leaves with one ``send`` when the turn ends, so several publishes of a turn leave in one write,
+in order, and no later than before (a publish is never held back behind anything else the
+process writes in that turn); they wait in the transport's buffer without registering it for
+writing (:class:`ppbridge.sendnow.HeldWrites`: no ``epoll_ctl`` pair per turn). Every
+``SEND_EVERY``-th PUBLISH sends what the transport holds at once: under load, Redis and the
+peer start on the first messages of a turn while this process goes on with the rest, instead
+of waiting for the whole turn. Redis answers commands in the
 order they were written, so one FIFO of "who waits for the next reply" covers both kinds: an
 entry per pipelined PUBLISH, ``None`` per command txredisapi sent itself (AUTH, SELECT, PING,
 PUBSUB...), whose reply goes on to txredisapi's own queue.
@@ -31,7 +32,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from ppbridge.sendnow import send_now
+from ppbridge.sendnow import HeldWrites
 
 SEND_EVERY = 8
 """PUBLISHes written between two sends before the reactor's own: at c16, 8 cut a turn's batch
@@ -49,6 +50,7 @@ class PipelinedPublish:
     connected: int
     _waiters: deque[tuple[Deferred[int], bytes] | None] | None = None  # per command written: who takes its reply
     _written = 0  # PUBLISHes written, counting to SEND_EVERY
+    _held: HeldWrites | None = None  # the PUBLISHes of this turn, sent at its end
     check_reply: Callable[[object], None]  # looks at every reply first (the publisher's -READONLY check)
 
     def _fifo(self) -> deque[tuple[Deferred[int], bytes] | None]:
@@ -62,13 +64,16 @@ class PipelinedPublish:
         link is lost first."""
         if not self.connected:
             return defer.fail(self.publish_error(txredisapi.ConnectionError("Not connected"), channel))
-        self.transport.write(b"".join((_PUBLISH % (len(channel), channel, len(message)), message, b"\r\n")))
+        held = self._held
+        if held is None:
+            held = self._held = HeldWrites(self.transport)
+        held.write(b"".join((_PUBLISH % (len(channel), channel, len(message)), message, b"\r\n")))
         waiter: Deferred[int] = Deferred()
         self._fifo().append((waiter, channel))
         self._written += 1
         if self._written >= SEND_EVERY:
             self._written = 0
-            send_now(self.transport)
+            held.send()
         return waiter
 
     def publish_error(self, error: Exception, channel: bytes) -> Failure:
@@ -95,6 +100,8 @@ class PipelinedPublish:
             waiter.callback(reply)  # type: ignore[arg-type]
 
     def connectionLost(self, why: object) -> None:
+        if self._held is not None:
+            self._held.cancel()
         written = [w for w in (self._waiters or ()) if w is not None]
         self._waiters = None  # txredisapi's own waiters are failed by its connectionLost
         super().connectionLost(why)  # type: ignore[misc]

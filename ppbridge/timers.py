@@ -137,13 +137,16 @@ class CallTimers:
         self._for_wait = False  # what _call stands for: the wait (else the idle deadline)
         self._idle_due: float | None = None
         self._wait_due: float | None = None
+        self._due = 0.0  # when _call is due (by this clock, when it was set): not asked of the call
 
     def arm_both(self, idle: float, wait: float) -> None:
         """Both deadlines at once: idle in ``idle`` seconds, the wait's end in ``wait``."""
         now = self._clock.seconds()
-        self._idle_due, self._wait_due = now + idle, now + wait
-        for_wait = self._wait_due < self._idle_due
-        self._set(for_wait, wait if for_wait else idle)
+        idle_due, wait_due = self._idle_due, self._wait_due = now + idle, now + wait
+        if wait_due < idle_due:
+            self._set(True, wait, wait_due)
+        else:
+            self._set(False, idle, idle_due)
 
     def arm_idle(self, seconds: float) -> None:
         """The idle deadline is ``seconds`` from now (armed or pushed back)."""
@@ -152,12 +155,12 @@ class CallTimers:
         wait_due, call = self._wait_due, self._call
         if call is not None and self._for_wait:
             # The call stands for the wait, or for where the wait ended (then it only moves on)
-            if due <= (call.getTime() if wait_due is None else wait_due):
-                self._set(False, seconds)
+            if due <= (self._due if wait_due is None else wait_due):
+                self._set(False, seconds, due)
         elif wait_due is not None and wait_due < due:
-            self._set(True, wait_due - now)
+            self._set(True, wait_due - now, wait_due)
         else:
-            self._set(False, seconds)
+            self._set(False, seconds, due)
 
     def stop_idle(self) -> None:
         """No idle deadline any more (until armed again)."""
@@ -178,8 +181,8 @@ class CallTimers:
         self._idle_due = self._wait_due = None
         self._cancel()
 
-    def _set(self, for_wait: bool, delay: float) -> None:
-        """The delayed call fires in ``delay`` seconds, for the wait or the idle deadline."""
+    def _set(self, for_wait: bool, delay: float, due: float) -> None:
+        """The delayed call fires in ``delay`` seconds (at ``due``), for the wait or the idle deadline."""
         if self._on_idle is _nothing:
             return  # closed
         call = self._call
@@ -188,6 +191,7 @@ class CallTimers:
         else:
             self._call = self._clock.callLater(max(0.0, delay), self._expired)
         self._for_wait = for_wait
+        self._due = due
 
     def _reschedule(self) -> None:
         """Point the delayed call at the earlier deadline left, or cancel it."""
@@ -197,7 +201,7 @@ class CallTimers:
             return
         for_wait = idle is None or (wait is not None and wait < idle)
         due: float = wait if for_wait else idle  # type: ignore[assignment]
-        self._set(for_wait, due - self._clock.seconds())
+        self._set(for_wait, due - self._clock.seconds(), due)
 
     def _cancel(self) -> None:
         if self._call is not None and self._call.active():

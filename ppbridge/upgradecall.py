@@ -107,11 +107,6 @@ class UpgradeCall(UpstreamCall):
         if not self.switched:
             super()._arm()
 
-    def _head_arrived(self) -> None:
-        self._timers.end_wait()
-        self.proxy.metrics.upstream_latency_of(self.proxy.settings.name).observe(
-            max(0.0, self.proxy.clock.seconds() - self.started))
-
     # from the upstream connection
 
     def switched_protocols(self, event: h11.InformationalResponse) -> None:

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError, TimeoutError
-from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.interfaces import IConsumer, IProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,10 +32,8 @@ from twisted.web.client import (
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
-    _HTTP11ClientFactory,
 )
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
@@ -49,10 +47,11 @@ from ppbridge.errors import (
     UpstreamUnreachable,
     reset_code,
 )
-from ppbridge.httpheaders import end_to_end_of_raw, upstream_request_headers
+from ppbridge.httpheaders import end_to_end_of_raw, twisted_headers, upstream_request_headers
 from ppbridge.logs import CAUSES, NO_CAUSE, status_of
 from ppbridge.logsafe import Throttle, escape
 from ppbridge.oneorigin import OneOriginAgent
+from ppbridge.readpause import UpstreamConnectionFactory
 from ppbridge.sendlimit import raise_send_limit
 from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
@@ -71,10 +70,6 @@ POOL_SIZE = 64
 # the 56 bytes left with the next read: two copies of every byte downloaded).
 READ_SIZE = FRAME_PAYLOAD
 _AGENT_SETS = frozenset((b"content-length",))  # from the body producer: not passed to the Agent
-
-
-class _QuietFactory(_HTTP11ClientFactory):
-    noisy = False
 
 
 @implementer(IAgentEndpointFactory)
@@ -116,7 +111,7 @@ class Upstream:
         self.base_path = parts.path.rstrip("/").encode("ascii")
         self.pool = UpstreamPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = POOL_SIZE
-        self.pool._factory = _QuietFactory  # not two log lines per upstream connection
+        self.pool._factory = UpstreamConnectionFactory  # quiet, and no pause and resume per response
         self.failures = Throttle()  # warn lines for failed upstream calls, per cause
         # Upgrade calls connect here themselves (None with an injected agent: tests of the calls)
         self.endpoint: _OneEndpoint | None = None
@@ -170,20 +165,6 @@ class StreamBody:
         # dropping) frames so the forwarder can finish and read the answer.
         self.stopped = True
         self._inbound.resume()
-
-
-class _BodyReceiver(Protocol):
-    def __init__(self, call: UpstreamCall) -> None:
-        self.call = call
-
-    def connectionMade(self) -> None:
-        self.call.body_started(cast(IPushProducer, self.transport))
-
-    def dataReceived(self, data: bytes) -> None:
-        self.call.body_data(data)
-
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
-        self.call.body_end(reason)
 
 
 def classify(failure: Failure) -> RequestError:
@@ -276,10 +257,7 @@ class UpstreamCall:
             limit = left
             self._at_deadline = True
         self._timers.arm_both(self.proxy.settings.stream_idle_timeout, limit)
-        headers = Headers()
-        add = headers.addRawHeader
-        for name, value in upstream_request_headers(head.headers, self.proxy.upstream.host, _AGENT_SETS):
-            add(name, value)
+        headers = twisted_headers(upstream_request_headers(head.headers, self.proxy.upstream.host, _AGENT_SETS))
         d = self.proxy.upstream.agent.request(head.method, self.proxy.upstream.url(head.target), headers, producer)
         self._request = d
         d.addCallbacks(self._answered, self._not_answered)
@@ -325,9 +303,24 @@ class UpstreamCall:
             self._request.cancel()
 
     def _answered(self, response: IResponse) -> None:
-        """The response head came: answer, logging a bug of ours (one callback, not two)."""
+        """The response head came: answer (a bug of ours is logged: one callback, not two)."""
         try:
-            self._got_response(response)
+            self._head_arrived()
+            if self.done:
+                response.deliverBody(_Discard())
+                return
+            headers = end_to_end_of_raw(dict(response.headers.getAllRawHeaders()))
+            length = None if response.length is UNKNOWN_LENGTH else response.length
+            if length is not None and self.head.method != b"HEAD" and response.code not in (204, 304):
+                # The Agent moves Content-Length out of response.headers into response.length
+                # (except for HEAD, where it describes the entity); put it back.
+                headers.append((b"Content-Length", b"%d" % length))
+            self._response = ResponseHead(response.code, clean_reason(response.phrase), headers, length)
+            if length is not None and length <= INLINE_MAX:
+                self._buffer = []
+            else:
+                self._send_head(b"", end=False)
+            response.deliverBody(cast(IProtocol, self))  # the call is the body's protocol: see makeConnection
         except Exception:
             self._bug(Failure())
 
@@ -337,25 +330,10 @@ class UpstreamCall:
         except Exception:
             self._bug(Failure())
 
-    def _got_response(self, response: IResponse) -> None:
+    def _head_arrived(self) -> None:
+        """The upstream's response head came: the wait for it ends, its latency is observed."""
         self._timers.end_wait()
-        self.proxy.metrics.upstream_latency_of(self.proxy.settings.name).observe(
-            max(0.0, self.proxy.clock.seconds() - self.started))
-        if self.done:
-            response.deliverBody(_Discard())
-            return
-        headers = end_to_end_of_raw(dict(response.headers.getAllRawHeaders()))
-        length = None if response.length is UNKNOWN_LENGTH else response.length
-        if length is not None and self.head.method != b"HEAD" and response.code not in (204, 304):
-            # The Agent moves Content-Length out of response.headers into response.length
-            # (except for HEAD, where it describes the entity); put it back.
-            headers.append((b"Content-Length", b"%d" % length))
-        self._response = ResponseHead(response.code, clean_reason(response.phrase), headers, length)
-        if length is not None and length <= INLINE_MAX:
-            self._buffer = []
-        else:
-            self._send_head(b"", end=False)
-        response.deliverBody(_BodyReceiver(self))
+        self.proxy.upstream_latency.observe(max(0.0, self.proxy.clock.seconds() - self.started))
 
     def _failed(self, failure: Failure) -> None:
         self._timers.end_wait()
@@ -483,6 +461,12 @@ class UpstreamCall:
     def _send_window(self, increment: int) -> None:
         if not self.done:
             self._send(MsgType.WINDOW, 0, encode_window(increment))
+
+    # The response body's protocol (IProtocol's three calls, as Response.deliverBody makes
+    # them) is the call itself: not an object more per request handing each call on.
+    makeConnection = body_started
+    dataReceived = body_data
+    connectionLost = body_end
 
     def refuse(self, error: RequestError) -> None:
         """End the call with ``error``: the forwarder gets a RESET naming it, the upstream

@@ -202,12 +202,21 @@ class BridgeRequest(Request):
             self.stream.client_gone(reason)
 
     def write(self, data: bytes) -> None:
+        """twisted.web's; the first write's head and body leave together (EdgeChannel.hold_head)."""
         if not self.startedWriting:
             if self._bare is not None and self._bare is self.responseHeaders:
                 self._dress()
-            if getattr(self.channel, "draining", False):
+            channel = self.channel
+            if getattr(channel, "draining", False):
                 # The forwarder is draining: this is the connection's last response (EdgeChannel.drain).
                 self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            if isinstance(channel, EdgeChannel):
+                channel.hold_head()
+                try:
+                    super().write(data)
+                finally:
+                    channel.release_head(bool(self.chunked))
+                return
         super().write(data)
 
     def _dress(self) -> None:

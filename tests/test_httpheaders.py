@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from twisted.trial.unittest import TestCase
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, InvalidHeaderName
 
 import ipaddress
 
@@ -211,6 +211,42 @@ class UpstreamTests(TestCase):
         headers = [(b"Content-Length", b"5"), (b"content-length", b"5"), (b"Accept", b"*/*")]
         out = upstream_request_headers(headers, b"intranet.example", frozenset((b"content-length",)))
         self.assertEqual(out, [(b"Accept", b"*/*"), (b"Host", b"intranet.example")])
+
+
+class TwistedHeadersTests(TestCase):
+    """twisted_headers: a twisted.web Headers filled in one pass, as addRawHeader fills it."""
+
+    def test_private_name_still_there(self) -> None:
+        """The one private name it fills exists (a newer Twisted must fail here first)."""
+        self.assertIn("_rawHeaders", Headers.__slots__)
+        self.assertEqual(Headers()._rawHeaders, {})
+
+    def test_as_add_raw_header(self) -> None:
+        """The same names (Twisted's spelling: te, etag, www-authenticate, any case), values
+        grouped by name in their order, line breaks made spaces; twice, the second time from
+        the remembered spellings."""
+        for pairs in ([(b"host", b"a"), (b"x-a", b"1\r\n2"), (b"X-A", b"3"), (b"te", b"trailers"), (b"Accept", b"")],
+                      [(b"etag", b'"e"'), (b"WWW-AUTHENTICATE", b"Basic"), (b"x-b", b"a\rb\nc"), (b"Etag", b"x")],
+                      []):
+            expected = Headers()
+            for name, value in pairs:
+                expected.addRawHeader(name, value)
+            for _ in range(2):
+                self.assertEqual(list(httpheaders.twisted_headers(pairs).getAllRawHeaders()),
+                                 list(expected.getAllRawHeaders()), pairs)
+
+    def test_bad_name_raises(self) -> None:
+        """A name that is not a token raises InvalidHeaderName, as addRawHeader does."""
+        with self.assertRaises(InvalidHeaderName):
+            httpheaders.twisted_headers([(b"bad name", b"1")])
+
+    def test_remembered_spellings_are_bounded(self) -> None:
+        """Distinct names are remembered up to a bound only; each is still spelled right."""
+        self.patch(httpheaders, "_SPELLED", {})
+        for i in range(2 * httpheaders._SPELLINGS_REMEMBERED):
+            headers = httpheaders.twisted_headers([(b"x-h-%d" % i, b"1")])
+            self.assertEqual(list(headers.getAllRawHeaders()), [(b"X-H-%d" % i, [b"1"])])
+        self.assertEqual(len(httpheaders._SPELLED), httpheaders._SPELLINGS_REMEMBERED)
 
 
 class UpgradeTokenTests(TestCase):

@@ -150,6 +150,19 @@ class PooledConnectionTests(TestCase):
             self.assertEqual(mine.cancelled, 1)
         twisted_pool.closeCachedConnections()
 
+    def test_bad_method_raises_and_keeps_the_connection(self) -> None:
+        """A method that is not a token raises ValueError at once, as Twisted's Agent does, and
+        the idle connection stays in the pool for the next request."""
+        upstream = Upstream("http://127.0.0.1:8080", MemoryReactorClock(), 5.0)
+        key = (b"http", b"127.0.0.1", 8080)
+        pooled = _Pooled()
+        upstream.pool._putConnection(key, pooled)
+        headers = Headers({b"Host": [b"127.0.0.1:8080"]})
+        self.assertRaises(ValueError, upstream.agent.request, b"G(T", upstream.url(b"/x"), headers, None)
+        self.assertEqual((pooled.requests, upstream.pool._connections[key]), ([], [pooled]))
+        upstream.agent.request(b"GET", upstream.url(b"/x"), headers, None)
+        self.assertEqual(len(pooled.requests), 1)
+
     def test_without_pooled_connection_connects(self) -> None:
         """With no idle connection the request goes through _requestWithEndpoint, which connects."""
         reactor = MemoryReactorClock()
