@@ -10,7 +10,6 @@ request and writes its access-log line. The twisted.web request that feeds it is
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.logger import Logger
@@ -36,13 +35,13 @@ from ppbridge.edge import request_line
 from ppbridge.httpheaders import forwarded_request_headers
 from ppbridge.keyring import KeyEntry
 from ppbridge.logs import NO_CAUSE, AccessLog, client_address, instance_of, status_of
+from ppbridge.streamids import stream_ids
 from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
 from ppbridge.webrequest import connection, refuse_early, render_error, response_headers, routed
 from ppbridge.wire import (
     FLAG_END,
     OVERHEAD,
-    STREAM_ID_SIZE,
     Header,
     HeaderList,
     MsgType,
@@ -72,14 +71,14 @@ class ClientStream:
     coalesce = True  # small body writes may wait up to streams.COALESCE to fill a frame
     answers_whole = True  # a response whole in its head skips Inbound (see _answer_whole)
 
-    def __init__(self, bridge: ForwarderService, request: BridgeRequest, proxy: str, head: RequestHead) -> None:
+    def __init__(self, bridge: ForwarderService, request: BridgeRequest, proxy: str, head: RequestHead,
+                 chunked: bool) -> None:
         self.bridge = bridge
         self.request = request
         self.proxy = proxy
-        self.head = head
-        self.id = os.urandom(STREAM_ID_SIZE)
+        self.head = head  # its deadline is set as it is published (_send_head)
+        self.id = stream_ids.take()  # unpredictable (see ppbridge.streamids)
         self.reply_channel = head.reply_channel
-        chunked = request.requestHeaders.hasHeader(b"transfer-encoding")
         self.inline = not chunked and (head.content_length or 0) <= INLINE_MAX
         self.state = "new"
         self.rendered = False
@@ -113,7 +112,8 @@ class ClientStream:
             raise BusUnavailable()
         if not bridge.candidates(route.name):
             raise bridge.unavailable(route.name)
-        headers = [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
+        raw = dict(request.requestHeaders.getAllRawHeaders())  # names in Headers' canonical case
+        headers = [(name, value) for name, values in raw.items() for value in values]
         if request.grant is not None:  # what the route's access policy strips and sets (ppbridge.access)
             headers = request.grant.rewrite(headers)
         client = request.getClientAddress()
@@ -123,10 +123,10 @@ class ClientStream:
         )
         # gotLength says 0 both for "Content-Length: 0" and for no body at all; only the
         # former is passed on as a length.
-        declared = length if request.requestHeaders.hasHeader(b"content-length") else None
+        declared = length if b"Content-Length" in raw else None
         headers += cls.extra_headers(request)
         head = RequestHead(method, target, headers, bridge.reply_channel, declared)
-        stream = cls(bridge, request, route.name, head)
+        stream = cls(bridge, request, route.name, head, b"Transfer-Encoding" in raw)
         if not stream.inline:
             stream._send_head(b"", end=False)
         return stream
@@ -201,14 +201,14 @@ class ClientStream:
         timeout = self.bridge.settings.request_timeout
         # The head carries the moment this stream answers 504 (the timer armed below): a proxy
         # refuses it after that, so a head Redis held back never runs late.
-        head = self.head.with_deadline(int((self.bridge.clock.seconds() + timeout) * 1000))
+        head, deadline = self.head, int((self.bridge.clock.seconds() + timeout) * 1000)
         try:
-            payload, rest = head.encode(body), b""
+            payload, rest = head.encode(body, deadline), b""
         except ValueError:  # more headers than wire.MAX_HEADERS (NULs never get past twisted.web)
             self._fail(BadRequest("ppbridge: too many request headers"), notify=False)
             return
         if len(payload) + OVERHEAD > frame and body:
-            payload, rest = head.encode(), body
+            payload, rest = head.encode(b"", deadline), body
         if len(payload) + OVERHEAD > frame:
             self._fail(RequestError("ppbridge: request headers too large for one frame"), notify=False)
             return
@@ -419,18 +419,19 @@ class ClientStream:
         self._timer.close()  # it forgets this stream (see _finish_ok)
         if self._outbound is not None:
             self._outbound.stop()
-        self.bridge.streams.pop(self.id, None)
-        self.bridge.closed.add(self.id)
-        self.bridge.metrics.active_streams.dec()
+        bridge, request, metrics = self.bridge, self.request, self.bridge.metrics
+        bridge.streams.pop(self.id, None)
+        bridge.closed.add(self.id)
+        metrics.active_streams.dec()
         # ``outcome``: the upstream's status once answered, else the cause of the failure
-        request, cause = self.request, NO_CAUSE if outcome.isdigit() else outcome
-        if outcome.isdigit() or request.startedWriting:
+        answered = outcome.isdigit()
+        cause = NO_CAUSE if answered else outcome
+        if answered or request.startedWriting:
             code = request.code  # an upstream answer (perhaps cut short), or render_error's
         else:
             code = status_of(cause)  # refuse_early writes its answer itself; or the client left (499)
-        duration = self.bridge.clock.seconds() - self.started
-        self.bridge.metrics.request_done(self.proxy, str(code), cause, duration)
-        instance = instance_of(self.peer)
+        duration = bridge.clock.seconds() - self.started
+        metrics.request_done(self.proxy, str(code), cause, duration)
         self.access.emit(client=self.client, method=self.method, uri=self.uri, code=code, cause=cause,
                          bytes_in=self.uploaded, bytes_out=request.sentLength, duration=duration,
-                         proxy=self.proxy, instance=instance)
+                         proxy=self.proxy, instance=instance_of(self.peer))

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ppbridge.errors import BusMessageError
 from ppbridge.freshbuf import AVAILABLE, FRESH_MIN, filled, fresh_bytearray, fresh_bytes
-from ppbridge.wire import HEADER_SIZE, OVERHEAD, TAG_SIZE, Header, MsgType, Role, pack_header
+from ppbridge.wire import COUNTER_BYTES, HEADER_SIZE, OVERHEAD, TAG_SIZE, Header, MsgType, Role, pack_header
 
 KEY_SIZE = 32
 _LABELS = {Role.FORWARDER: b"ppbridge v3 forwarder->proxy", Role.PROXY: b"ppbridge v3 proxy->forwarder"}
@@ -39,8 +39,10 @@ def derive_keys(secret: bytes, shared: bytes, salt: bytes) -> dict[Role, bytes]:
     }
 
 
-def _nonce(role: Role, counter: int) -> bytes:
-    return bytes((role, 0, 0, 0)) + counter.to_bytes(8, "big")
+def _nonce_prefix(role: Role) -> bytes:
+    """A nonce is the sender's role byte, three zero bytes, then its counter as 8 big-endian
+    bytes: those are in the header already (``COUNTER_BYTES``), so they are sliced from it."""
+    return bytes((role, 0, 0, 0))
 
 
 class Envelope:
@@ -49,7 +51,8 @@ class Envelope:
     Owns the per-direction counters: ``sent`` (the next counter to use) and ``last_received``.
     """
 
-    __slots__ = ("key_id", "role", "peer_role", "fingerprint", "_seal", "_open", "sent", "last_received", "received")
+    __slots__ = ("key_id", "role", "peer_role", "fingerprint", "_seal", "_open", "_seal_prefix", "_open_prefix", "sent",
+                 "last_received", "received")
 
     def __init__(self, key_id: bytes, keys: dict[Role, bytes], role: Role) -> None:
         self.key_id = key_id
@@ -59,23 +62,27 @@ class Envelope:
         self.fingerprint = hashlib.sha256(b"ppbridge fingerprint" + keys[Role.FORWARDER] + keys[Role.PROXY]).hexdigest()[:16]
         self._seal = AESGCM(keys[role])
         self._open = AESGCM(keys[self.peer_role])
+        self._seal_prefix, self._open_prefix = _nonce_prefix(role), _nonce_prefix(self.peer_role)
         self.sent = 0
         self.last_received = -1
         self.received = 0
 
     def seal(self, mtype: MsgType, stream_id: bytes, seq: int, channel: bytes, payload: bytes | memoryview,
-             flags: int = 0) -> bytearray:
+             flags: int = 0) -> bytes | bytearray:
         """Encrypt ``payload`` for publication on ``channel``."""
         counter = self.sent
         if counter >= MAX_COUNTER:
             raise RuntimeError("message counter exhausted; the key must be rotated")
         self.sent = counter + 1
         header = pack_header(mtype, flags, self.role, self.key_id, counter, stream_id, seq)
+        nonce, aad = self._seal_prefix + header[COUNTER_BYTES], header + channel
+        if len(payload) < FRESH_MIN:  # a small message: the header joined to the cipher's own bytes
+            return header + self._seal.encrypt(nonce, payload, aad)
         # Header and ciphertext in one buffer: a 256 KiB frame is not copied to prepend 40 bytes.
         # Not zero-filled first: the header and the cipher write every byte (ppbridge.freshbuf).
         message = fresh_bytearray(HEADER_SIZE + len(payload) + TAG_SIZE)
         message[:HEADER_SIZE] = header
-        self._seal.encrypt_into(_nonce(self.role, counter), payload, header + channel, memoryview(message)[HEADER_SIZE:])
+        self._seal.encrypt_into(nonce, payload, aad, memoryview(message)[HEADER_SIZE:])
         return message
 
     def open(self, header: Header, data: bytes, channel: bytes) -> bytes:
@@ -89,7 +96,7 @@ class Envelope:
         if header.counter <= self.last_received:
             raise BusMessageError("replay", f"counter {header.counter} after {self.last_received}")
         view = memoryview(data)
-        nonce, aad = _nonce(self.peer_role, header.counter), view[:HEADER_SIZE].tobytes() + channel
+        nonce, aad = self._open_prefix + data[COUNTER_BYTES], data[:HEADER_SIZE] + channel
         try:
             if AVAILABLE and len(data) - OVERHEAD >= FRESH_MIN:
                 plaintext = self._open_frame(nonce, view[HEADER_SIZE:], aad, len(data) - OVERHEAD)

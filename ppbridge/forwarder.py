@@ -246,12 +246,12 @@ class ForwarderService(MultiService):
     # bus input
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
-        if channel == self.channels.negotiate:
+        if channel == self.reply_channel:  # first: nearly every message is a reply
+            self._on_reply(channel, data)
+        elif channel == self.channels.negotiate:
             self._on_key_request(data)
         elif channel == self._control:
             self._on_confirm(channel, data)
-        elif channel == self.reply_channel:
-            self._on_reply(channel, data)
         else:
             raise BusMessageError("unexpected-channel", "")
 

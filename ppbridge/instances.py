@@ -164,8 +164,12 @@ class InstanceTable:
 
     def candidates(self, proxy: str) -> list[KeyEntry]:
         """Current keys of the live instances of ``proxy``."""
-        entries = [self.keyring.current(i) for i in self.instances.get(proxy, [])]
-        return [e for e in entries if e is not None]
+        current, found = self.keyring.current, []
+        for peer in self.instances.get(proxy, ()):  # a loop: twice per request, one instance or a few
+            entry = current(peer)
+            if entry is not None:
+                found.append(entry)
+        return found
 
     def pick(self, proxy: str) -> list[KeyEntry]:
         """The candidates in the order to try them: round robin, one step per call."""

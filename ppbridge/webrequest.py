@@ -10,6 +10,7 @@ sending it (:func:`refuse_early`, with a lingering close).
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.logger import Logger
@@ -17,7 +18,7 @@ from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.server import Request
 
 from ppbridge.errors import BadRequest, RequestError
-from ppbridge.httpheaders import hop_names
+from ppbridge.httpheaders import HOP_BY_HOP, hop_names
 from ppbridge.routing import request_target
 from ppbridge.wire import HeaderList, is_origin_form
 
@@ -57,8 +58,19 @@ def response_headers(headers: HeaderList) -> Headers:
     ``addRawHeader`` files them: names canonicalised, values in order. ``addRawHeader`` would
     also replace CR and LF in values, which :mod:`ppbridge.wire` refused already. Fills the
     private ``_rawHeaders`` with the private ``_nameEncoder`` (checked against Twisted 26.10.0;
-    tests/test_httpheaders.py compares the result with addRawHeader's)."""
+    tests/test_httpheaders.py compares the result with addRawHeader's).
+
+    An upstream answers with the same names, in the same order, time after time: how a list of
+    names is filed is worked out once (:func:`_filing`), and when each name is its own header
+    and none is dropped, the values are filed under the remembered names in one step."""
     out = Headers()
+    names = tuple(map(_first, headers))
+    keys = _FILINGS.get(names)
+    if keys is None:
+        keys = _filing(names)
+    if keys:
+        out._rawHeaders = {key: [value] for key, (_, value) in zip(keys, headers)}
+        return out
     raw = out._rawHeaders
     canonical = _nameEncoder.encode
     drop = hop_names(headers)
@@ -72,6 +84,23 @@ def response_headers(headers: HeaderList) -> Headers:
         else:
             values.append(value)
     return out
+
+
+_first = itemgetter(0)
+FILINGS_KEPT = 256  # lists of response header names remembered (an upstream chooses them: bounded)
+_FILINGS: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}
+
+
+def _filing(names: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """The canonical names ``names`` are filed under when each is its own header and none is
+    hop-by-hop; ``()`` otherwise (a repeated name, or one dropped: filed header by header).
+    Remembered, up to FILINGS_KEPT lists."""
+    keys = tuple(_nameEncoder.encode(name) for name in names)
+    if len(set(keys)) < len(keys) or any(name.lower() in HOP_BY_HOP for name in names):
+        keys = ()
+    if len(_FILINGS) < FILINGS_KEPT:
+        _FILINGS[names] = keys
+    return keys
 
 
 def render_error(request: Request, err: RequestError) -> None:

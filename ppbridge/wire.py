@@ -19,7 +19,7 @@ import re
 import struct
 from dataclasses import dataclass
 from itertools import chain
-from typing import TypeVar
+from typing import NamedTuple, NoReturn, TypeVar
 
 from ppbridge.errors import BusMessageError
 
@@ -58,6 +58,7 @@ FLAG_END = 0x01  # last frame of this stream in this direction
 
 _HEADER = struct.Struct(">BBBB8sQ16sI")
 HEADER_SIZE = _HEADER.size  # 40
+COUNTER_BYTES = slice(12, 20)  # a packed header's counter, big-endian: the last 8 bytes of its nonce
 TAG_SIZE = 16
 OVERHEAD = HEADER_SIZE + TAG_SIZE
 DEFAULT_FRAME_SIZE = 262144  # [forwarder]/[proxy] frame_size when not set
@@ -79,15 +80,23 @@ MAX_HEADER_VALUE = 65536
 MAX_CHANNEL = 256
 MAX_REASON = 1024
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_TOKENS = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:\0[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")  # names joined by NUL
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"  # RFC 9110 tchar
+_TOKEN = re.compile(_TCHAR + b"+")
+# A header block's names joined by NUL: tokens of at most MAX_HEADER_NAME bytes each.
+_NAME = _TCHAR + b"{1,%d}" % MAX_HEADER_NAME
+_NAMES = re.compile(_NAME + b"(?:\0" + _NAME + b")*")
 NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"  # proxy names, also checked by config
 NAME_PATTERN = re.compile(NAME_RE)  # always fullmatch()
+_new = tuple.__new__  # a named tuple from a tuple of its fields, without its __new__'s Python frame
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
-    """The cleartext part of a session message, authenticated as associated data."""
+class Header(NamedTuple):
+    """The cleartext part of a session message, authenticated as associated data.
+
+    An immutable record made once per message each way: a named tuple, built from the
+    unpacked fields in one step (a frozen dataclass sets each field through
+    ``object.__setattr__``, about five times the cost).
+    """
 
     version: int
     type: MsgType
@@ -99,9 +108,7 @@ class Header:
     seq: int
 
     def pack(self) -> bytes:
-        return _HEADER.pack(
-            self.version, self.type, self.flags, self.sender, self.key_id, self.counter, self.stream_id, self.seq
-        )
+        return _HEADER.pack(*self)
 
     @property
     def end(self) -> bool:
@@ -127,7 +134,7 @@ def unpack_header(data: bytes) -> Header:
         raise BusMessageError("bad-type", f"type {mtype} in a session message")
     if sender not in (0, 1) or flags & ~FLAG_END:
         raise BusMessageError("malformed", "bad sender or flags")
-    return Header(version, session_type, flags, _ROLES[sender], key_id, counter, stream_id, seq)
+    return _new(Header, (version, session_type, flags, _ROLES[sender], key_id, counter, stream_id, seq))
 
 
 def pack_header(mtype: MsgType, flags: int, sender: Role, key_id: bytes, counter: int, stream_id: bytes, seq: int) -> bytes:
@@ -255,21 +262,33 @@ def _header_block(headers: HeaderList) -> bytes:
 
 
 def _parse_header_block(block: bytes) -> HeaderList:
+    """The (name, value) pairs of a header block; BusMessageError unless every name is a token
+    of at most MAX_HEADER_NAME bytes, every value at most MAX_HEADER_VALUE bytes without CR or
+    LF, and there are at most MAX_HEADERS of them."""
     if not block:
         return []
-    if block.find(b"\r") != -1 or block.find(b"\n") != -1:  # not `in`: CPython 3.11 tries an int first, and raises
-        raise BusMessageError("malformed", "CR or LF in a header")
     parts = block.split(b"\0")
+    n = len(parts)
+    # The values are only searched for CR and LF (find: C's memchr, not the regex engine's loop
+    # per byte), and measured only if the block could hold one too long; one match checks
+    # every name.
+    if (n % 2 or n > 2 * MAX_HEADERS or block.find(b"\r") >= 0 or block.find(b"\n") >= 0
+            or (len(block) > MAX_HEADER_VALUE and max(map(len, parts[1::2])) > MAX_HEADER_VALUE)
+            or not _NAMES.fullmatch(b"\0".join(parts[0::2]))):
+        _refuse_header_block(block, parts)
+    pairs = iter(parts)
+    return list(zip(pairs, pairs))
+
+
+def _refuse_header_block(block: bytes, parts: list[bytes]) -> NoReturn:
+    """Raise the BusMessageError saying what is wrong with a header block refused."""
+    if b"\r" in block or b"\n" in block:
+        raise BusMessageError("malformed", "CR or LF in a header")
     if len(parts) % 2 or len(parts) > 2 * MAX_HEADERS:
         raise BusMessageError("malformed", "bad header block")
-    names, values = parts[0::2], parts[1::2]
-    if max(map(len, values)) > MAX_HEADER_VALUE:
+    if max(map(len, parts[1::2])) > MAX_HEADER_VALUE:
         raise BusMessageError("malformed", "header value over its limit")
-    # Every name a token of at most MAX_HEADER_NAME bytes: one match over them all (a name holds
-    # no NUL: they were split on it), not one per name.
-    if max(map(len, names)) > MAX_HEADER_NAME or not _TOKENS.fullmatch(b"\0".join(names)):
-        raise BusMessageError("malformed", "bad header name")
-    return list(zip(names, values))
+    raise BusMessageError("malformed", "bad header name")
 
 
 def _length_out(n: int | None) -> int:
@@ -309,14 +328,17 @@ class RequestHead:
 
     def with_deadline(self, deadline_ms: int) -> RequestHead:
         """This head with another deadline (what ``dataclasses.replace`` gives, without its
-        walk over the fields: once per request)."""
+        walk over the fields)."""
         return RequestHead(self.method, self.target, self.headers, self.reply_channel, self.content_length,
                            deadline_ms)
 
-    def encode(self, body: bytes = b"") -> bytes:
+    def encode(self, body: bytes = b"", deadline_ms: int | None = None) -> bytes:
+        """The head's bytes, then ``body``; with ``deadline_ms``, as :meth:`with_deadline` would
+        encode (without making that head: the forwarder sets the deadline as it publishes)."""
         block = _header_block(self.headers)
         fixed = _REQ_FIXED.pack(len(self.reply_channel), len(self.method), len(self.target), len(block),
-                                _length_out(self.content_length), self.deadline_ms)
+                                _length_out(self.content_length),
+                                self.deadline_ms if deadline_ms is None else deadline_ms)
         return b"".join((fixed, self.reply_channel, self.method, self.target, block, body))
 
     @classmethod
