@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Iterable, Mapping, Sequence
 
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, _nameEncoder
 
 from ppbridge.wire import HeaderList
 
@@ -186,29 +186,16 @@ def twisted_headers(headers: HeaderList) -> Headers:
     ``InvalidHeaderName``), filed in one pass: ``addRawHeader`` costs two Python calls more
     per header.
 
-    Twisted's private ``Headers._rawHeaders`` (name -> values, checked against Twisted 26.10)
-    is filled here and nowhere else; tests/test_httpheaders.py fails if it goes."""
+    Twisted's private ``Headers._rawHeaders`` (name -> values) is filled with the names spelled
+    by its private ``_nameEncoder`` (what ``addRawHeader`` uses: it checks, and remembers up to
+    a bound, each name), both checked against Twisted 26.10 and also used by
+    ``ppbridge.webrequest.response_headers``; tests/test_httpheaders.py fails if they go."""
     made = Headers()
     raw: dict[bytes, list[bytes]] = made._rawHeaders
-    spelled = _SPELLED
+    spell = _nameEncoder.encode
     for name, value in headers:
-        raw.setdefault(spelled.get(name) or _spelling(name), []).append(b" ".join(value.splitlines()))
+        raw.setdefault(spell(name), []).append(b" ".join(value.splitlines()))
     return made
-
-
-# Header names as twisted.web's Headers spells them, remembered (bounded: names come from clients).
-_SPELLED: dict[bytes, bytes] = {}
-_SPELLINGS_REMEMBERED = 1024
-
-
-def _spelling(name: bytes) -> bytes:
-    """``name`` as twisted.web's Headers spells it (asked of a Headers: public API only)."""
-    one = Headers()
-    one.addRawHeader(name, b"")
-    canonical = next(iter(one.getAllRawHeaders()))[0]
-    if len(_SPELLED) < _SPELLINGS_REMEMBERED:
-        _SPELLED[name] = canonical
-    return canonical
 
 
 def upgrade_token(headers: HeaderList) -> bytes | None:
