@@ -106,6 +106,12 @@ class WriteNowRequest(Request):
         return super().writeTo(transport)
 
 
+def _plain_and_open(transport: Any) -> bool:
+    """Whether ``transport`` is a plain TCP transport of Twisted's, open for writing, not TLS."""
+    return (type(transport) in _PLAIN_TCP and transport.connected and not transport.disconnecting
+            and not transport._writeDisconnecting and not transport.TLS)
+
+
 def _holds(transport: Any) -> bool:
     """Whether a plain TCP transport has bytes not yet sent."""
     return bool(transport._tempDataBuffer) or len(transport.dataBuffer) != transport.offset
@@ -115,11 +121,7 @@ def writes_through(transport: Any) -> bool:
     """Whether :func:`write_now` may send on ``transport`` at once now: a plain TCP transport
     of Twisted's, open for writing, not TLS, holding nothing, with no pull producer (which is
     asked for more by the reactor's ``doWrite``) and no paused push producer."""
-    if type(transport) not in _PLAIN_TCP:
-        return False
-    if not transport.connected or transport.disconnecting or transport._writeDisconnecting or transport.TLS:
-        return False
-    if _holds(transport):
+    if not _plain_and_open(transport) or _holds(transport):
         return False
     producer = transport.producer
     return producer is None or (transport.streamingProducer and not transport.producerPaused)
@@ -167,9 +169,7 @@ class HeldWrites:
         """``transport.write(data)``, held without registering the transport for writing when
         it is a plain TCP transport of Twisted's, open for writing, without a producer."""
         transport = self.transport
-        if (type(transport) not in _PLAIN_TCP or type(data) is not bytes or not transport.connected
-                or transport.disconnecting or transport._writeDisconnecting or transport.TLS
-                or transport.producer is not None):
+        if type(data) is not bytes or not _plain_and_open(transport) or transport.producer is not None:
             transport.write(data)
             return
         if data:
