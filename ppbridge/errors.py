@@ -177,6 +177,7 @@ RESET_CODES: dict[int, type[RequestError]] = {
     5: RequestError,
     7: BadTarget,  # the proxy refused a target outside its base path (see ppbridge.targets)
     8: GatewayTimeout,  # the proxy refused a request head past its deadline, or gave up at it
+    9: BusLost,  # the proxy lost its Redis link with the request in flight (sent once it is back)
 }
 CANCEL_CODE = 6  # the sender gave up on the stream (client left, forwarder stopped waiting)
 

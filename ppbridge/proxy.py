@@ -20,12 +20,13 @@ from twisted.web.iweb import IAgent
 from ppbridge.bus import Bus
 from ppbridge.channels import Channels
 from ppbridge.config import ProxySettings
-from ppbridge.errors import BusMessageError, GatewayTimeout, ProtocolFailure
+from ppbridge.errors import BusLost, BusMessageError, GatewayTimeout, ProtocolFailure, reset_code
 from ppbridge.keyrequests import TICK, KeyRequests
 from ppbridge.keyring import KeyEntry, Keyring
 from ppbridge.metrics import Metrics
 from ppbridge.negotiation import ANY_FORWARDER, ProxyNegotiator
 from ppbridge.node import SessionNode
+from ppbridge.owedresets import Owed, OwedResets
 from ppbridge.ratelimit import ANNOUNCE_BURST, ANNOUNCE_RATE, TokenBucket
 from ppbridge.rekey import RekeySchedule
 from ppbridge.reload import split_settings, warn_held
@@ -34,7 +35,7 @@ from ppbridge.timerpool import TimerPool
 from ppbridge.timers import Periodic, log_failure, wait_until
 from ppbridge.upgradecall import UpgradeCall, is_upgrade
 from ppbridge.upstream import Upstream, UpstreamCall
-from ppbridge.wire import ID_SIZE, LEAVING, OVERHEAD, STREAM_ID_SIZE, MsgType, RequestHead
+from ppbridge.wire import ID_SIZE, LEAVING, OVERHEAD, STREAM_ID_SIZE, MsgType, RequestHead, encode_reset
 
 log = Logger()
 NO_STREAM = bytes(STREAM_ID_SIZE)
@@ -45,6 +46,14 @@ LEAVE_WAIT = 5.0  # seconds, at most, publishing the LEAVING messages may take o
 # port, the flow-control sizes it negotiated): kept until a restart.
 RESTART_ONLY = ("redis", "name", "private_key", "private_key_path", "forwarder_key", "forwarder_key_path",
                 "admin_listen", "frame_size", "window", "max_clock_skew")
+# What a forwarder is told of a stream this proxy dropped for want of Redis (ppbridge.owedresets).
+LOST_MID_REQUEST = encode_reset(reset_code(BusLost), "ppbridge: the proxy lost its Redis connection mid-request")
+LOST_BEFORE_CALL = encode_reset(reset_code(BusLost), "ppbridge: the proxy's Redis connection was down when the"
+                                " request came; it was not sent to the upstream")
+
+
+def _lost_again(failure: object) -> None:
+    """An owed RESET lost again (best effort: the forwarder's own timeout answers)."""
 
 
 class ProxyService(MultiService):
@@ -82,6 +91,7 @@ class ProxyService(MultiService):
         self.call_clock = cast(IReactorTime, self._call_timers.pooled_clock)
         self.draining = False  # stopping: forwarders told we are leaving, no heartbeats, keys only for calls
         self.closed = RecentlyClosed()
+        self.owed = OwedResets()  # RESETs for streams ended while Redis was away, sent once it is back
         self.heard: dict[bytes, float] = {}  # forwarder -> last valid message from it
         self.acked: dict[bytes, float] = {}  # forwarder -> last acknowledgement that it routes to us
         self._beat: dict[bytes, float] = {}  # forwarder -> when we last sent it a heartbeat
@@ -172,9 +182,29 @@ class ProxyService(MultiService):
             # Renegotiate after every (re)connection: while we were away a forwarder may
             # have dropped us (it evicts instances it cannot reach) or restarted.
             self._negotiate(ANY_FORWARDER)
+            self._pay_owed()
         else:
             for call in list(self.calls.values()):
+                self.owe_reset(call)
                 call.cancel("lost the Redis connection")
+
+    def owe_reset(self, call: UpstreamCall, payload: bytes = LOST_MID_REQUEST) -> None:
+        """``call``'s forwarder is owed a RESET for it (``payload``), sent once the bus is back."""
+        self.owed.owe(Owed(call.forwarder, call.head.reply_channel, call.stream_id, payload,
+                           self.clock.seconds() + self.settings.stream_idle_timeout))
+
+    def _pay_owed(self) -> None:
+        """Publish the RESETs owed (best effort: one lost again leaves the forwarder's own
+        timeout to answer), under the key held now with each forwarder."""
+        owed = self.owed.take(self.clock.seconds())
+        sent = 0
+        for o in owed:
+            entry = self.keyring.current(o.forwarder)
+            if entry is not None:
+                self.node.send(entry, o.channel, MsgType.RESET, o.stream_id, 0, o.payload).addErrback(_lost_again)
+                sent += 1
+        if sent:
+            log.info("told the forwarders of {n} request(s) cut off while Redis was away", n=sent)
 
     # timers: negotiation retry, rekey, expiry
 
@@ -183,6 +213,7 @@ class ProxyService(MultiService):
         for channel in self.negotiator.expire(now):
             self.bus.unsubscribe(channel).addErrback(log_failure("unsubscribing failed"))
         self.keyring.expire(now)
+        self.owed.expire(now)
         self.node.drop_log.flush()
         if self.draining:
             # No heartbeat (it would make a forwarder route to us again); new keys only where
@@ -305,6 +336,12 @@ class ProxyService(MultiService):
             if left <= 0:
                 new.refuse(GatewayTimeout("ppbridge: the request reached the proxy after its deadline"))
                 raise BusMessageError("expired", f"request head {-left:.3f} s past its deadline")
+            if not self.bus.connected:
+                # Read on the subscriber while the publisher is down: its answer could not be
+                # published, so the upstream is not called; the forwarder is told once it can be.
+                self.owe_reset(new, LOST_BEFORE_CALL)
+                new.cancel(BusLost.cause)
+                return
             new.start(body, header.end, left)
             return
         if header.type is MsgType.CONFIRM and header.stream_id == NO_STREAM:

@@ -423,6 +423,7 @@ class UpstreamCall:
             self._reset(UpstreamUnreachable("ppbridge: the proxy's answer reached no forwarder"))
 
     def _lost_bus(self, failure: Failure) -> None:
+        self.proxy.owe_reset(self)  # the forwarder may be waiting: told once the proxy is back (owedresets)
         self.cancel("lost the bus")
 
     def _send_head(self, body: bytes, end: bool) -> None:
