@@ -119,6 +119,14 @@ class FindRedisServerTests(_TempDirMixin):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", port))
 
+    def test_free_port_is_below_the_ephemeral_range(self) -> None:
+        """free_port's ports (20 drawn) all lie below the lowest port of the kernel's
+        ephemeral range, which outgoing connections take their local ports from."""
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+        ports = [free_port() for _ in range(20)]
+        self.assertEqual([p for p in ports if not 1024 <= p < low], [])
+
 
 class RedisServerOriginTests(_TempDirMixin):
     """``redis_server_origin``: the words ``ppbridge demo`` prints after the binary's path."""
