@@ -368,6 +368,10 @@ class ClientStream:
         self._fail(err or ProxyUnavailable("ppbridge: the proxy went away mid-request"), notify=True)
 
     def bus_lost(self) -> None:
+        """This process lost its Redis link: answered 502 now; a proxy that has the head is
+        told to cancel once the link is back (ppbridge.owedresets)."""
+        if self.state not in ("new", "done") and self.peer is not None:
+            self.bridge.owe_cancel(self.peer, self.id)
         self._fail(BusLost(), notify=False)
 
     def shutdown(self) -> None:

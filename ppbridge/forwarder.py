@@ -22,20 +22,21 @@ from ppbridge.access import AccessControl
 from ppbridge.bus import Bus
 from ppbridge.channels import Channels
 from ppbridge.config import ForwarderSettings, Route
-from ppbridge.errors import BusMessageError, KeyExpired, NoRoute, RedisPermission, RequestError
+from ppbridge.errors import CANCEL_CODE, BusLost, BusMessageError, KeyExpired, NoRoute, RedisPermission, RequestError
 from ppbridge.instances import InstanceTable
 from ppbridge.keyring import KeyEntry, Keyring
 from ppbridge.logsafe import Throttle
 from ppbridge.metrics import Metrics
 from ppbridge.negotiation import ForwarderNegotiator
 from ppbridge.node import SessionNode
+from ppbridge.owedresets import Owed, OwedResets
 from ppbridge.ratelimit import NegotiationGate
 from ppbridge.reload import split_settings, warn_held
 from ppbridge.routing import Router
 from ppbridge.streams import RecentlyClosed
 from ppbridge.timerpool import TimerPool
 from ppbridge.timers import Periodic, log_failure, wait_until
-from ppbridge.wire import ID_SIZE, LEAVING, OVERHEAD, MsgType
+from ppbridge.wire import ID_SIZE, LEAVING, OVERHEAD, MsgType, encode_reset
 
 if TYPE_CHECKING:
     from ppbridge.clientstream import ClientStream
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 
 log = Logger()
 TIDY_INTERVAL = 1.0
+LOST_CANCEL = encode_reset(CANCEL_CODE, BusLost.cause)  # to a proxy, for a stream ended for want of Redis
 REANNOUNCE_MIN = 1.0  # seconds between announcements made at once on an eviction
 # What a reload cannot change in a running forwarder (built into ports, the bus, the
 # negotiation, the keyring, the timers or the HTTP site): kept until a restart.
@@ -87,6 +89,7 @@ class ForwarderService(MultiService):
         self.sites: list[BridgeSite] = []  # their sites (each registers itself): drained on stop, reloaded
         self.draining = False
         self.closed = RecentlyClosed()
+        self.owed = OwedResets()  # cancels for streams ended while Redis was away, sent once it is back
         self.timers = TimerPool(clock)  # the streams' timers (ppbridge.timerpool)
         self._control = self.channels.forwarder_control(self.id)
         self.reply_channel = self.channels.reply(self.id)  # every stream's answers come here
@@ -203,9 +206,20 @@ class ForwarderService(MultiService):
         self.metrics.redis_up.set(1 if up else 0)
         if up:
             self._announce()
+            sent = self.owed.pay(self.clock.seconds(), self.keyring, self.node)
+            if sent:
+                log.info("told the proxies of {n} request(s) cut off while Redis was away", n=sent)
         else:
             for stream in list(self.streams.values()):
                 stream.bus_lost()
+
+    def owe_cancel(self, peer: bytes, stream_id: bytes) -> None:
+        """Proxy instance ``peer`` may still be working on ``stream_id``, which this process
+        ended for want of Redis: it is sent a RESET (cancel) once the bus is back."""
+        entry = self.keyring.current(peer)
+        if entry is not None:
+            self.owed.owe(Owed(peer, self.data_channel(entry), stream_id, LOST_CANCEL,
+                               self.clock.seconds() + self.settings.stream_idle_timeout))
 
     def _announce(self) -> None:
         if self.bus.connected:
@@ -216,6 +230,7 @@ class ForwarderService(MultiService):
     def _tidy(self) -> Deferred[None] | None:
         now = self.clock.seconds()
         self.keyring.expire(now)
+        self.owed.expire(now)
         self.node.drop_log.flush()
         expired = self.table.drop_expired()
         # Their answers would come under that key and be dropped: fail them now.

@@ -1,31 +1,42 @@
-"""RESETs the proxy owes its forwarders: streams it ended while it could not publish.
+"""RESETs owed to the other side of streams a process ended while it could not publish.
 
-A call that loses the bus (the proxy's Redis link drops, or a PUBLISH of its answer fails) is
-cancelled at once, but its forwarder cannot be told then, and would make its client wait for
-its own timeout (``request_timeout``, 30 s by default) for an answer the proxy knows will
-never come. The proxy owes that stream a RESET instead, and publishes it as soon as it is
-connected again (:meth:`ppbridge.proxy.ProxyService._pay_owed`), under the key it then holds
-with that forwarder: the client gets 502 ``redis-connection-lost`` moments after the link is
-back.
+Whoever drops a stream for want of Redis tells the other side once it is connected again:
 
-Best effort, and bounded: at most :data:`MAX_OWED` streams (the oldest give way), each kept
-for at most the proxy's ``stream_idle_timeout`` (the longest a forwarder waits on a silent
-stream with the default settings; after that it has answered its client itself). A forwarder
-that has already ended the stream ignores the RESET quietly (it crossed the stream's end).
+* **the proxy**: a call that loses the bus (its Redis link drops, or a PUBLISH of its answer
+  fails) is cancelled at once, but its forwarder, perhaps still connected, cannot be told then,
+  and would make its client wait for its own timeout (``request_timeout``, 30 s by default) for
+  an answer that will never come. The proxy owes the stream a RESET (code 9); the client gets
+  502 ``redis-connection-lost`` moments after the link is back.
+* **the forwarder**: a stream it answers 502 ``redis-connection-lost`` when its own link drops
+  may still be running at the proxy (holding an upstream connection, waiting for upload frames
+  that will not come) until the proxy's timeouts. The forwarder owes it a RESET (cancel); the
+  proxy closes the upstream connection when the link is back.
+
+Each is published under the key the process then holds with that peer (:meth:`OwedResets.pay`).
+Best effort, and bounded: at most :data:`MAX_OWED` streams (the oldest give way), each kept for
+at most the owner's ``stream_idle_timeout`` (the longest the other side waits on a silent
+stream with the default settings). A side that has already ended the stream ignores the RESET
+quietly (it crossed the stream's end).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+from ppbridge.wire import MsgType
+
+if TYPE_CHECKING:
+    from ppbridge.keyring import Keyring
+    from ppbridge.node import SessionNode
 
 MAX_OWED = 4096
 """Streams owed a RESET at most (as many as a forwarder remembers as recently closed)."""
 
 
 class Owed(NamedTuple):
-    """A RESET owed: to ``forwarder``, on its reply ``channel``, for ``stream_id``."""
+    """A RESET owed: to ``peer``, on ``channel`` (where the peer reads that stream), for ``stream_id``."""
 
-    forwarder: bytes
+    peer: bytes
     channel: bytes
     stream_id: bytes
     payload: bytes  # the RESET's payload (wire.encode_reset)
@@ -44,7 +55,7 @@ class OwedResets:
 
     def owe(self, owed: Owed) -> None:
         """Owe ``owed`` (nothing more if its stream is owed one already)."""
-        key = (owed.forwarder, owed.stream_id)
+        key = (owed.peer, owed.stream_id)
         if key in self._owed:
             return
         if len(self._owed) >= self._limit:
@@ -56,6 +67,22 @@ class OwedResets:
         owed, self._owed = self._owed, {}
         return [o for o in owed.values() if o.expires > now]
 
+    def pay(self, now: float, keyring: Keyring, node: SessionNode) -> int:
+        """Publish every RESET still owed, sealed under the key held now with its peer (one
+        without a key is forgotten); how many were sent. A publish that fails is not owed
+        again: the other side's own timeouts end the stream."""
+        sent = 0
+        for owed in self.take(now):
+            entry = keyring.current(owed.peer)
+            if entry is not None:
+                node.send(entry, owed.channel, MsgType.RESET, owed.stream_id, 0, owed.payload).addErrback(_lost_again)
+                sent += 1
+        return sent
+
     def expire(self, now: float) -> None:
         """Forget the RESETs no forwarder can be waiting for any more."""
         self._owed = {k: o for k, o in self._owed.items() if o.expires > now}
+
+
+def _lost_again(failure: object) -> None:
+    """An owed RESET lost again (best effort)."""

@@ -52,10 +52,6 @@ LOST_BEFORE_CALL = encode_reset(reset_code(BusLost), "ppbridge: the proxy's Redi
                                 " request came; it was not sent to the upstream")
 
 
-def _lost_again(failure: object) -> None:
-    """An owed RESET lost again (best effort: the forwarder's own timeout answers)."""
-
-
 class ProxyService(MultiService):
     """Everything a proxy process does."""
 
@@ -194,15 +190,7 @@ class ProxyService(MultiService):
                            self.clock.seconds() + self.settings.stream_idle_timeout))
 
     def _pay_owed(self) -> None:
-        """Publish the RESETs owed (best effort: one lost again leaves the forwarder's own
-        timeout to answer), under the key held now with each forwarder."""
-        owed = self.owed.take(self.clock.seconds())
-        sent = 0
-        for o in owed:
-            entry = self.keyring.current(o.forwarder)
-            if entry is not None:
-                self.node.send(entry, o.channel, MsgType.RESET, o.stream_id, 0, o.payload).addErrback(_lost_again)
-                sent += 1
+        sent = self.owed.pay(self.clock.seconds(), self.keyring, self.node)
         if sent:
             log.info("told the forwarders of {n} request(s) cut off while Redis was away", n=sent)
 

@@ -1,10 +1,12 @@
-"""A proxy that loses its Redis link tells the forwarder about the requests it dropped once the
-link is back, so their clients are answered 502 ``redis-connection-lost`` at once instead of
-504 ``timeout`` at the forwarder's ``request_timeout`` (:mod:`ppbridge.owedresets`).
+"""Whoever drops a stream for want of Redis tells the other side once its link is back
+(:mod:`ppbridge.owedresets`): a proxy tells the forwarder, whose client is then answered 502
+``redis-connection-lost`` at once instead of 504 ``timeout`` at ``request_timeout``; a
+forwarder tells the proxy, which then closes the upstream call instead of holding it until
+its own timeouts.
 
 The end-to-end tests run a forwarder and a proxy in this process on a real Redis, and drop
-only the proxy's publisher connection (``CLIENT KILL ADDR``, as a network blip or a Redis
-operator would); the forwarder's connections are left alone, so it keeps waiting on the
+only one side's publisher connection (``CLIENT KILL ADDR``, as a network blip or a Redis
+operator would); the other side's connections are left alone, so it keeps waiting on the
 stream, which is the case that used to hang.
 """
 
@@ -17,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from ppbridge.errors import BusLost, BusUnavailable, reset_code
+from ppbridge.forwarder import ForwarderService
 from ppbridge.owedresets import Owed, OwedResets
 from ppbridge.proxy import ProxyService
 from ppbridge.wire import MsgType, Role, decode_reset, unpack_header
@@ -26,6 +29,7 @@ from tests.test_upstream_timers import _ProxyOnClock
 
 REQUEST_TIMEOUT = 60.0  # the forwarder's: a request the proxy dropped unsaid would be answered 504 then
 REQUEST_LIMIT = 90.0  # no request of these tests waits longer
+UPSTREAM_TIMEOUT = 600.0  # the proxy's: an upstream call nobody cancels is held this long
 WAIT = 15.0  # for the proxy to notice a killed connection, or reconnect: well under a second each
 
 
@@ -109,20 +113,21 @@ class LostWithTheLink(_ProxyOnClock):
                          [(reset_code(BusLost), "ppbridge: the proxy lost its Redis connection mid-request")])
 
 
-def kill_publisher(admin: RawRedisClient, proxy: ProxyService) -> None:
-    """CLIENT KILL of ``proxy``'s publisher connection only (by its address as Redis sees it)."""
-    pub: Any = proxy.bus._pub  # type: ignore[attr-defined]
+def kill_publisher(admin: RawRedisClient, service: ProxyService | ForwarderService) -> None:
+    """CLIENT KILL of ``service``'s publisher connection only (by its address as Redis sees it)."""
+    pub: Any = service.bus._pub  # type: ignore[attr-defined]
     here = pub.transport.getHost()
     if admin.command("CLIENT", "KILL", "ADDR", f"{here.host}:{here.port}") != 1:
-        raise AssertionError("the proxy's publisher was not found")
+        raise AssertionError("the publisher was not found")
 
 
-class ProxyLinkLost(TestCase):
+class OneSideLinkLost(TestCase):
     timeout = 180
 
     @defer.inlineCallbacks
     def start(self):  # type: ignore[no-untyped-def]
-        stack = yield Stack(self).start(forwarder={"request_timeout": REQUEST_TIMEOUT})
+        stack = yield Stack(self).start(forwarder={"request_timeout": REQUEST_TIMEOUT},
+                                        proxy={"upstream_timeout": UPSTREAM_TIMEOUT})
         admin = RawRedisClient("127.0.0.1", stack.redis.port)
         self.addCleanup(admin.close)
         return stack, admin, stack.proxies["alpha"]
@@ -177,3 +182,23 @@ class ProxyLinkLost(TestCase):
         self.assertEqual(stack.app.hits["/echo"], 0)
         response, _ = yield client.fetch(b"GET", stack.url + "/echo?after")
         self.assertEqual((response.code, stack.app.hits["/echo"]), (200, 1))
+
+    @defer.inlineCallbacks
+    def test_forwarder_link_lost_cancels_the_upstream_call(self):
+        """The forwarder's publisher killed while GET /hang waits on the upstream: the client
+        is answered 502 redis-connection-lost at once, and once the forwarder has reconnected
+        by itself it tells the proxy, which closes its upstream connection (the upstream sees
+        its client leave /hang) rather than holding it until upstream_timeout (600 s); the
+        proxy stayed connected throughout, and the next request is served."""
+        stack, admin, proxy = yield self.start()
+        client = Client(self)
+        in_flight = client.fetch(b"GET", stack.url + "/hang").addTimeout(REQUEST_LIMIT, reactor)
+        yield poll(lambda: stack.app.hits["/hang"] == 1, WAIT, "the /hang request reaching the upstream")
+        kill_publisher(admin, stack.forwarder)
+        response, body = yield in_flight
+        self.assertEqual((response.code, error_of(response)), (502, b"redis-connection-lost"), body)
+        yield poll(lambda: stack.app.disconnects == 1, WAIT, "the proxy closing the upstream call")
+        self.assertEqual(proxy.calls, {})
+        self.assertTrue(proxy.bus.connected)
+        response, _ = yield client.fetch(b"GET", stack.url + "/echo?after")
+        self.assertEqual(response.code, 200)
