@@ -5,7 +5,7 @@ Two processes, as ppbridge runs: ``--role front`` is a twisted.web resource (beh
 the forwarder's settings: bench/twfloor.py's :func:`floor_site`) that PUBLISHes each request
 on a Redis channel and answers it when its reply comes back on another; ``--role back``
 subscribes to the requests, fetches each from the upstream with the proxy's own client
-(``ppbridge.upstream.Upstream``: the Agent and pool the relay floor uses too) and PUBLISHes
+(``ppbridge.upstreamclient.Upstream``: the Agent and pool the relay floor uses too) and PUBLISHes
 the whole response. Both talk to Redis through ``ppbridge.bus.RedisBus``, ppbridge's own
 connections (pipelined PUBLISH, the RESP guard, hiredis): the bus hop at the price ppbridge
 pays for it.
@@ -44,7 +44,7 @@ from twisted.web.server import NOT_DONE_YET
 from ppbridge.bus import RedisBus
 from ppbridge.httpheaders import end_to_end, upstream_request_headers
 from ppbridge.redisconfig import RedisSettings
-from ppbridge.upstream import Upstream
+from ppbridge.upstreamclient import Upstream
 
 from relayfloor import CONNECT_TIMEOUT
 from twfloor import floor_site, listen

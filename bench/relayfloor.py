@@ -3,7 +3,7 @@ no crypto, in one process: what the forwarder and the proxy together cannot go b
 
 ``python bench/relayfloor.py --upstream URL --listen ENDPOINT`` runs a twisted.web resource
 (behind a Site with the forwarder's settings: bench/twfloor.py's :func:`floor_site`) that
-fetches every request from URL with the proxy's own client, ``ppbridge.upstream.Upstream``
+fetches every request from URL with the proxy's own client, ``ppbridge.upstreamclient.Upstream``
 (a ``twisted.web.client.Agent`` on a persistent ``HTTPConnectionPool`` with the proxy's
 ``maxPersistentPerHost``, its quiet client factory, and its endpoint built once with 256 KiB
 socket reads), and streams the response back as it comes: the upstream connection is the
@@ -34,7 +34,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from ppbridge.config import ProxySettings
 from ppbridge.httpheaders import end_to_end, upstream_request_headers
-from ppbridge.upstream import Upstream
+from ppbridge.upstreamclient import Upstream
 
 from twfloor import floor_site, listen
 

@@ -208,7 +208,7 @@ def twisted_floor(upstream: Upstream, folder: Path) -> Iterator[RowRun]:
 
 @contextlib.contextmanager
 def relay_floor(upstream: Upstream, folder: Path) -> Iterator[RowRun]:
-    """bench/relayfloor.py: twisted.web in, ppbridge.upstream's Agent and pool out, one process."""
+    """bench/relayfloor.py: twisted.web in, ppbridge.upstreamclient's Agent and pool out, one process."""
     folder.mkdir(exist_ok=True)
     port = free_port()
     name = "relay floor"
@@ -218,7 +218,7 @@ def relay_floor(upstream: Upstream, folder: Path) -> Iterator[RowRun]:
         stack.callback(child.stop)
         base = f"http://127.0.0.1:{port}"
         _wait_ready(base + SMALL_PATH, [child, upstream.child], f"a 200 through the {name}")
-        notes = ["bench/relayfloor.py: twisted.web in, ppbridge.upstream.Upstream's Agent and pool out, one process;"
+        notes = ["bench/relayfloor.py: twisted.web in, ppbridge.upstreamclient.Upstream's Agent and pool out, one process;"
                  " no bus, no Redis, no crypto", *reactor_of(child)]
         yield RowRun(name, base, {"relay": child.pids}, upstream.roles(), notes, ws=False)
 

@@ -34,7 +34,8 @@ from ppbridge.streams import Chunk, RecentlyClosed
 from ppbridge.timerpool import TimerPool
 from ppbridge.timers import Periodic, log_failure, wait_until
 from ppbridge.upgradecall import UpgradeCall, is_upgrade
-from ppbridge.upstream import Upstream, UpstreamCall
+from ppbridge.upstream import UpstreamCall
+from ppbridge.upstreamclient import Upstream
 from ppbridge.wire import ID_SIZE, LEAVING, OVERHEAD, STREAM_ID_SIZE, MsgType, RequestHead, encode_reset
 
 log = Logger()

@@ -1,23 +1,15 @@
 """The proxy's calls to its one upstream service (step 4, inside the private network).
 
-The HTTP client is a ``twisted.web.client.Agent`` (:class:`~ppbridge.oneorigin.OneOriginAgent`)
-on a persistent connection pool, called directly: treq's ``HTTPClient.request`` always wraps a
-cookie jar and gzip decoding around its agent (treq 26.7), and a proxy must be transparent — no
-Accept-Encoding added, Content-Encoding untouched, no cookies remembered between clients,
-redirects passed back and not followed.
-Tests drive the same code with ``treq.testing.RequestTraversalAgent``.
-
-Only the configured base URL is ever called: the request target from the forwarder is an
-origin-form path appended to it, so nothing a message says can point the proxy elsewhere; and
-a target that would climb out of the base path (``/../``, ``%2e%2e``, ``//``) is refused
-(:func:`ppbridge.targets.confined`).
+Each request from a forwarder is an :class:`UpstreamCall` through the proxy's client
+(:class:`ppbridge.upstreamclient.Upstream`: the Agent and pool, only ever the configured base
+URL), answered in frames. A target that would climb out of the base path (``/../``,
+``%2e%2e``, ``//``) is refused (:func:`ppbridge.targets.confined`) and never called.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, cast
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Callable, cast
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -26,15 +18,9 @@ from twisted.internet.interfaces import IConsumer, IProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.web.client import (
-    BrowserLikePolicyForHTTPS,
-    RequestTransmissionFailed,
-    ResponseDone,
-    ResponseFailed,
-)
+from twisted.web.client import RequestTransmissionFailed, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from ppbridge.errors import (
@@ -49,84 +35,18 @@ from ppbridge.errors import (
 )
 from ppbridge.httpheaders import end_to_end_of_raw, twisted_headers, upstream_request_headers
 from ppbridge.logs import CAUSES, NO_CAUSE, status_of
-from ppbridge.logsafe import Throttle, escape
-from ppbridge.oneorigin import OneOriginAgent
-from ppbridge.readpause import UpstreamConnectionFactory
-from ppbridge.sendlimit import raise_send_limit
+from ppbridge.logsafe import escape
 from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
 from ppbridge.timers import CallTimers
-from ppbridge.upstreampool import UpstreamPool
-from ppbridge.wire import (FLAG_END, FRAME_PAYLOAD, OVERHEAD, Header, MsgType, RequestHead, ResponseHead, clean_reason,
+from ppbridge.wire import (FLAG_END, OVERHEAD, Header, MsgType, RequestHead, ResponseHead, clean_reason,
                            decode_reset, decode_window, encode_reset, encode_window)
 
 if TYPE_CHECKING:
     from ppbridge.proxy import ProxyService
 
 log = Logger()
-POOL_SIZE = 64
-# A full upstream read is one DATA frame's payload at the default frame_size: the frame is the
-# read itself, neither sliced nor joined (a 256 KiB read split a frame's worth off and joined
-# the 56 bytes left with the next read: two copies of every byte downloaded).
-READ_SIZE = FRAME_PAYLOAD
 _AGENT_SETS = frozenset((b"content-length",))  # from the body producer: not passed to the Agent
-
-
-@implementer(IAgentEndpointFactory)
-class _OneEndpoint:
-    """The upstream's endpoint, built once: an Agent would build a HostnameEndpoint (with
-    IDNA processing of the host name) for every request, and the proxy only has one."""
-
-    def __init__(self, reactor: Any, scheme: str, host: str, port: int, connect_timeout: float) -> None:
-        endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
-        if scheme == "https":
-            tls = BrowserLikePolicyForHTTPS().creatorForNetloc(host.encode("idna"), port)
-            endpoint = wrapClientTLS(tls, endpoint)
-        self._endpoint = endpoint
-
-    def endpointForURI(self, uri: Any) -> Any:
-        return self
-
-    def connect(self, factory: Any) -> Deferred[Any]:
-        """Connect, and let each socket read take up to a frame (Twisted reads 64 KiB), and
-        each send() a whole frame of an upload's body (ppbridge.sendlimit: Twisted sends
-        128 KiB and joins the rest of each frame with the next one, a copy)."""
-
-        def bigger_reads(protocol: Any) -> Any:
-            if hasattr(protocol.transport, "bufferSize"):
-                protocol.transport.bufferSize = READ_SIZE
-            raise_send_limit(protocol.transport)
-            return protocol
-
-        return self._endpoint.connect(factory).addCallback(bigger_reads)
-
-
-class Upstream:
-    """The one base URL this proxy may call, and the agent that calls it."""
-
-    def __init__(self, base_url: str, reactor: Any, connect_timeout: float, agent: IAgent | None = None) -> None:
-        parts = urlsplit(base_url)
-        self.origin = f"{parts.scheme}://{parts.netloc}".encode("ascii")
-        self.host = parts.netloc.encode("ascii")
-        self.base_path = parts.path.rstrip("/").encode("ascii")
-        self.pool = UpstreamPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = POOL_SIZE
-        self.pool._factory = UpstreamConnectionFactory  # quiet, and no pause and resume per response
-        self.failures = Throttle()  # warn lines for failed upstream calls, per cause
-        # Upgrade calls connect here themselves (None with an injected agent: tests of the calls)
-        self.endpoint: _OneEndpoint | None = None
-        if agent is None:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            self.endpoint = _OneEndpoint(reactor, parts.scheme, parts.hostname or "", port, connect_timeout)
-            agent = OneOriginAgent.for_origin(self.origin, reactor, self.endpoint, self.pool)
-        self.agent = agent
-
-    def url(self, target: bytes) -> bytes:
-        """The URL for an origin-form target: always under the configured base."""
-        return self.origin + self.base_path + target
-
-    def close(self) -> Deferred[None]:
-        return self.pool.closeCachedConnections()
 
 
 @implementer(IBodyProducer)

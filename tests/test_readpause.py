@@ -13,7 +13,7 @@ from twisted.web.client import Response, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 
 from ppbridge.readpause import ReadTurnProducer, UpstreamConnection, UpstreamConnectionFactory
-from ppbridge.upstream import Upstream
+from ppbridge.upstreamclient import Upstream
 
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello"
 

@@ -30,7 +30,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from ppbridge.sendnow import WRITE_NOW_MAX, HeldWrites, WriteNowRequest, send_now, write_now, writes_through
-from ppbridge.upstream import Upstream
+from ppbridge.upstreamclient import Upstream
 from tests.support import Stack, listen
 
 WAIT = 10.0  # seconds any awaited event may take before the test fails

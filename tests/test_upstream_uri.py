@@ -15,7 +15,7 @@ from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from ppbridge.oneorigin import OneOriginAgent
-from ppbridge.upstream import Upstream
+from ppbridge.upstreamclient import Upstream
 
 PLAIN = [b"/", b"/small.txt", b"/a/b/c", b"/a?q=1", b"/a?", b"/a?b?c", b"/?x", b"/a:b@c!$&'()*+,=~-._",
          b"/%2F%20x", b"/a/?q=%00", b"/" + b"x" * 5000]
