@@ -40,7 +40,7 @@ class Owed(NamedTuple):
     channel: bytes
     stream_id: bytes
     payload: bytes  # the RESET's payload (wire.encode_reset)
-    expires: float  # by the proxy's clock: not sent after this
+    expires: float  # by the owner's clock: not sent after this
 
 
 class OwedResets:
@@ -80,7 +80,7 @@ class OwedResets:
         return sent
 
     def expire(self, now: float) -> None:
-        """Forget the RESETs no forwarder can be waiting for any more."""
+        """Forget the RESETs the other side can no longer be waiting for."""
         self._owed = {k: o for k, o in self._owed.items() if o.expires > now}
 
 
