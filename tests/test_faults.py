@@ -65,14 +65,19 @@ def elapsed_since(start: float) -> float:
 
 @defer.inlineCallbacks
 def first_success(client: Client, url: str, give_up: float,  # type: ignore[no-untyped-def]
-                  context: Callable[[], str] = lambda: ""):
+                  context: Callable[[], str] = lambda: "", each_within: float = REQUEST_LIMIT):
     """GET ``url`` until it answers 200 (a short reactor delay between tries); the seconds that
-    took and the (status, error) of every failed try. Fails after ``give_up`` seconds, saying
-    ``context()`` too (the child processes' last lines, where there are children)."""
+    took and the (status, error) of every failed try. Fails after ``give_up`` seconds, or when
+    a try is not answered within ``each_within`` seconds, saying ``context()`` too (the child
+    processes' last lines, where there are children)."""
     start = reactor.seconds()
     failed: list[tuple[int, bytes | None]] = []
     while True:
-        response, body = yield client.fetch(b"GET", url).addTimeout(REQUEST_LIMIT, reactor)
+        try:
+            response, body = yield client.fetch(b"GET", url).addTimeout(each_within, reactor)
+        except defer.TimeoutError:
+            raise AssertionError(f"a try at {url} was not answered within {each_within} s (tries before it:"
+                                 f" {failed[-5:]})\n{context()}") from None
         if response.code == 200:
             log.info("first 200 from {url} after {took:.2f} s and {n} failed tries", url=url,
                      took=elapsed_since(start), n=len(failed))
@@ -170,7 +175,9 @@ class RedisRestart(TestCase):
         redis-unavailable / proxy-unavailable, each within 15 s (fails fast rather than
         waiting for request_timeout; see FAIL_FAST); once Redis is back on the same port,
         traffic is served again (a GET, then a 100 kB POST), by the same two processes,
-        neither of which printed a traceback. (How soon it is served again is logged.)"""
+        neither of which printed a traceback; each try meanwhile is answered within 15 s too,
+        never left to request_timeout (a proxy whose publisher came back after its subscriber
+        did once let a GET wait 60 s for a 504). (How soon it is served again is logged.)"""
         bridge = yield ChildBridge(self, forwarder={"request_timeout": REQUEST_TIMEOUT}).start()
         pids = {c.name: c.transport.pid for c in (bridge.forwarder, bridge.proxy)}
         client = Client(self)
@@ -196,7 +203,8 @@ class RedisRestart(TestCase):
             self.assertLess(took, FAIL_FAST, f"request {i} while Redis is down took {took:.1f} s")
 
         bridge.redis.restart()
-        took, failed = yield first_success(client, bridge.url + "/echo?after", SERVED_AGAIN, bridge.describe)
+        took, failed = yield first_success(client, bridge.url + "/echo?after", SERVED_AGAIN, bridge.describe,
+                                           each_within=FAIL_FAST)
         for code, cause in failed:  # the tries before Redis was fully back: still only its causes
             self.assertIn(cause, REDIS_DOWN_CAUSES.get(code, set()), f"a try meanwhile got {code} {cause!r}")
         response, _ = yield client.fetch(b"POST", bridge.url + "/echo?again", body=b"x" * 100_000)
