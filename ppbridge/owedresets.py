@@ -69,20 +69,20 @@ class OwedResets:
 
     def pay(self, now: float, keyring: Keyring, node: SessionNode) -> int:
         """Publish every RESET still owed, sealed under the key held now with its peer (one
-        without a key is forgotten); how many were sent. A publish that fails is not owed
-        again: the other side's own timeouts end the stream."""
+        without a key is forgotten); how many were sent. One whose publish fails (the link
+        dropped again) is owed again, for the next time, while it is still in time."""
         sent = 0
         for owed in self.take(now):
             entry = keyring.current(owed.peer)
             if entry is not None:
-                node.send(entry, owed.channel, MsgType.RESET, owed.stream_id, 0, owed.payload).addErrback(_lost_again)
+                d = node.send(entry, owed.channel, MsgType.RESET, owed.stream_id, 0, owed.payload)
+                d.addErrback(self._lost_again, owed)
                 sent += 1
         return sent
+
+    def _lost_again(self, failure: object, owed: Owed) -> None:
+        self.owe(owed)
 
     def expire(self, now: float) -> None:
         """Forget the RESETs the other side can no longer be waiting for."""
         self._owed = {k: o for k, o in self._owed.items() if o.expires > now}
-
-
-def _lost_again(failure: object) -> None:
-    """An owed RESET lost again (best effort)."""

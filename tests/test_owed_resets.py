@@ -84,14 +84,11 @@ class LostWithTheLink(_ProxyOnClock):
         self.resets.append((self.bridge.clock.seconds() - self.sent_at, code, message))
         return True
 
-    def test_publish_lost_with_the_link_is_owed(self) -> None:
-        """The call's RESET (upstream_timeout, at 5 s) is written, but the link drops before
-        Redis acknowledges it, so the forwarder may never have it: nothing more is published
-        while the bus is down, and once it is back the proxy publishes one RESET for the stream,
-        code 9 (502 redis-connection-lost), saying the connection was lost mid-request."""
-        self.start(upstream_timeout=5.0)
+    def hold_resets(self) -> list[Deferred[int]]:
+        """From now on the proxy's RESETs are written but left unacknowledged (in flight, as
+        when the link drops before Redis replies): their Deferreds, in order."""
         bus: Any = self.proxy.bus
-        real, in_flight = bus.publish, []
+        real, in_flight = self.real_publish, []
 
         def publish(channel: bytes, message: bytes) -> Deferred[int]:
             if message[1] != MsgType.RESET:
@@ -101,17 +98,51 @@ class LostWithTheLink(_ProxyOnClock):
             return d
 
         bus.publish = publish
+        return in_flight
+
+    def link_lost_with(self, in_flight: list[Deferred[int]]) -> None:
+        """The link drops with ``in_flight`` unacknowledged: the bus says so, then they fail."""
+        self.proxy.bus.set_connected(False)  # type: ignore[attr-defined]
+        for d in in_flight:
+            d.errback(BusUnavailable())
+
+    def start_holding(self) -> list[Deferred[int]]:
+        """A call whose upstream never answers; its RESET (upstream_timeout, at 5 s) held in flight."""
+        self.start(upstream_timeout=5.0)
+        self.real_publish = self.proxy.bus.publish
+        in_flight = self.hold_resets()
         self.send_head(30.0)
         self.advance_to(5.0)
         self.assertEqual((len(in_flight), self.resets), (1, []))
-        bus.publish = real
-        bus.set_connected(False)
-        in_flight[0].errback(BusUnavailable())
-        self.assertEqual(self.resets, [])
-        bus.set_connected(True)
+        return in_flight
+
+    def assert_told_once(self) -> None:
         self.assertEqual([(code, message) for _, code, message in self.resets],
                          [(reset_code(BusLost), "ppbridge: the proxy lost its Redis connection mid-request")])
 
+    def test_publish_lost_with_the_link_is_owed(self) -> None:
+        """The call's RESET (upstream_timeout, at 5 s) is written, but the link drops before
+        Redis acknowledges it, so the forwarder may never have it: nothing more is published
+        while the bus is down, and once it is back the proxy publishes one RESET for the stream,
+        code 9 (502 redis-connection-lost), saying the connection was lost mid-request."""
+        self.link_lost_with(self.start_holding())
+        self.proxy.bus.publish = self.real_publish  # type: ignore[method-assign]
+        self.assertEqual(self.resets, [])
+        self.proxy.bus.set_connected(True)  # type: ignore[attr-defined]
+        self.assert_told_once()
+
+    def test_owed_reset_lost_again_is_owed_again(self) -> None:
+        """The owed RESET, published when the bus came back, is itself lost with the link
+        dropping again before Redis acknowledged it: it is owed again, and published (once)
+        when the bus is back the second time."""
+        self.link_lost_with(self.start_holding())
+        in_flight = self.hold_resets()
+        self.proxy.bus.set_connected(True)  # type: ignore[attr-defined]
+        self.assertEqual(len(in_flight), 1)  # the owed RESET, in flight
+        self.link_lost_with(in_flight)
+        self.proxy.bus.publish = self.real_publish  # type: ignore[method-assign]
+        self.proxy.bus.set_connected(True)  # type: ignore[attr-defined]
+        self.assert_told_once()
 
 def kill_publisher(admin: RawRedisClient, service: ProxyService | ForwarderService) -> None:
     """CLIENT KILL of ``service``'s publisher connection only (by its address as Redis sees it)."""
