@@ -9,7 +9,7 @@ URL), answered in frames. A target that would climb out of the base path (``/../
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Callable, cast
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 log = Logger()
 _AGENT_SETS = frozenset((b"content-length",))  # from the body producer: not passed to the Agent
+# IProtocol's calls a call answers as its response body's protocol, and the methods they are.
+_BODY_PROTOCOL = (("makeConnection", "body_started"), ("dataReceived", "body_data"), ("connectionLost", "body_end"))
 
 
 @implementer(IBodyProducer)
@@ -388,6 +390,14 @@ class UpstreamCall:
     makeConnection = body_started
     dataReceived = body_data
     connectionLost = body_end
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass that overrides ``body_started``, ``body_data`` or ``body_end`` has its
+        override called as the body's protocol too (the aliases above name this class's)."""
+        super().__init_subclass__(**kwargs)
+        for alias, method in _BODY_PROTOCOL:
+            if method in cls.__dict__ and alias not in cls.__dict__:
+                setattr(cls, alias, cls.__dict__[method])
 
     def refuse(self, error: RequestError) -> None:
         """End the call with ``error``: the forwarder gets a RESET naming it, the upstream

@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from ppbridge.proxy import ProxyService
 from ppbridge.streams import COALESCE
+from ppbridge.upstream import UpstreamCall
 from ppbridge.wire import FLAG_END, OVERHEAD, MsgType, RequestHead, encode_window, unpack_header
 from tests.test_negotiation import Bridge, proxy_settings
 
@@ -151,3 +152,30 @@ class ResponseEnd(TestCase):
         self.assertEqual(self.proxy.calls, {}, "the call outlived its response's END")
         self.assertEqual(self.proxy.metrics.registry.get_sample_value("ppbridge_active_streams"), 0)
         self.assertNotIn(MsgType.RESET, [mtype for mtype, _, _ in self.frames])
+
+
+class BodyProtocol(TestCase):
+    def test_a_subclass_override_is_what_the_body_calls(self) -> None:
+        """A subclass of UpstreamCall that overrides body_started, body_data and body_end has
+        its overrides called through IProtocol's makeConnection, dataReceived and
+        connectionLost (the names Response.deliverBody uses), and UpstreamCall's own aliases
+        still name its own methods."""
+        seen: list[object] = []
+
+        class Watching(UpstreamCall):
+            def body_started(self, transport: Any) -> None:
+                seen.append(("started", transport))
+
+            def body_data(self, data: bytes) -> None:
+                seen.append(("data", data))
+
+            def body_end(self, reason: Failure) -> None:
+                seen.append(("end", reason.type))
+
+        call = Watching.__new__(Watching)  # only the protocol's three calls are made
+        call.makeConnection("transport")
+        call.dataReceived(b"x")
+        call.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(seen, [("started", "transport"), ("data", b"x"), ("end", ResponseDone)])
+        self.assertEqual((UpstreamCall.makeConnection, UpstreamCall.dataReceived, UpstreamCall.connectionLost),
+                         (UpstreamCall.body_started, UpstreamCall.body_data, UpstreamCall.body_end))
