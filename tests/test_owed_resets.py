@@ -144,6 +144,7 @@ class LostWithTheLink(_ProxyOnClock):
         self.proxy.bus.set_connected(True)  # type: ignore[attr-defined]
         self.assert_told_once()
 
+
 def kill_publisher(admin: RawRedisClient, service: ProxyService | ForwarderService) -> None:
     """CLIENT KILL of ``service``'s publisher connection only (by its address as Redis sees it)."""
     pub: Any = service.bus._pub  # type: ignore[attr-defined]
@@ -191,13 +192,14 @@ class OneSideLinkLost(TestCase):
         upstream, the upstream never saw it, and the next request is served."""
         stack, admin, proxy = yield self.start()
         clients = int(admin.command("INFO", "clients").split(b"connected_clients:")[1].split(b"\r\n")[0])
+        _, before = admin.command("CONFIG", "GET", "maxclients")  # type: ignore[misc]
         admin.command("CONFIG", "SET", "maxclients", str(clients - 1))  # the publisher's place is taken away
         restored = [False]
 
         def restore() -> None:
             if not restored[0]:
                 restored[0] = True
-                admin.command("CONFIG", "SET", "maxclients", "10000")
+                admin.command("CONFIG", "SET", "maxclients", before)
 
         self.addCleanup(restore)
         kill_publisher(admin, proxy)
