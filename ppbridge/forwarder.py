@@ -89,7 +89,7 @@ class ForwarderService(MultiService):
         self.sites: list[BridgeSite] = []  # their sites (each registers itself): drained on stop, reloaded
         self.draining = False
         self.closed = RecentlyClosed()
-        self.owed = OwedResets()  # cancels for streams ended while Redis was away, sent once it is back
+        self.owed = OwedResets("proxies")  # cancels for streams ended while Redis was away, sent once it is back
         self.timers = TimerPool(clock)  # the streams' timers (ppbridge.timerpool)
         self._control = self.channels.forwarder_control(self.id)
         self.reply_channel = self.channels.reply(self.id)  # every stream's answers come here
@@ -206,9 +206,7 @@ class ForwarderService(MultiService):
         self.metrics.redis_up.set(1 if up else 0)
         if up:
             self._announce()
-            sent = self.owed.pay(self.clock.seconds(), self.keyring, self.node)
-            if sent:
-                log.info("told the proxies of {n} request(s) cut off while Redis was away", n=sent)
+            self.owed.pay(self.clock.seconds(), self.keyring, self.node)
         else:
             for stream in list(self.streams.values()):
                 stream.bus_lost()

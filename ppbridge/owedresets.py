@@ -23,12 +23,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
+from twisted.logger import Logger
+
 from ppbridge.wire import MsgType
 
 if TYPE_CHECKING:
     from ppbridge.keyring import Keyring
     from ppbridge.node import SessionNode
 
+log = Logger()
 MAX_OWED = 4096
 """Streams owed a RESET at most (as many as a forwarder remembers as recently closed)."""
 
@@ -46,7 +49,8 @@ class Owed(NamedTuple):
 class OwedResets:
     """The RESETs owed now, one per stream (the first cause owed stands), oldest first."""
 
-    def __init__(self, limit: int = MAX_OWED) -> None:
+    def __init__(self, peers: str = "peers", limit: int = MAX_OWED) -> None:
+        self._peers = peers  # who they are owed to, for the log line ("forwarders", "proxies")
         self._limit = limit
         self._owed: dict[tuple[bytes, bytes], Owed] = {}
 
@@ -69,8 +73,9 @@ class OwedResets:
 
     def pay(self, now: float, keyring: Keyring, node: SessionNode) -> int:
         """Publish every RESET still owed, sealed under the key held now with its peer (one
-        without a key is forgotten); how many were sent. One whose publish fails (the link
-        dropped again) is owed again, for the next time, while it is still in time."""
+        without a key is forgotten), and say how many in one log line; how many were sent. One
+        whose publish fails (the link dropped again) is owed again, for the next time, while it
+        is still in time."""
         sent = 0
         for owed in self.take(now):
             entry = keyring.current(owed.peer)
@@ -78,6 +83,8 @@ class OwedResets:
                 d = node.send(entry, owed.channel, MsgType.RESET, owed.stream_id, 0, owed.payload)
                 d.addErrback(self._lost_again, owed)
                 sent += 1
+        if sent:
+            log.info("told the {peers} of {n} request(s) cut off while Redis was away", peers=self._peers, n=sent)
         return sent
 
     def _lost_again(self, failure: object, owed: Owed) -> None:

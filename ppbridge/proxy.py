@@ -88,7 +88,7 @@ class ProxyService(MultiService):
         self.call_clock = cast(IReactorTime, self._call_timers.pooled_clock)
         self.draining = False  # stopping: forwarders told we are leaving, no heartbeats, keys only for calls
         self.closed = RecentlyClosed()
-        self.owed = OwedResets()  # RESETs for streams ended while Redis was away, sent once it is back
+        self.owed = OwedResets("forwarders")  # RESETs for streams ended while Redis was away, sent once it is back
         self.heard: dict[bytes, float] = {}  # forwarder -> last valid message from it
         self.acked: dict[bytes, float] = {}  # forwarder -> last acknowledgement that it routes to us
         self._beat: dict[bytes, float] = {}  # forwarder -> when we last sent it a heartbeat
@@ -179,7 +179,7 @@ class ProxyService(MultiService):
             # Renegotiate after every (re)connection: while we were away a forwarder may
             # have dropped us (it evicts instances it cannot reach) or restarted.
             self._negotiate(ANY_FORWARDER)
-            self._pay_owed()
+            self.owed.pay(self.clock.seconds(), self.keyring, self.node)
         else:
             for call in list(self.calls.values()):
                 self.owe_reset(call)
@@ -189,11 +189,6 @@ class ProxyService(MultiService):
         """``call``'s forwarder is owed a RESET for it (``payload``), sent once the bus is back."""
         self.owed.owe(Owed(call.forwarder, call.head.reply_channel, call.stream_id, payload,
                            self.clock.seconds() + self.settings.stream_idle_timeout))
-
-    def _pay_owed(self) -> None:
-        sent = self.owed.pay(self.clock.seconds(), self.keyring, self.node)
-        if sent:
-            log.info("told the forwarders of {n} request(s) cut off while Redis was away", n=sent)
 
     # timers: negotiation retry, rekey, expiry
 
