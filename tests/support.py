@@ -258,16 +258,17 @@ def poll(predicate: Any, timeout: float, what: str, interval: float = 0.05):  # 
         yield deferLater(reactor, interval, lambda: None)
 
 
-def redis_clients(admin: Any) -> dict[str, dict[str, str]]:
-    """CLIENT LIST of a RawRedisClient's server, by client name (unnamed clients left out)."""
+def redis_client_list(admin: Any) -> list[dict[str, str]]:
+    """CLIENT LIST of a RawRedisClient's server: each client's fields."""
     listing = admin.command("CLIENT", "LIST")
     assert isinstance(listing, bytes)
-    found = {}
-    for line in listing.decode().splitlines():
-        fields = dict(field.split("=", 1) for field in line.split(" ") if "=" in field)
-        if fields.get("name"):
-            found[fields["name"]] = fields
-    return found
+    return [dict(field.split("=", 1) for field in line.split(" ") if "=" in field)
+            for line in listing.decode().splitlines()]
+
+
+def redis_clients(admin: Any) -> dict[str, dict[str, str]]:
+    """CLIENT LIST of a RawRedisClient's server, by client name (unnamed clients left out)."""
+    return {fields["name"]: fields for fields in redis_client_list(admin) if fields.get("name")}
 
 
 @defer.inlineCallbacks

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -33,7 +34,7 @@ from ppbridge.scaffold import TomlValue, write_forwarder_config, write_proxy_con
 from ppbridge.webface import BridgeSite
 from tests.processes import TWISTD, Child, spawn
 from tests.redisclient import RawRedisClient
-from tests.support import Client, error_of, key_pair, listen, poll, start_redis, temp_folder
+from tests.support import Client, error_of, key_pair, listen, poll, redis_client_list, start_redis, temp_folder
 
 ROUTES = {"alpha": {"path_prefix": "/"}}
 REQUEST_TIMEOUT = 60.0  # the forwarder's request_timeout here: what a request waiting on Redis would hit
@@ -208,6 +209,59 @@ class RedisRestart(TestCase):
         for code, cause in failed:  # the tries before Redis was fully back: still only its causes
             self.assertIn(cause, REDIS_DOWN_CAUSES.get(code, set()), f"a try meanwhile got {code} {cause!r}")
         response, _ = yield client.fetch(b"POST", bridge.url + "/echo?again", body=b"x" * 100_000)
+        self.assertEqual(response.code, 200)
+        for child in (bridge.forwarder, bridge.proxy):
+            assert_alive(self, child, pids[child.name])
+
+
+def local_ports_to(pid: int, port: int) -> set[int]:
+    """The local ports of process ``pid``'s TCP connections to 127.0.0.1:``port`` (its sockets,
+    from /proc/PID/fd, matched by inode against /proc/PID/net/tcp)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    with open(f"/proc/{pid}/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if inode in inodes and remote == f"0100007F:{port:04X}":
+                found.add(int(local.split(":")[1], 16))
+    return found
+
+
+class ProxyLinkDrop(TestCase):
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def test_proxy_publisher_dropped_mid_request(self):
+        """The proxy process's publisher connection killed (CLIENT KILL ID, found by the
+        process's own sockets) while GET /hang waits on the upstream, the forwarder's
+        connections untouched: the client is answered 502 redis-connection-lost within 15 s
+        (FAIL_FAST; it used to wait for request_timeout, 60 s, and get 504), the next request
+        is served, and both processes are the same ones, with no traceback printed."""
+        bridge = yield ChildBridge(self, forwarder={"request_timeout": REQUEST_TIMEOUT}).start()
+        pids = {c.name: c.transport.pid for c in (bridge.forwarder, bridge.proxy)}
+        client = Client(self)
+        in_flight = client.fetch(b"GET", bridge.url + "/hang").addTimeout(REQUEST_LIMIT, reactor)
+        yield poll(lambda: bridge.app.hits["/hang"] == 1, 10, "the /hang request reaching the upstream")
+        admin = RawRedisClient("127.0.0.1", bridge.redis.port)
+        self.addCleanup(admin.close)
+        ports = local_ports_to(pids["proxy"], bridge.redis.port)
+        [publisher] = [c for c in redis_client_list(admin)
+                       if c["name"] == "ppbridge-publisher" and int(c["addr"].rsplit(":", 1)[1]) in ports]
+        killed_at = reactor.seconds()
+        self.assertEqual(admin.command("CLIENT", "KILL", "ID", publisher["id"]), 1)
+        response, body = yield in_flight
+        took = elapsed_since(killed_at)
+        self.assertEqual((response.code, error_of(response)), (502, b"redis-connection-lost"), body)
+        self.assertLess(took, FAIL_FAST, f"the request in flight took {took:.1f} s to fail")
+        response, _ = yield client.fetch(b"GET", bridge.url + "/echo?after")
         self.assertEqual(response.code, 200)
         for child in (bridge.forwarder, bridge.proxy):
             assert_alive(self, child, pids[child.name])
