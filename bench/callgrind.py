@@ -12,6 +12,11 @@ cut is judged before a quiet full run confirms it. Example::
 Roles: ``forwarder``, ``proxy`` (the ppbridge row), ``relay`` (relay floor), ``front``, ``back``
 (bus floor). The forwarder signs an announcement every so often (RSA, ~31 M instructions);
 when one falls in the window it is reported and taken out of the per-request figure.
+
+``--cache-sim`` also simulates the caches and branch predictors (``--cache-sim=yes
+--branch-sim=yes``, valgrind's model of the host's caches, one process alone on its core) and
+prints their misses per request: what each row's instructions cost beyond their count, before
+any other process evicts what it left in the caches.
 """
 
 from __future__ import annotations
@@ -85,8 +90,29 @@ def control(*args: str) -> None:
 def totals(out: Path) -> int:
     """The instruction total of a callgrind dump (its ``totals:`` line; ``summary:`` is 0 in a
     dump asked for while running); 0 for a file not written yet (the one written at exit)."""
-    found = re.search(r"^totals:\s*(\d+)", out.read_text("utf-8", "replace"), re.M)
-    return int(found.group(1)) if found else 0
+    return events(out).get("Ir", 0)
+
+
+def events(out: Path) -> dict[str, int]:
+    """Every event total of a callgrind dump by its name (``Ir``, and with ``--cache-sim`` the
+    misses: ``I1mr``, ``D1mr``, ``Bcm``...); empty for a file not written yet."""
+    text = out.read_text("utf-8", "replace")
+    names = re.search(r"^events:\s*(.+)$", text, re.M)
+    found = re.search(r"^totals:\s*([\d ]+)$", text, re.M)
+    if names is None or found is None:
+        return {}
+    return dict(zip(names.group(1).split(), (int(n) for n in found.group(1).split())))
+
+
+MISSES = (("L1 instruction misses", ("I1mr",)), ("L1 data misses", ("D1mr", "D1mw")),
+          ("last-level misses", ("ILmr", "DLmr", "DLmw")), ("mispredicted branches", ("Bcm", "Bim")))
+"""What ``--cache-sim`` prints per request: a name and the callgrind events it sums."""
+
+
+def miss_lines(counts: dict[str, int], requests: int) -> list[str]:
+    """Per-request misses of the simulated caches and branch predictors, one line each."""
+    return [f"{name}: {sum(counts.get(e, 0) for e in names) / requests / 1e3:.2f} k per request"
+            for name, names in MISSES]
 
 
 def wait_for_dump(out_dir: Path, pid: int, wake: Callable[[], None], timeout: float = 120.0) -> Path:
@@ -117,9 +143,11 @@ def annotate(out: Path, top: int) -> tuple[int, list[str]]:
 
 
 @contextlib.contextmanager
-def wrapped(child_name: str, out_dir: Path) -> Iterator[None]:
-    """Run the bench child called ``child_name`` under callgrind, counting off until asked."""
-    children.WRAP[child_name] = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+def wrapped(child_name: str, out_dir: Path, cache_sim: bool = False) -> Iterator[None]:
+    """Run the bench child called ``child_name`` under callgrind, counting off until asked
+    (and simulating caches and branch predictors with ``cache_sim``)."""
+    simulate = ["--cache-sim=yes", "--branch-sim=yes"] if cache_sim else []
+    children.WRAP[child_name] = ["valgrind", "--tool=callgrind", "--instr-atstart=no", *simulate,
                                  f"--callgrind-out-file={out_dir}/callgrind.out.%p"]
     before = rows.READY_TIMEOUT
     rows.READY_TIMEOUT = 900.0  # startup under valgrind is tens of times slower
@@ -138,6 +166,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--top", type=int, default=0, help="also print the N functions with the most inclusive instructions")
     p.add_argument("--keep", type=Path, default=None, help="copy the callgrind file here")
+    p.add_argument("--cache-sim", action="store_true",
+                   help="also simulate caches and branch prediction; print their misses per request")
     args = p.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind is not installed (apt-get install valgrind)")
@@ -147,7 +177,7 @@ def main() -> None:
         os.chmod(tmp, 0o711)  # nginx workers (another user) must reach the served folder
         out_dir = tmp / "callgrind"
         out_dir.mkdir()
-        with start_upstream(tmp, 1 << 20, ws=False) as upstream, wrapped(child_name, out_dir), \
+        with start_upstream(tmp, 1 << 20, ws=False) as upstream, wrapped(child_name, out_dir, args.cache_sim), \
                 row(upstream, tmp / "row") as run:
             pid = run.roles[args.role]()[0]
             get_many(run.base_url, args.warmup, args.concurrency)
@@ -158,7 +188,8 @@ def main() -> None:
             seconds = time.monotonic() - started
             control("-d", str(pid))
             dump = wait_for_dump(out_dir, pid, lambda: get_many(run.base_url, 1, 1))
-            total = totals(dump)
+            counts = events(dump)
+            total = counts.get("Ir", 0)
             signed, top = annotate(dump, args.top)
             if args.keep is not None:
                 shutil.copyfile(dump, args.keep)
@@ -168,6 +199,9 @@ def main() -> None:
         if signed:
             print(f"{args.role}: {net / args.requests / 1e6:.4f} M net of the RSA signature in the window"
                   f" ({signed / 1e6:.1f} M)")
+        if args.cache_sim:
+            for line in miss_lines(counts, args.requests):
+                print(f"{args.role}: {line}")
         for line in top:
             print(line)
 
