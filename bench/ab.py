@@ -52,10 +52,13 @@ def measure(upstream: Upstream, folder: Path, load: LoadGenerator, seconds: floa
 
 
 def summary(name: str, samples: Samples) -> list[str]:
-    """Two lines per variant: medians per process, the total's median and minimum."""
+    """A line per kind measured (none for downloads with ``--downloads 0``): medians per
+    process, the total's median and minimum."""
     lines = []
     for kind, unit, rate in (("c16", "us/req", "req/s"), ("download", "s/GB", "MB/s")):
         runs = samples[kind]
+        if not runs:
+            continue
         roles = [r for r in runs[0] if r != rate]
         totals = [sum(run[r] for r in roles) for run in runs]
         parts = ", ".join(f"{r} {statistics.median(run[r] for run in runs):.2f}" for r in roles)
