@@ -33,7 +33,8 @@ from ppbridge.errors import BadTarget, UpstreamUnreachable
 from ppbridge.httpheaders import end_to_end, upgrade_headers, upgrade_token, upstream_request_headers
 from ppbridge.streams import INLINE_MAX
 from ppbridge.targets import confined
-from ppbridge.upstream import StreamBody, UpstreamCall, log
+from ppbridge.upstream import UpstreamCall, log
+from ppbridge.upstreamclient import StreamBody
 from ppbridge.wire import ResponseHead, clean_reason
 
 if TYPE_CHECKING:

@@ -13,15 +13,14 @@ from typing import TYPE_CHECKING, Any, Callable, cast
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError, TimeoutError
-from twisted.internet.interfaces import IConsumer, IProtocol, IPushProducer
+from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+from twisted.internet.interfaces import IProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import RequestTransmissionFailed, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from ppbridge.errors import (
     CANCEL_CODE,
@@ -39,6 +38,7 @@ from ppbridge.logsafe import escape
 from ppbridge.streams import INLINE_MAX, Chunk, Inbound, Outbound
 from ppbridge.targets import confined
 from ppbridge.timers import CallTimers
+from ppbridge.upstreamclient import StreamBody, classify
 from ppbridge.wire import (FLAG_END, OVERHEAD, Header, MsgType, RequestHead, ResponseHead, clean_reason,
                            decode_reset, decode_window, encode_reset, encode_window)
 
@@ -49,57 +49,6 @@ log = Logger()
 _AGENT_SETS = frozenset((b"content-length",))  # from the body producer: not passed to the Agent
 # IProtocol's calls a call answers as its response body's protocol, and the methods they are.
 _BODY_PROTOCOL = (("makeConnection", "body_started"), ("dataReceived", "body_data"), ("connectionLost", "body_end"))
-
-
-@implementer(IBodyProducer)
-class StreamBody:
-    """The request body as it arrives in frames, produced into the upstream connection."""
-
-    def __init__(self, inbound: Inbound, length: int | None) -> None:
-        self.length = UNKNOWN_LENGTH if length is None else length
-        self._inbound = inbound
-        self._consumer: IConsumer | None = None
-        self._done: Deferred[None] = Deferred()
-        self.stopped = False
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        self._consumer = consumer
-        self._inbound.attach(self._write, self._finished)
-        return self._done
-
-    def _write(self, data: bytes) -> None:
-        if not self.stopped and self._consumer is not None:
-            self._consumer.write(data)
-
-    def _finished(self) -> None:
-        # After stopProducing the Deferred must never fire (IBodyProducer).
-        if not self._done.called and not self.stopped:
-            self._done.callback(None)
-
-    def pauseProducing(self) -> None:
-        self._inbound.pause()
-
-    def resumeProducing(self) -> None:
-        self._inbound.resume()
-
-    def stopProducing(self) -> None:
-        # The upstream answered or failed before taking the whole body: keep accepting (and
-        # dropping) frames so the forwarder can finish and read the answer.
-        self.stopped = True
-        self._inbound.resume()
-
-
-def classify(failure: Failure) -> RequestError:
-    """The request error an upstream failure means for the client."""
-    if failure.check(TimeoutError):  # a connect timeout
-        return UpstreamTimeout()
-    if failure.check(ConnectionRefusedError):
-        return UpstreamUnreachable("ppbridge: the upstream service refused the connection")
-    if failure.check(DNSLookupError):
-        return UpstreamUnreachable("ppbridge: the upstream host name does not resolve")
-    if failure.check(ConnectError, ResponseFailed):
-        return UpstreamUnreachable("ppbridge: the upstream connection failed or was reset")
-    return UpstreamUnreachable(f"ppbridge: upstream error ({type(failure.value).__name__})")
 
 
 def _window_sender(call: UpstreamCall) -> Callable[[int], None]:

@@ -10,6 +10,10 @@ Tests drive the calls (:mod:`ppbridge.upstream`) with ``treq.testing.RequestTrav
 Only the configured base URL is ever called: the request target from the forwarder is an
 origin-form path appended to it (:meth:`Upstream.url`), so nothing a message says can point the
 proxy elsewhere.
+
+Also what the client is handed and what it hands back: the request body as it arrives in frames
+(:class:`StreamBody`, the Agent's body producer) and the request error each of its failures
+means for the client (:func:`classify`).
 """
 
 from __future__ import annotations
@@ -19,14 +23,19 @@ from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.web.client import BrowserLikePolicyForHTTPS
-from twisted.web.iweb import IAgent, IAgentEndpointFactory
+from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError, TimeoutError
+from twisted.internet.interfaces import IConsumer
+from twisted.python.failure import Failure
+from twisted.web.client import BrowserLikePolicyForHTTPS, ResponseFailed
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
+from ppbridge.errors import RequestError, UpstreamTimeout, UpstreamUnreachable
 from ppbridge.logsafe import Throttle
 from ppbridge.oneorigin import OneOriginAgent
 from ppbridge.readpause import UpstreamConnectionFactory
 from ppbridge.sendlimit import raise_send_limit
+from ppbridge.streams import Inbound
 from ppbridge.upstreampool import UpstreamPool
 from ppbridge.wire import FRAME_PAYLOAD
 
@@ -92,3 +101,54 @@ class Upstream:
 
     def close(self) -> Deferred[None]:
         return self.pool.closeCachedConnections()
+
+
+@implementer(IBodyProducer)
+class StreamBody:
+    """The request body as it arrives in frames, produced into the upstream connection."""
+
+    def __init__(self, inbound: Inbound, length: int | None) -> None:
+        self.length = UNKNOWN_LENGTH if length is None else length
+        self._inbound = inbound
+        self._consumer: IConsumer | None = None
+        self._done: Deferred[None] = Deferred()
+        self.stopped = False
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self._consumer = consumer
+        self._inbound.attach(self._write, self._finished)
+        return self._done
+
+    def _write(self, data: bytes) -> None:
+        if not self.stopped and self._consumer is not None:
+            self._consumer.write(data)
+
+    def _finished(self) -> None:
+        # After stopProducing the Deferred must never fire (IBodyProducer).
+        if not self._done.called and not self.stopped:
+            self._done.callback(None)
+
+    def pauseProducing(self) -> None:
+        self._inbound.pause()
+
+    def resumeProducing(self) -> None:
+        self._inbound.resume()
+
+    def stopProducing(self) -> None:
+        # The upstream answered or failed before taking the whole body: keep accepting (and
+        # dropping) frames so the forwarder can finish and read the answer.
+        self.stopped = True
+        self._inbound.resume()
+
+
+def classify(failure: Failure) -> RequestError:
+    """The request error an upstream failure means for the client."""
+    if failure.check(TimeoutError):  # a connect timeout
+        return UpstreamTimeout()
+    if failure.check(ConnectionRefusedError):
+        return UpstreamUnreachable("ppbridge: the upstream service refused the connection")
+    if failure.check(DNSLookupError):
+        return UpstreamUnreachable("ppbridge: the upstream host name does not resolve")
+    if failure.check(ConnectError, ResponseFailed):
+        return UpstreamUnreachable("ppbridge: the upstream connection failed or was reset")
+    return UpstreamUnreachable(f"ppbridge: upstream error ({type(failure.value).__name__})")
